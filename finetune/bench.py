@@ -1,0 +1,144 @@
+"""python -m finetune.bench — throughput and quality of the project's setups, side by side.
+
+Each row trains the bundled MiniLM on the bundled Rotten Tomatoes training split for the same number
+of optimizer steps, in its own subprocess (so peak RSS is its own), on this machine:
+
+  default   the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
+  run_glue  a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
+
+and prints samples/s, peak RSS, test accuracy after those steps, and model-FLOPs utilisation (MFU):
+6 x non-embedding parameters x real (non-pad) tokens per second, over an fp32 matmul peak measured
+in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# name -> (config overrides, pad every example to this length or None, description)
+ROWS: dict[str, tuple[list[str], int | None, str]] = {
+    "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
+    "run_glue": (["trainer.group_by_length=false"], 128, "pad to 128, random order (HF run_glue.py defaults)"),
+}
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
+    """Train one row in this process and return its measurements."""
+    import torch
+    from transformers import TrainerCallback, set_seed
+
+    from finetune import assets, data
+    from finetune.config import CONFIG_DIR, register_configs
+    from finetune.engines import make_engine
+    from finetune.tasks import get_task
+    from hydra import compose, initialize_config_dir
+
+    overrides, pad_to, _ = ROWS[name]
+    overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
+                 "trainer.eval_strategy=steps", f"trainer.eval_steps={steps}", "trainer.save_total_limit=1",
+                 *overrides, *extra]
+    register_configs()
+    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
+        cfg = compose("config", overrides=overrides)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    raw = data.load(cfg.data, task)
+    path = assets.resolve(cfg.model.name_or_path)
+    tokenizer = task.load_tokenizer(path, cfg.model)
+    features = task.tokenize(raw, tokenizer)
+    mean_len = sum(features["train"]["length"]) / len(features["train"])
+    if pad_to:
+        features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
+    model = task.load_model(path, cfg.model)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.end = time.perf_counter()  # the last step's end, before the final evaluation
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(cfg, task, model, tokenizer, features, Path(tmp))
+        engine.trainer.add_callback(clock) if hasattr(engine, "trainer") else None
+        engine.train()
+        metrics = engine.evaluate("test")
+    seconds = clock.end - clock.start
+    samples = steps * batch_size * cfg.trainer.gradient_accumulation_steps
+    return {
+        "row": name,
+        "samples_per_s": samples / seconds,
+        "real_tokens_per_s": samples * mean_len / seconds,
+        "model_flops_per_s": 6 * params * samples * mean_len / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "test_" + task.main_metric: metrics["test_" + task.main_metric],
+        "train_seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per row (default 120)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
+    args = parser.parse_args(argv)
+    if args.one:
+        print("BENCH " + json.dumps(run_row(args.one, args.steps, args.batch_size, args.overrides)), flush=True)
+        return 0
+
+    peak = matmul_peak_flops()
+    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
+    results = []
+    for name in args.rows:
+        print(f"running {name}: {ROWS[name][2]} ...", flush=True)
+        cmd = [sys.executable, "-m", "finetune.bench", "--one", name, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), *args.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            print(f"error: bench row {name} failed", file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1][6:]))
+
+    metric = next(k for k in results[0] if k.startswith("test_"))
+    print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM on bundled Rotten Tomatoes\n")
+    print(f"| row | setup | samples/s | real tokens/s | peak RSS MB | {metric} | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r[metric]:.4f} | {r['model_flops_per_s'] / peak:.1%} |")
+    base = {r["row"]: r for r in results}
+    if "default" in base and "run_glue" in base:
+        ratio = base["default"]["samples_per_s"] / base["run_glue"]["samples_per_s"]
+        print(f"\ndefault / run_glue samples/s: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

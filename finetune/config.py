@@ -1,0 +1,112 @@
+"""Typed schema of the Hydra config tree (configs/) and the checks Hydra cannot do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # key in finetune.tasks.TASKS
+    max_seq_length: int = 128
+    # options read only by the tasks they name
+    label_all_tokens: bool = False  # token classification: label every sub-token, not only the first
+    doc_stride: int = 128  # question answering: overlap between context windows
+    max_answer_length: int = 30
+    n_best_size: int = 20
+    null_score_diff_threshold: float = 0.0
+    version_2_with_negative: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # "bundled:<asset>", a Hub id, or a local directory
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # model-card facts about the base checkpoint
+    base_model: Optional[str] = None  # Hub id for the card; defaults to name_or_path when that is a Hub id
+    license: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # "bundled:<asset>", a Hub dataset id, a file (csv/tsv/json/jsonl/parquet) or a directory of such files
+    source: Optional[str] = None
+    hub_config: Optional[str] = None  # Hub dataset configuration name
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    label_names: Optional[list[str]] = None  # keep only these labels, in this order
+    group_column: Optional[str] = None  # split so that no group is in two splits
+    deduplicate: bool = False  # drop rows whose inputs repeat an earlier row
+    validation_size: float = 0.1  # fraction held out when the data has no validation split
+    test_size: float = 0.1  # fraction held out when the data has no test split
+    split_seed: int = 42  # the held-out splits do not move with the training seed
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_test_samples: Optional[int] = None
+    dataset_name: Optional[str] = None  # name for the model card (Hub id when known)
+    license: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "hf"  # hf | accelerate
+    num_train_epochs: float = 2.0
+    max_steps: int = -1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    lr_scheduler_type: str = "linear"
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    group_by_length: bool = True
+    eval_strategy: str = "epoch"  # epoch | steps
+    eval_steps: Optional[int] = None
+    logging_steps: int = 25
+    save_total_limit: int = 2
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | no | fp16 | bf16
+    dataloader_num_workers: int = 0
+    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none | lora
+
+
+@dataclass
+class HubConfig:
+    push: bool = False
+    repo_id: Optional[str] = None
+    private: bool = True
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    seed: int = 42
+    debug: bool = False  # show tracebacks for input errors
+    verify_tolerance: float = 0.005  # exported pipeline vs trainer, main metric
+    runs_dir: str = "runs"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,206 @@
+"""Load a data source into train/validation/test splits with the task's canonical column names.
+
+Sources: `bundled:<asset>/<file>`, a file (csv, tsv, json, jsonl, parquet, txt; optionally .gz/.bz2/.xz),
+a directory holding train/validation/test files, explicit data.*_file paths, or a Hub dataset id.
+Missing validation/test splits are carved out of train: grouped (data.group_column) or stratified
+(the task's label column), always with data.split_seed, so held-out splits never move with the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from finetune import assets
+from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from finetune.config import DataConfig
+    from finetune.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                  "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def file_format(path: str | Path) -> str:
+    """The data format of a file, looking through a compression suffix: 'data.csv.bz2' -> '.csv'."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def load(cfg: DataConfig, task: Task) -> DatasetDict:
+    """Raw splits with canonical columns and encoded labels, held-out splits made, caps applied."""
+    raw = _load_source(cfg, task)
+    raw = DatasetDict({split: _rename(ds, cfg, task, split) for split, ds in raw.items()})
+    if cfg.deduplicate:
+        raw = DatasetDict({split: _deduplicate(ds, task.input_columns) for split, ds in raw.items()})
+    raw = task.prepare(raw, cfg)
+    raw = _make_splits(raw, cfg, task)
+    caps = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
+    for split, cap in caps.items():
+        if cap is not None and cap < len(raw[split]):
+            raw[split] = raw[split].shuffle(seed=cfg.split_seed).select(range(cap))
+    for split, ds in raw.items():
+        if len(ds) == 0:
+            raise FinetuneError(f"the {split} split is empty; give it data, or raise data.max_*_samples")
+    log.info("data: %s", ", ".join(f"{s}={len(d)}" for s, d in raw.items()))
+    return raw
+
+
+def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
+    files = {s: getattr(cfg, f"{s}_file") for s in SPLITS if getattr(cfg, f"{s}_file")}
+    if not files and not cfg.source:
+        raise FinetuneError(
+            "no data given: pass data=<file, directory or Hub dataset id>, or data.train_file=... "
+            "(the task has no bundled default data)"
+        )
+    if not files:
+        source = assets.resolve(cfg.source)
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = {"train": str(path)}
+        elif path.is_dir():
+            files = _split_files(path)
+        elif _looks_like_path(source):
+            raise FinetuneError(f"data file or directory not found: {source}; check the path")
+        else:
+            return _load_hub(source, cfg)
+    for split, f in files.items():
+        if not Path(f).expanduser().is_file():
+            raise FinetuneError(f"data.{split}_file not found: {f}; check the path")
+    files = {s: str(Path(f).expanduser()) for s, f in files.items()}
+    reader = getattr(task, "read_file", None)  # tasks with their own file formats (CoNLL, SQuAD)
+    out = {}
+    for split, f in files.items():
+        ds = reader(f) if reader is not None else None
+        out[split] = ds if ds is not None else _read_file(f, split)
+    return DatasetDict(out)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or file_format(source) in _BUILDERS or source.count("/") > 1
+
+
+def _split_files(directory: Path) -> dict[str, str]:
+    files: dict[str, str] = {}
+    for f in sorted(directory.iterdir()):
+        stem = f.name.split(".")[0].lower()
+        split = _SPLIT_ALIASES.get(stem)
+        if f.is_file() and split and split not in files:
+            files[split] = str(f)
+    if "train" not in files:
+        names = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise FinetuneError(
+            f"no train file in {directory} (found: {names}); name it train.<csv|tsv|json|jsonl|parquet> "
+            "or pass data.train_file=..."
+        )
+    return files
+
+
+def _read_file(path: str, split: str) -> Dataset:
+    fmt = file_format(path)
+    if fmt not in _BUILDERS:
+        raise FinetuneError(f"cannot read {path}: unknown format '{fmt}'; use csv, tsv, json, jsonl or parquet")
+    kwargs = {"sep": "\t"} if fmt == ".tsv" else {}
+    try:
+        return datasets.load_dataset(_BUILDERS[fmt], data_files={"train": path}, split="train", **kwargs)
+    except Exception as e:  # datasets raises many types for a bad file; all mean the same to the user
+        if "corresponds to no data" in str(e):
+            raise FinetuneError(f"the {split} split is empty: {path} has no rows; give it data") from e
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"cannot read {path} as {fmt[1:]}: {reason}; check the file's format") from e
+
+
+def _load_hub(name: str, cfg: DataConfig) -> DatasetDict:
+    try:
+        ds = datasets.load_dataset(name, cfg.hub_config)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(
+            f"could not load data '{name}': not a local file or directory, nor a reachable Hub dataset ({reason})"
+        ) from e
+    renamed = {_SPLIT_ALIASES.get(s.lower(), s): d for s, d in ds.items()}
+    return DatasetDict({s: d for s, d in renamed.items() if s in SPLITS})
+
+
+def _rename(ds: Dataset, cfg: DataConfig, task: Task, split: str) -> Dataset:
+    """Rename the user's columns to the task's canonical names; drop the rest (keeping the group column)."""
+    mapping: dict[str, str] = {}
+    for canonical, field in task.columns.items():
+        source = getattr(cfg, field)
+        if source is None:
+            if canonical in task.optional_columns:
+                continue
+            raise FinetuneError(f"data.{field} is not set; name the column holding the {canonical}")
+        if source not in ds.column_names:
+            raise FinetuneError(
+                f"column '{source}' (data.{field}) not found in the {split} data; available columns: "
+                f"{', '.join(ds.column_names)}; set data.{field}=<one of them>"
+            )
+        mapping[source] = canonical
+    keep = set(mapping) | ({cfg.group_column} if cfg.group_column else set())
+    if cfg.group_column and cfg.group_column not in ds.column_names:
+        raise FinetuneError(
+            f"column '{cfg.group_column}' (data.group_column) not found in the {split} data; available "
+            f"columns: {', '.join(ds.column_names)}"
+        )
+    ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
+    return ds.rename_columns({s: c for s, c in mapping.items() if s != c})
+
+
+def _deduplicate(ds: Dataset, columns: tuple[str, ...]) -> Dataset:
+    present = [c for c in columns if c in ds.column_names]
+    dup = ds.select_columns(present).to_pandas().astype(str).duplicated().to_numpy()
+    if dup.any():
+        log.info("dropped %d duplicate rows", int(dup.sum()))
+        ds = ds.select([i for i, d in enumerate(dup) if not d])
+    return ds
+
+
+def _make_splits(raw: DatasetDict, cfg: DataConfig, task: Task) -> DatasetDict:
+    if "train" not in raw:
+        raise FinetuneError(f"the data has no train split (found: {', '.join(raw) or 'none'}); add one")
+    out = dict(raw)
+    remaining = 1.0  # sizes are fractions of the original training data
+    for split, size in (("test", cfg.test_size), ("validation", cfg.validation_size)):
+        if split not in out:
+            out["train"], out[split] = _hold_out(out["train"], size, remaining, cfg, task, split)
+            remaining -= size
+    if cfg.group_column:
+        out = {s: d.remove_columns(cfg.group_column) for s, d in out.items()}
+    return DatasetDict({s: out[s] for s in SPLITS})
+
+
+def _hold_out(ds: Dataset, size: float, remaining: float, cfg: DataConfig, task: Task, split: str
+              ) -> tuple[Dataset, Dataset]:
+    if not 0 < size < remaining:
+        raise FinetuneError(
+            f"data.{split}_size must be above 0 and leave training data (got {size}) when the data has no {split} split"
+        )
+    size = size / remaining
+    if cfg.group_column:
+        # sklearn's GroupShuffleSplit holds out whole groups (e.g. every review of a movie)
+        from sklearn.model_selection import GroupShuffleSplit
+
+        groups = ds[cfg.group_column]
+        splitter = GroupShuffleSplit(n_splits=1, test_size=size, random_state=cfg.split_seed)
+        keep, held = next(splitter.split(range(len(ds)), groups=groups))
+        return ds.select(sorted(keep)), ds.select(sorted(held))
+    stratify = task.stratify_column
+    try:
+        parts = ds.train_test_split(test_size=size, seed=cfg.split_seed, stratify_by_column=stratify)
+    except ValueError as e:
+        raise FinetuneError(f"cannot hold out a {split} split of {size:.0%} from {len(ds)} rows ({e}); add more data "
+                            f"or give a {split} file") from e
+    return parts["train"], parts["test"]

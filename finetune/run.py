@@ -1,0 +1,60 @@
+"""One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import assets, data, report
+from finetune.engines import make_engine
+from finetune.export import export, verify
+from finetune.tasks import get_task
+
+log = logging.getLogger("finetune")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    import datasets
+    import torch
+    import transformers
+
+    start = time.time()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    transformers.set_seed(cfg.seed)
+    transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
+    transformers.utils.logging.enable_propagation()
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    task = get_task(cfg.task)
+    raw = data.load(cfg.data, task)
+    model_path = assets.resolve(cfg.model.name_or_path)
+    tokenizer = task.load_tokenizer(model_path, cfg.model)
+    features = task.tokenize(raw, tokenizer)
+    model = task.load_model(model_path, cfg.model)
+
+    engine = make_engine(cfg, task, model, tokenizer, features, run_dir)
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train().items()}
+    metrics.update(engine.evaluate("validation"))
+    metrics.update(engine.evaluate("test"))
+    metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
+
+    model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
+    metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run finished: nothing left to resume
+    metrics["total_runtime_s"] = round(time.time() - start, 1)
+
+    report.write_json(run_dir / "metrics.json", metrics)
+    report.learning_curve(engine.log_history, task.main_metric, run_dir / "learning_curve.png")
+    key = f"test_{task.main_metric}"
+    log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
+             metrics[f"pipeline_{key}"], model_dir)
+    return metrics

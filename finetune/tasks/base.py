@@ -1,0 +1,87 @@
+"""The task interface: everything that differs between tasks, and nothing else.
+
+A task turns canonical raw columns into model features, builds the model with its head, scores
+predictions, and checks the exported directory through `transformers.pipeline`. Engines, export
+and the run only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from transformers import EvalPrediction
+
+    from finetune.config import DataConfig, ModelConfig, TaskConfig
+
+MetricsFn = Callable[["EvalPrediction"], dict[str, float]]
+
+
+class Task:
+    pipeline_task: ClassVar[str]  # transformers.pipeline task name (also the model card's pipeline_tag)
+    main_metric: ClassVar[str]  # best-model selection and the exported pipeline's check use it
+    greater_is_better: ClassVar[bool] = True
+    auto_model: ClassVar[Any]  # transformers AutoModelFor... class
+    columns: ClassVar[dict[str, str]]  # canonical column -> DataConfig field naming it in the user's data
+    optional_columns: ClassVar[frozenset[str]] = frozenset()
+    input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
+    stratify_column: ClassVar[str | None] = None  # held-out splits keep its class balance
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    # --- data ---------------------------------------------------------------------------------
+    def prepare(self, raw: DatasetDict, data_cfg: DataConfig) -> DatasetDict:
+        """Validate and encode labels on all splits at once (before held-out splits are made)."""
+        return raw
+
+    def tokenize(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+        """Model features, with a `length` column for length-grouped batches."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable:
+        raise NotImplementedError
+
+    # --- model --------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """Head configuration passed to from_pretrained (labels, ...)."""
+        return {}
+
+    def load_tokenizer(self, path: str, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        tokenizer = _load(AutoTokenizer, path, model_cfg)
+        tokenizer.model_max_length = self.cfg.max_seq_length  # the exported pipeline truncates like training
+        return tokenizer
+
+    def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
+        return _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
+
+    # --- evaluation and export ----------------------------------------------------------------
+    def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
+        """The metrics function for one evaluated split (QA needs the split's features to post-process)."""
+        raise NotImplementedError
+
+    def export(self, model_dir: Path) -> None:
+        """Add task files to the exported directory (e.g. a custom pipeline)."""
+
+    def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
+        """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics."""
+        raise NotImplementedError
+
+
+def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> Any:
+    try:
+        return auto_cls.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(
+            f"could not load model '{model_cfg.name_or_path}' ({first}); pass model=<config name in configs/model, "
+            "local checkpoint directory or reachable Hub id>"
+        ) from e

@@ -1,0 +1,115 @@
+"""Sequence classification (sentiment, topic, NLI with a text pair): accuracy, macro-F1, per class."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, pipeline
+
+from finetune.errors import FinetuneError
+from finetune.metrics import classification_metrics
+from finetune.tasks.base import MetricsFn, Task
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationTask(Task):
+    pipeline_task = "text-classification"
+    main_metric = "accuracy"
+    auto_model = AutoModelForSequenceClassification
+    columns = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
+    optional_columns = frozenset({"text_pair"})
+    input_columns = ("text", "text_pair")
+    stratify_column = "label"
+
+    labels: list[str]
+
+    def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
+        inputs = [c for c in self.input_columns if c in raw["train"].column_names]
+        raw = raw.filter(lambda row: all(row[c] is not None for c in [*inputs, "label"]))
+        feature = raw["train"].features["label"]
+        wanted = list(data_cfg.label_names) if data_cfg.label_names else None
+        if isinstance(feature, ClassLabel):
+            self.labels = wanted or feature.names
+            if len(self.labels) != feature.num_classes:
+                raise FinetuneError(
+                    f"data.label_names has {len(self.labels)} names but the label column has {feature.num_classes} "
+                    f"classes ({', '.join(feature.names)}); give one name per class or drop data.label_names"
+                )
+            raw = raw.cast_column("label", ClassLabel(names=self.labels))
+        elif feature.dtype.startswith("int"):
+            ids = sorted({int(v) for split in raw.values() for v in split.unique("label")})
+            if ids[0] < 0 or ids[-1] >= max(len(ids), len(wanted or [])):
+                raise FinetuneError(
+                    f"integer labels must be 0..K-1, found {ids[:10]}; re-number them or use string labels"
+                )
+            self.labels = wanted or [str(i) for i in range(ids[-1] + 1)]
+            raw = raw.cast_column("label", ClassLabel(names=self.labels))
+        else:
+            raw = raw.cast_column("label", Value("string"))
+            found = sorted({v for split in raw.values() for v in split.unique("label")})
+            if wanted:
+                unknown = sorted(set(found) - set(wanted))
+                if unknown:
+                    log.info("dropping rows labelled %s (not in data.label_names)", unknown)
+                    raw = raw.filter(lambda row: row["label"] in wanted)
+            self.labels = wanted or found
+            raw = raw.cast_column("label", ClassLabel(names=self.labels))
+        present = sorted(set(raw["train"]["label"]))
+        if len(present) < 2:
+            only = self.labels[present[0]] if present else "none"
+            raise FinetuneError(
+                f"the label column has one class in the training data ('{only}'); a classifier needs at least two: "
+                "check data.label_column"
+            )
+        return raw
+
+    def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
+        pair = "text_pair" in raw["train"].column_names
+
+        def encode(batch: dict[str, list]) -> dict[str, Any]:
+            enc = tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
+                            max_length=self.cfg.max_seq_length)
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            enc["labels"] = batch["label"]
+            return enc
+
+        return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
+
+    def collator(self, tokenizer):
+        return DataCollatorWithPadding(tokenizer)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {name: i for i, name in enumerate(self.labels)},
+        }
+
+    def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
+        def fn(pred) -> dict[str, float]:
+            logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+            return classification_metrics(pred.label_ids, np.argmax(logits, axis=-1), self.labels)
+
+        return fn
+
+    def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
+        clf = pipeline(self.pipeline_task, model=str(model_dir), device=_device())
+        if "text_pair" in raw.column_names:
+            inputs: list[Any] = [{"text": t, "text_pair": p} for t, p in zip(raw["text"], raw["text_pair"])]
+        else:
+            inputs = list(raw["text"])
+        outputs = clf(inputs, batch_size=64, truncation=True)
+        label2id = clf.model.config.label2id
+        preds = np.array([label2id[o["label"]] for o in outputs])
+        return classification_metrics(np.array(list(raw["label"])), preds, self.labels)
+
+
+def _device() -> int:
+    import torch
+
+    return 0 if torch.cuda.is_available() else -1

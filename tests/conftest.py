@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random BERT with a real (trained-here) WordPiece tokenizer, and small data files."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+POSITIVE = ["great", "wonderful", "excellent", "loved", "brilliant", "moving", "superb", "delightful"]
+NEGATIVE = ["awful", "terrible", "boring", "hated", "dull", "tedious", "clumsy", "lifeless"]
+FILLER = ["the", "movie", "film", "plot", "acting", "was", "really", "quite", "and", "story", "cast", "ending",
+          "a", "truly", "experience", "script", "director", "scenes"]
+
+
+def make_sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) pairs whose label is decided by one sentiment word among fillers."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, rng.randint(3, 9))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append((" ".join(words), label))
+    rng.shuffle(rows)
+    return rows
+
+
+def build_tiny_bert(path: Path, corpus: list[str]) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and a WordPiece tokenizer trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok.decoder = decoders.WordPiece()
+    tokenizer = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    tokenizer.save_pretrained(path)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    corpus = [t for t, _ in make_sentences(400)] + ["[unused] a b c d e f g h i j k l m n o p q r s t u v w x y z"]
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus)
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path) -> Path:
+    import pandas as pd
+
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(path, index=False)
+    return path
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m finetune ...` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# Fast trainer settings for runs on the tiny model.
+TINY_TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16",
+                "trainer.logging_steps=5", "trainer.warmup_ratio=0.0"]

