@@ -6,9 +6,13 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# keep the tests' many small datasets out of the user's cache (read by `datasets` at import)
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.mkdtemp(prefix="finetune-tests-"), "datasets"))
 
 REPO = Path(__file__).resolve().parent.parent
 
