@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.config import CONFIG_DIR, register_configs
+from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
 from finetune.errors import FinetuneError
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
@@ -26,23 +26,20 @@ _SWEEP = re.compile(r"^(choice|range|interval|tag|glob)\(|,")
 _job_started = False
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
 def rewrite_overrides(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not value or _SWEEP.search(value) or key not in (*_FREE_GROUPS, *_CHECKED_GROUPS):
             out.append(arg)
-        elif value in options(key):
+        elif value in config_options(key):
             out.append(arg)
         elif key in _FREE_GROUPS:
             quoted = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
             out += [f"{key}=custom", f"{key}.{_FREE_GROUPS[key]}={quoted}"]
         else:
-            raise FinetuneError(f"unknown {key} '{value}': choose one of {', '.join(options(key))} (configs/{key}/)")
+            choices = ", ".join(config_options(key))
+            raise FinetuneError(f"unknown {key} '{value}': {did_you_mean(key, value)}choose one of {choices}")
     return out
 
 

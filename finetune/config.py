@@ -108,5 +108,17 @@ class Config:
     runs_dir: str = "runs"
 
 
+def config_options(group: str) -> list[str]:
+    """The named configs of a group: configs/<group>/*.yaml."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def did_you_mean(group: str, value: str) -> str:
+    from difflib import get_close_matches
+
+    close = get_close_matches(value, config_options(group), n=1)
+    return f"did you mean {group}={close[0]}? " if close else ""
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)

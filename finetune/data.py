@@ -16,6 +16,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from finetune import assets
+from finetune.config import did_you_mean
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ def _load_hub(name: str, cfg: DataConfig) -> DatasetDict:
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FinetuneError(
-            f"could not load data '{name}': not a local file or directory, nor a reachable Hub dataset ({reason})"
+            f"could not load data '{name}': not a local file or directory, nor a reachable Hub dataset ({reason}); "
+            f"{did_you_mean('data', name)}pass data=<config name in configs/data, file, directory or Hub id>"
         ) from e
     renamed = {_SPLIT_ALIASES.get(s.lower(), s): d for s, d in ds.items()}
     return DatasetDict({s: d for s, d in renamed.items() if s in SPLITS})

@@ -35,9 +35,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     task = get_task(cfg.task)
-    raw = data.load(cfg.data, task)
     model_path = assets.resolve(cfg.model.name_or_path)
-    tokenizer = task.load_tokenizer(model_path, cfg.model)
+    tokenizer = task.load_tokenizer(model_path, cfg.model)  # first: a wrong model name fails before data work
+    raw = data.load(cfg.data, task)
     features = task.tokenize(raw, tokenizer)
     model = task.load_model(model_path, cfg.model)
 

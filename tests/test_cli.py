@@ -78,7 +78,7 @@ def test_config_snapshot_and_logs_hold_no_token(finished_run):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["task=sentimnt"], "unknown task 'sentimnt': choose one of"),
+        (["task=sentimnt"], "unknown task 'sentimnt': did you mean task=sentiment? choose one of"),
         (["trainer.lerning_rate=1e-4"], "lerning_rate"),
         (["data=reviews.csv", "data.text_column=body"], "column 'body' (data.text_column) not found in the train data; "
                                                         "available columns: review, sentiment"),

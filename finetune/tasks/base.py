@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune.config import config_options, did_you_mean
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
         )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = str(model_cfg.name_or_path)
         raise FinetuneError(
-            f"could not load model '{model_cfg.name_or_path}' ({first}); pass model=<config name in configs/model, "
-            "local checkpoint directory or reachable Hub id>"
+            f"could not load model '{name}' ({first}); {did_you_mean('model', name)}pass model=<config name in "
+            f"configs/model ({', '.join(config_options('model'))}), local checkpoint directory or reachable Hub id>"
         ) from e
