@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -85,6 +85,11 @@ class TrainerConfig:
 @dataclass
 class PeftConfig:
     method: str = "none"  # none | lora
+    r: int = 16  # LoRA rank
+    alpha: float = 32.0  # LoRA scaling alpha (updates are scaled by alpha / r)
+    dropout: float = 0.1
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names (suffixes), e.g. [query, value]
+    modules_to_save: Optional[list[str]] = None  # trained in full and saved; None: the task head + new modules
 
 
 @dataclass

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from finetune import assets
+from finetune import adapters, assets
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        model.save_pretrained(tmp)
+        adapters.save_adapter(model, tmp / "adapter", _base_model(cfg))  # only for peft runs
+        adapters.merge(model).save_pretrained(tmp)  # adapters folded in: loads without peft
         tokenizer.save_pretrained(tmp)
         task.export(tmp)
         model_card(task, cfg, metrics).save(tmp / "README.md")
@@ -119,8 +120,8 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory")
 ## Training
 
 - engine: {hp.engine}, epochs: {hp.num_train_epochs}, learning rate: {hp.learning_rate}, batch size: {hp.per_device_train_batch_size}, seed: {cfg.seed}
-- max sequence length: {cfg.task.max_seq_length}; PEFT: {cfg.peft.method}
-"""
+- max sequence length: {cfg.task.max_seq_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
+{adapters.card_section(cfg, task, base)}"""
     return ModelCard(content)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import assets, data, report
+from finetune import adapters, assets, data, report
 from finetune.engines import make_engine
 from finetune.export import export, verify
 from finetune.tasks import get_task
@@ -39,13 +39,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tokenizer = task.load_tokenizer(model_path, cfg.model)  # first: a wrong model name fails before data work
     raw = data.load(cfg.data, task)
     features = task.tokenize(raw, tokenizer)
-    model = task.load_model(model_path, cfg.model)
+    model = adapters.wrap(task.load_model(model_path, cfg.model), cfg.peft, task)
+    params = adapters.parameter_counts(model)
+    log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
+             100 * params["trainable_params"] / params["total_params"])
 
     engine = make_engine(cfg, task, model, tokenizer, features, run_dir)
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train().items()}
     metrics.update(engine.evaluate("validation"))
     metrics.update(engine.evaluate("test"))
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
+    metrics.update(params)
 
     model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))

@@ -33,6 +33,7 @@ class Task:
     optional_columns: ClassVar[frozenset[str]] = frozenset()
     input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
     stratify_column: ClassVar[str | None] = None  # held-out splits keep its class balance
+    peft_task_type: ClassVar[str | None] = None  # peft TaskType for peft=lora (SEQ_CLS, TOKEN_CLS, ...); None: generic
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -25,6 +25,7 @@ class ClassificationTask(Task):
     optional_columns = frozenset({"text_pair"})
     input_columns = ("text", "text_pair")
     stratify_column = "label"
+    peft_task_type = "SEQ_CLS"
 
     labels: list[str]
 

@@ -1,0 +1,171 @@
+"""Optional parameter-efficient fine-tuning (peft=lora): wrap the task's model before training, merge after.
+
+    model = adapters.wrap(model, cfg.peft, task)     # a peft.PeftModel, or the model itself for peft=none
+    ... any engine trains it like any other model ...
+    adapters.save_adapter(model, model_dir / "adapter", base_model)   # the adapter alone, for sharing
+    model = adapters.merge(model)                    # a plain transformers model: model/ loads without peft
+
+Pretrained linear layers get low-rank adapters (peft.target_modules, default every linear layer). Modules the
+checkpoint does not provide -- the task head, or any layer newly initialized at load time -- are trained in
+full and saved with the adapter (peft's modules_to_save), so a reloaded head can never be random.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "lora")
+
+
+def wrap(model, peft_cfg, task) -> Any:
+    """The model with LoRA adapters (and its head trainable), or unchanged for peft.method=none."""
+    if peft_cfg.method not in METHODS:
+        raise FinetuneError(f"unknown peft.method '{peft_cfg.method}': choose one of {', '.join(METHODS)}")
+    if peft_cfg.method == "none":
+        return model
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import ModulesToSaveWrapper
+
+    if peft_cfg.r < 1 or peft_cfg.alpha <= 0 or not 0 <= peft_cfg.dropout < 1:
+        raise FinetuneError(f"peft.r must be >= 1, peft.alpha > 0 and 0 <= peft.dropout < 1 (got r={peft_cfg.r}, "
+                            f"alpha={peft_cfg.alpha}, dropout={peft_cfg.dropout})")
+    targets = peft_cfg.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    explicit = peft_cfg.modules_to_save is not None
+    to_save = list(peft_cfg.modules_to_save) if explicit else trainable_modules(model)
+    config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
+                        target_modules=targets, modules_to_save=list(to_save) or None,
+                        task_type=task.peft_task_type)
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as e:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise FinetuneError(f"peft.target_modules={targets} does not fit this model ({str(e).splitlines()[0][:200]}); "
+                            f"use all-linear or names of its linear layers: {', '.join(linear)}") from e
+    lora_config = wrapped.peft_config[wrapped.active_adapter]
+    if lora_config.modules_to_save:  # peft appends its own guesses (classifier, score) to ours: drop repeats
+        lora_config.modules_to_save = list(dict.fromkeys(lora_config.modules_to_save))
+    saved = [n for n, m in wrapped.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    missing = [name for name in to_save if not any(n.endswith(name) for n in saved)]
+    if missing:
+        raise FinetuneError(f"peft.modules_to_save names no module of this model: {', '.join(missing)}; "
+                            f"name top-level modules such as {', '.join(n for n, _ in model.named_children())}")
+    log.info("LoRA r=%d alpha=%g dropout=%g on %s; trained in full and saved with the adapter: %s",
+             peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, targets, ", ".join(sorted(to_save)) or "nothing")
+    return wrapped
+
+
+def trainable_modules(model) -> list[str]:
+    """Modules to train in full: the head beside the pretrained backbone, and any newly initialized module."""
+    backbone = model.base_model
+    embeddings = [m for m in (_embeddings(model, "input"), _embeddings(model, "output")) if m is not None]
+    heads = set()
+    if backbone is not model:  # e.g. BertForSequenceClassification: bert + classifier (+ dropout, no weights)
+        for name, child in model.named_children():
+            holds_embeddings = any(e is m for m in child.modules() for e in embeddings)  # an LM head is pretrained
+            if child is not backbone and not holds_embeddings and any(True for _ in child.parameters()):
+                heads.add(name)
+    return sorted(heads | set(_new_modules(model)))
+
+
+def _embeddings(model, which: str):
+    try:
+        return getattr(model, f"get_{which}_embeddings")()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _new_modules(model) -> list[str]:
+    """The largest modules whose parameters all were newly initialized by from_pretrained (not in the checkpoint)."""
+    # transformers marks each tensor it loaded with `_is_hf_initialized`; no public API reports this after loading
+    params = [n for n, _ in model.named_parameters()]
+    new = {n for n, p in model.named_parameters() if not getattr(p, "_is_hf_initialized", False)}
+    if len(new) == len(params):  # not loaded from a checkpoint (or no flags): nothing to tell
+        return []
+    found = set()
+    for name in new:
+        parts = name.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if all(p in new for p in params if p.startswith(prefix + ".")):
+                found.add(prefix)
+                break
+    return sorted(found)
+
+
+def is_adapted(model) -> bool:
+    peft = sys.modules.get("peft")  # a model can only be a PeftModel if peft was imported
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Trainable and total parameters of the model as trained (adapters and the head copy included)."""
+    params = list(model.parameters())
+    return {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params)}
+
+
+def save_adapter(model, directory: Path, base_model: str | None = None) -> bool:
+    """Write the adapter (LoRA weights + fully trained modules) to `directory`; False if the model has none."""
+    if not is_adapted(model):
+        return False
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.peft_config[model.active_adapter]
+    if base_model:  # a Hub id beats the local cache path peft records
+        config.base_model_name_or_path = base_model
+    model.save_pretrained(directory)
+    # peft writes a template card with the local base path: replace it with what the adapter really is
+    data = ModelCardData(library_name="peft", base_model=base_model, tags=["finetune", "lora"])
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n# LoRA adapter\n\n{describe(config)}. The merged model is the parent "
+              "directory; the parent's README.md shows how to load this adapter onto the base model.\n"
+              ).save(directory / "README.md")
+    return True
+
+
+def describe(config) -> str:
+    """One line about a peft.LoraConfig or the run's peft config."""
+    r = config.r
+    alpha = getattr(config, "lora_alpha", getattr(config, "alpha", None))
+    dropout = getattr(config, "lora_dropout", getattr(config, "dropout", None))
+    targets = config.target_modules
+    if isinstance(targets, str):
+        where = "all linear layers" if targets == "all-linear" else f"modules matching {targets}"
+    else:  # peft stores all-linear as the full module names: name their kinds
+        where = f"{len(targets)} modules ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})"
+    return f"LoRA (rank r={r}, alpha={alpha}, dropout={dropout}) on {where}"
+
+
+def merge(model):
+    """A plain transformers model with the adapters folded into its weights (the model itself without adapters)."""
+    return model.merge_and_unload() if is_adapted(model) else model
+
+
+def card_section(cfg, task, base_model: str | None) -> str:
+    """Model-card paragraph about the adapter ('' for full fine-tuning)."""
+    if cfg.peft.method == "none":
+        return ""
+    base = base_model or cfg.model.name_or_path
+    return f"""
+## LoRA
+
+Trained with {describe(cfg.peft)}; the task head was trained in full. The adapters are merged into the
+weights of this directory, so it loads without peft. The adapter alone (LoRA weights + head) is in `adapter/`:
+
+```python
+from peft import PeftModel
+from transformers import AutoConfig, {task.auto_model.__name__}
+config = AutoConfig.from_pretrained("path/to/this/directory")  # labels
+base = {task.auto_model.__name__}.from_pretrained("{base}", config=config)
+model = PeftModel.from_pretrained(base, "path/to/this/directory/adapter")
+```
+"""

@@ -1,0 +1,222 @@
+"""peft=lora: only adapters + head train, the head is saved, the export loads without peft, the adapter reloads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from conftest import TINY_TRAINER, make_sentences, run_cli
+from finetune import adapters
+from finetune.errors import FinetuneError
+from finetune.export import export
+from finetune.tasks import get_task
+from helpers import compose_cfg
+
+TEXTS = ["the movie was wonderful", "a dull and tedious film", "the acting was superb", "boring plot",
+         "really great cast", "an awful script"]
+
+
+def _task_and_model(tiny_bert, *overrides):
+    cfg = compose_cfg(f"model={tiny_bert}", "peft=lora", *overrides)
+    task = get_task(cfg.task)
+    task.labels = ["neg", "pos"]
+    return cfg, task, task.load_model(str(tiny_bert), cfg.model)
+
+
+def test_peft_config_sets_its_learning_rate_and_the_command_line_wins():
+    assert compose_cfg().trainer.learning_rate == pytest.approx(1e-4)
+    cfg = compose_cfg("peft=lora")
+    assert cfg.peft.method == "lora" and cfg.peft.target_modules == "all-linear"
+    assert cfg.trainer.learning_rate == pytest.approx(1e-3)
+    assert compose_cfg("peft=lora", "trainer.learning_rate=3e-4").trainer.learning_rate == pytest.approx(3e-4)
+    assert list(compose_cfg("peft=lora", "peft.target_modules=[query,value]").peft.target_modules) == ["query", "value"]
+
+
+def test_wrap_trains_only_lora_and_the_head(tiny_bert):
+    cfg, task, model = _task_and_model(tiny_bert)
+    full = adapters.parameter_counts(model)
+    assert full["trainable_params"] == full["total_params"] == sum(p.numel() for p in model.parameters())
+    r = cfg.peft.r
+    # all-linear: every nn.Linear of the encoder and pooler gets A (r x in) and B (out x r); the head is trained in full
+    lora = sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.startswith("classifier"))
+    head = sum(p.numel() for p in model.classifier.parameters())
+    wrapped = adapters.wrap(model, cfg.peft, task)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "classifier.modules_to_save" in n for n in trainable), trainable
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    counts = adapters.parameter_counts(wrapped)
+    assert counts["trainable_params"] == lora + head
+    assert counts["total_params"] == full["total_params"] + lora + head  # the head's frozen original is kept
+    assert adapters.wrap(model, compose_cfg().peft, task) is model  # peft=none: untouched
+
+
+def _save_tiny(model_cls, config, path):
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(path)
+    return path
+
+
+def test_head_discovery_across_architectures(tmp_path):
+    from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                              BertConfig, BertModel, DistilBertConfig, DistilBertModel, LlamaConfig, LlamaForCausalLM,
+                              RobertaConfig, RobertaModel)
+
+    kw = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+              max_position_embeddings=40)
+    bert = _save_tiny(BertModel, BertConfig(**kw), tmp_path / "bert")
+    cases = [
+        (AutoModelForSequenceClassification, bert, ["classifier"]),
+        (AutoModelForQuestionAnswering, bert, ["qa_outputs"]),
+        (AutoModelForSequenceClassification, _save_tiny(
+            DistilBertModel, DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
+            tmp_path / "distil"), ["classifier", "pre_classifier"]),  # peft's default would miss pre_classifier
+        (AutoModelForSequenceClassification, _save_tiny(RobertaModel, RobertaConfig(**kw), tmp_path / "roberta"),
+         ["classifier"]),
+        (AutoModelForCausalLM, _save_tiny(  # the LM head is the pretrained (tied) embedding: LoRA only
+            LlamaForCausalLM, LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, tie_word_embeddings=True), tmp_path / "llama"), []),
+        # a checkpoint without a pooler: the newly initialized pooler must train too, not stay random and frozen
+        (AutoModelForSequenceClassification, tmp_path / "nopool", ["bert.pooler", "classifier"]),
+    ]
+    torch.manual_seed(0)
+    BertModel(BertConfig(**kw), add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
+    for auto_cls, path, expected in cases:
+        assert adapters.trainable_modules(auto_cls.from_pretrained(path)) == expected, (auto_cls, path)
+    built = AutoModelForSequenceClassification.from_config(BertConfig(**kw))
+    assert adapters.trainable_modules(built) == ["classifier"]  # no load flags: the structure alone
+
+
+def test_bad_peft_settings_are_one_line_errors(tiny_bert):
+    cfg, task, model = _task_and_model(tiny_bert, "peft.target_modules=[nonexistent]")
+    with pytest.raises(FinetuneError, match=r"peft.target_modules=\['nonexistent'\] does not fit this model.*query"):
+        adapters.wrap(model, cfg.peft, task)
+    cfg, task, model = _task_and_model(tiny_bert, "peft.modules_to_save=[headless]")
+    with pytest.raises(FinetuneError, match="peft.modules_to_save names no module of this model: headless"):
+        adapters.wrap(model, cfg.peft, task)
+    cfg, task, model = _task_and_model(tiny_bert, "peft.method=ia3")
+    with pytest.raises(FinetuneError, match="unknown peft.method 'ia3'"):
+        adapters.wrap(model, cfg.peft, task)
+
+
+@pytest.fixture(scope="module")
+def trained_export(tiny_bert, tmp_path_factory):
+    """A few optimizer steps on the wrapped model (head included), its logits, and its export."""
+    cfg, task, model = _task_and_model(tiny_bert)
+    tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
+    initial_head = model.classifier.weight.detach().clone()
+    model = adapters.wrap(model, cfg.peft, task)
+    rows = make_sentences(64)
+    batch = tokenizer([t for t, _ in rows], return_tensors="pt", padding=True)
+    labels = torch.tensor([int(label == "pos") for _, label in rows])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits
+    trained_head = model.base_model.model.classifier.modules_to_save["default"].weight
+    assert not torch.allclose(trained_head, initial_head, atol=1e-3)  # the head really trained
+    model_dir = export(model, tokenizer, task, cfg, {"test_accuracy": 0.5}, tmp_path_factory.mktemp("lora") / "model")
+    return cfg, task, logits, model_dir
+
+
+def test_export_reloads_the_trained_head_with_plain_transformers(trained_export, tiny_bert):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    cfg, task, logits, model_dir = trained_export
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        got = reloaded(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(got, logits, atol=1e-4, rtol=1e-4)
+    # the classic failure (a random head on reload) would be caught: a fresh head gives other logits
+    torch.manual_seed(123)
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_bert, **task.model_kwargs()).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits, logits, atol=1e-2)
+    scores = pipeline("text-classification", model=str(model_dir), top_k=None)(TEXTS)
+    probs = torch.softmax(logits, -1)
+    for row, p in zip(scores, probs):
+        assert {s["label"]: s["score"] for s in row} == pytest.approx({"neg": p[0].item(), "pos": p[1].item()}, abs=1e-4)
+
+
+def test_export_has_no_peft_dependency(trained_export):
+    cfg, task, logits, model_dir = trained_export
+    names = {p.name for p in model_dir.iterdir()}
+    assert "adapter_config.json" not in names and "adapter_model.safetensors" not in names
+    assert "peft" not in (model_dir / "config.json").read_text().lower()
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora_" in k or "modules_to_save" in k or "base_model" in k]
+    code = f"""
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("peft is blocked")
+sys.meta_path.insert(0, Block())
+sys.modules["peft"] = None
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+d = {str(model_dir)!r}
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForSequenceClassification.from_pretrained(d).eval()
+with torch.no_grad():
+    logits = model(**tok({TEXTS!r}, return_tensors="pt", padding=True)).logits
+labels = [o["label"] for o in pipeline("text-classification", model=d)({TEXTS!r})]
+assert sys.modules.get("peft") is None
+print(json.dumps({{"logits": logits.tolist(), "labels": labels}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    torch.testing.assert_close(torch.tensor(out["logits"]), logits, atol=1e-4, rtol=1e-4)
+    assert out["labels"] == [task.labels[i] for i in logits.argmax(-1).tolist()]
+
+
+def test_adapter_folder_loads_onto_the_base_with_peft(trained_export, tiny_bert):
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg, task, logits, model_dir = trained_export
+    adapter = model_dir / "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in adapter.iterdir()}
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        assert any("classifier" in k for k in f.keys()) and any("lora_A" in k for k in f.keys())
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == cfg.peft.r
+    torch.manual_seed(7)  # a different random head under the adapter: the saved one must replace it
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, config=AutoConfig.from_pretrained(model_dir))
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        got = model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(got, logits, atol=1e-4, rtol=1e-4)
+    card = (model_dir / "README.md").read_text()
+    assert f"PEFT: lora (r={cfg.peft.r})" in card and "## LoRA" in card and "`adapter/`" in card
+
+
+def test_cli_run_with_lora(tiny_bert, tmp_path):
+    import pandas as pd
+
+    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
+    proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
+                   "data.label_column=sentiment", "peft=lora", *TINY_TRAINER, "trainer.learning_rate=5e-3",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "sentiment").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] / 2
+    assert abs(metrics["test_accuracy"] - metrics["pipeline_test_accuracy"]) <= 0.005
+    assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "peft" not in (run / "model" / "config.json").read_text().lower()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["peft"]["method"] == "lora" and saved["trainer"]["learning_rate"] == pytest.approx(5e-3)
+    assert "trainable parameters: %d of %d" % (metrics["trainable_params"], metrics["total_params"]) in \
+        (run / "finetune.log").read_text()
