@@ -32,6 +32,9 @@ class Task:
     optional_columns: ClassVar[frozenset[str]] = frozenset()
     input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
     stratify_column: ClassVar[str | None] = None  # held-out splits keep its class balance
+    # the least disagreement verify() must allow between the pipeline and the trainer on the main metric,
+    # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
+    verify_tolerance: ClassVar[float] = 0.0
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
