@@ -18,6 +18,7 @@ class TaskConfig:
     max_seq_length: int = 128
     # options read only by the tasks they name
     label_all_tokens: bool = False  # token classification: label every sub-token, not only the first
+    tag_scheme: str = "auto"  # token classification: auto | IOB1 | IOB2 | BIOES, the data's tags (the model uses IOB2)
     doc_stride: int = 128  # question answering: overlap between context windows
     max_answer_length: int = 30
     n_best_size: int = 20

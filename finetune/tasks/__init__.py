@@ -8,6 +8,7 @@ from finetune.errors import FinetuneError
 
 TASKS = {
     "classification": "finetune.tasks.classification:ClassificationTask",
+    "token_classification": "finetune.tasks.token_classification:TokenClassificationTask",
 }
 
 

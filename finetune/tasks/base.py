@@ -34,6 +34,9 @@ class Task:
     input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
     stratify_column: ClassVar[str | None] = None  # held-out splits keep its class balance
     peft_task_type: ClassVar[str | None] = None  # peft TaskType for peft=lora (SEQ_CLS, TOKEN_CLS, ...); None: generic
+    # the least disagreement verify() must allow between the pipeline and the trainer on the main metric,
+    # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
+    verify_tolerance: ClassVar[float] = 0.0
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
