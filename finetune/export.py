@@ -42,6 +42,7 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
 def verify(task, model_dir: Path, raw_test, trainer_metrics: dict[str, float], tolerance: float) -> dict[str, float]:
     """Score the test split through transformers.pipeline and compare with the trainer's figure."""
     scores = task.verify(model_dir, raw_test)
+    tolerance = max(tolerance, getattr(task, "verify_tolerance", 0.0))
     key = task.main_metric
     expected, got = trainer_metrics[f"test_{key}"], scores[key]
     if abs(expected - got) > tolerance:
@@ -94,6 +95,7 @@ def model_card(task, cfg, metrics: dict[str, float]):
     )
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float) and _is_metric(k))
     hp = cfg.trainer
+    remote = ", trust_remote_code=True" if getattr(task, "pipeline_needs_remote_code", False) else ""  # shipped code
     content = f"""---
 {data.to_yaml()}
 ---
@@ -107,7 +109,7 @@ Fine-tuned from {f"[{base}](https://huggingface.co/{base})" if base else f"`{cfg
 
 ```python
 from transformers import pipeline
-pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory")
+pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 ```
 
 ## Results

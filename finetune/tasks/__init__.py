@@ -8,6 +8,7 @@ from finetune.errors import FinetuneError
 
 TASKS = {
     "classification": "finetune.tasks.classification:ClassificationTask",
+    "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
 }
 
 

@@ -32,6 +32,8 @@ class Task:
     optional_columns: ClassVar[frozenset[str]] = frozenset()
     input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
     stratify_column: ClassVar[str | None] = None  # held-out splits keep its class balance
+    verify_tolerance: ClassVar[float] = 0.0  # the pipeline check allows this much, when more than cfg.verify_tolerance
+    pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
