@@ -47,6 +47,9 @@ class DataConfig:
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: str = "label"
+    question_column: str = "question"  # question answering: question, context, answers {text, answer_start}
+    context_column: str = "context"
+    answers_column: str = "answers"
     label_names: Optional[list[str]] = None  # keep only these labels, in this order
     group_column: Optional[str] = None  # split so that no group is in two splits
     deduplicate: bool = False  # drop rows whose inputs repeat an earlier row

@@ -96,6 +96,7 @@ def model_card(task, cfg, metrics: dict[str, float]):
     )
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float) and _is_metric(k))
     hp = cfg.trainer
+    remote = ", trust_remote_code=True" if getattr(task, "pipeline_needs_remote_code", False) else ""  # shipped code
     content = f"""---
 {data.to_yaml()}
 ---
@@ -109,7 +110,7 @@ Fine-tuned from {f"[{base}](https://huggingface.co/{base})" if base else f"`{cfg
 
 ```python
 from transformers import pipeline
-pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory")
+pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 ```
 
 ## Results

@@ -38,4 +38,43 @@ def entity_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> dict[str
         if not name.endswith(" avg"):
             out.update({f"precision_{name}": float(row["precision"]), f"recall_{name}": float(row["recall"]),
                         f"f1_{name}": float(row["f1-score"])})
+def normalize_answer(text: str) -> str:
+    """The official SQuAD normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _squad_f1(prediction: str, reference: str) -> float:
+    from collections import Counter
+
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:  # no-answer on either side: 1 when both are no-answer
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Exact match and F1 as the official SQuAD v2.0 script computes them (v1.1 gives the same numbers on
+    answerable questions), as fractions 0..1: the best over each question's reference answers; an empty
+    reference list means "no answer", matched only by an empty prediction. With unanswerable questions,
+    also has_ans_* and no_ans_*."""
+    exact, f1, has_answer = [], [], []
+    for prediction, refs in zip(predictions, references, strict=True):
+        refs = [r for r in refs if normalize_answer(r)] or [""]
+        exact.append(max(float(normalize_answer(prediction) == normalize_answer(r)) for r in refs))
+        f1.append(max(_squad_f1(prediction, r) for r in refs))
+        has_answer.append(refs != [""])
+    exact_a, f1_a, has = np.array(exact), np.array(f1), np.array(has_answer)
+    out = {"exact_match": float(exact_a.mean()), "f1": float(f1_a.mean())}
+    if not has.all():
+        for name, mask in (("has_ans", has), ("no_ans", ~has)):
+            if mask.any():
+                out.update({f"{name}_exact_match": float(exact_a[mask].mean()), f"{name}_f1": float(f1_a[mask].mean())})
     return out

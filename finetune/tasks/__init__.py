@@ -9,6 +9,7 @@ from finetune.errors import FinetuneError
 TASKS = {
     "classification": "finetune.tasks.classification:ClassificationTask",
     "token_classification": "finetune.tasks.token_classification:TokenClassificationTask",
+    "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
 }
 
 

@@ -37,6 +37,7 @@ class Task:
     # the least disagreement verify() must allow between the pipeline and the trainer on the main metric,
     # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
     verify_tolerance: ClassVar[float] = 0.0
+    pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
