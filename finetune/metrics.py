@@ -38,6 +38,9 @@ def entity_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> dict[str
         if not name.endswith(" avg"):
             out.update({f"precision_{name}": float(row["precision"]), f"recall_{name}": float(row["recall"]),
                         f"f1_{name}": float(row["f1-score"])})
+    return out
+
+
 def normalize_answer(text: str) -> str:
     """The official SQuAD normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
     import re
