@@ -1,12 +1,13 @@
 """python -m finetune.bench — throughput and quality of the project's setups, side by side.
 
-Each row trains the bundled MiniLM on the bundled Rotten Tomatoes training split for the same number
-of optimizer steps, in its own subprocess (so peak RSS is its own), on this machine:
+Each row trains the bundled MiniLM for the same number of optimizer steps, in its own subprocess (so
+peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training split unless it says:
 
   default   the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   run_glue  a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
+  ner       task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
 
-and prints samples/s, peak RSS, test accuracy after those steps, and model-FLOPs utilisation (MFU):
+and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
 6 x non-embedding parameters x real (non-pad) tokens per second, over an fp32 matmul peak measured
 in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
 """
@@ -23,10 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+# public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+WNUT = "{shared}/wnut17"
+
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
     "run_glue": (["trainer.group_by_length=false"], 128, "pad to 128, random order (HF run_glue.py defaults)"),
+    "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll"],
+            None, "task=ner, WNUT-17 train / emerging.dev as test, dynamic padding"),
 }
 
 
@@ -54,6 +61,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     overrides, pad_to, _ = ROWS[name]
+    overrides = [o.replace("{shared}", str(SHARED_DATA)) for o in overrides]
     overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
                  "trainer.eval_strategy=steps", f"trainer.eval_steps={steps}", "trainer.save_total_limit=1",
                  *overrides, *extra]
@@ -94,6 +102,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "real_tokens_per_s": samples * mean_len / seconds,
         "model_flops_per_s": 6 * params * samples * mean_len / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "metric": task.main_metric,
         "test_" + task.main_metric: metrics["test_" + task.main_metric],
         "train_seconds": seconds,
     }
@@ -115,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
     results = []
     for name in args.rows:
+        if any("{shared}" in o for o in ROWS[name][0]) and not SHARED_DATA.is_dir():
+            print(f"skipping {name}: its data is not in {SHARED_DATA}", flush=True)
+            continue
         print(f"running {name}: {ROWS[name][2]} ...", flush=True)
         cmd = [sys.executable, "-m", "finetune.bench", "--one", name, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), *args.overrides]
@@ -126,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results.append(json.loads(lines[-1][6:]))
 
-    metric = next(k for k in results[0] if k.startswith("test_"))
-    print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM on bundled Rotten Tomatoes\n")
-    print(f"| row | setup | samples/s | real tokens/s | peak RSS MB | {metric} | MFU |")
+    print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM (on bundled Rotten Tomatoes unless said)\n")
+    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r[metric]:.4f} | {r['model_flops_per_s'] / peak:.1%} |")
+              f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
+              f"{r['model_flops_per_s'] / peak:.1%} |")
     base = {r["row"]: r for r in results}
     if "default" in base and "run_glue" in base:
         ratio = base["default"]["samples_per_s"] / base["run_glue"]["samples_per_s"]

@@ -317,6 +317,21 @@ def test_pipeline_round_trip_matches_trainer_metrics(checkpoint, request, tmp_pa
         assert scores[key] == pytest.approx(expected[key]), key
 
 
+def test_export_check_uses_the_task_tolerance_when_larger():
+    from finetune.export import VerificationError, verify
+    from finetune.tasks.token_classification import TokenClassificationTask
+
+    class Fixed(TokenClassificationTask):
+        def verify(self, model_dir, raw):
+            return {"f1": 0.492}
+
+    task = Fixed(compose_cfg("task=ner").task)
+    assert task.verify_tolerance == 0.01  # the bound: pipeline within 1 F1 point of the trainer
+    assert verify(task, Path("."), None, {"test_f1": 0.5}, 0.005) == {"pipeline_test_f1": 0.492}
+    with pytest.raises(VerificationError, match="pipeline scores test f1=0.4920 but the trainer measured 0.5200"):
+        verify(task, Path("."), None, {"test_f1": 0.52}, 0.005)
+
+
 # --- the CLI -------------------------------------------------------------------------------------------
 def test_cli_ner_run(ner_bert, tmp_path):
     (tmp_path / "conll").mkdir()
