@@ -332,6 +332,19 @@ def test_exported_pipeline_matches_evaluation(tmp_path, tiny_encoder):
         pipeline(model=str(target))
 
 
+def test_pipeline_check_allows_one_point_for_qa(monkeypatch):
+    from pathlib import Path
+
+    from finetune.export import VerificationError, verify
+
+    task = get_task(compose_cfg("task=qa").task)
+    monkeypatch.setattr(task, "verify", lambda model_dir, raw: {"exact_match": 0.7, "f1": 0.809})
+    assert verify(task, Path("."), None, {"test_f1": 0.8}, 0.005)["pipeline_test_f1"] == 0.809  # task's 0.01
+    with pytest.raises(VerificationError, match="tolerance 0.01"):
+        verify(task, Path("."), None, {"test_f1": 0.82}, 0.005)
+    assert verify(task, Path("."), None, {"test_f1": 0.83}, 0.05)["pipeline_test_f1"] == 0.809  # config's, larger
+
+
 def test_metrics_refuse_predictions_out_of_order(tiny_bert):
     from transformers import EvalPrediction
 
@@ -352,7 +365,7 @@ def test_metrics_refuse_predictions_out_of_order(tiny_bert):
 # --- the CLI ---------------------------------------------------------------------------------------
 
 def test_cli_qa_run(tiny_bert, tmp_path):
-    (tmp_path / "squad.json").write_text(json.dumps(squad_json(20)))
+    (tmp_path / "squad.json").write_text(json.dumps(squad_json(10)))
     proc = run_cli("task=qa", f"model={tiny_bert}", "data=squad.json", "data.group_column=title", *WINDOW,
                    *TINY_TRAINER, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -361,7 +374,7 @@ def test_cli_qa_run(tiny_bert, tmp_path):
     for key in ("train_loss", "validation_f1", "test_exact_match", "test_f1", "pipeline_test_f1"):
         assert key in metrics
     assert abs(metrics["test_f1"] - metrics["pipeline_test_f1"]) <= 0.01
-    assert metrics["num_train_examples"] + metrics["num_validation_examples"] + metrics["num_test_examples"] == 80
+    assert metrics["num_train_examples"] + metrics["num_validation_examples"] + metrics["num_test_examples"] == 40
     assert {"question_answering.py", "config.json", "model.safetensors"} <= {p.name for p in (run / "model").iterdir()}
 
 

@@ -92,48 +92,24 @@ class QuestionAnsweringTask(Task):
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
         out = {}
         for split, ds in raw.items():
-            keep = [i for i, (q, c) in enumerate(zip(ds["question"], ds["context"])) if q and q.strip() and c]
+            keep, answers, moved = [], [], []
+            for row, (question, context, given) in enumerate(zip(ds["question"], ds["context"], ds["answers"])):
+                if question and question.strip() and context:
+                    keep.append(row)
+                    answers.append(_check_answers(f"{split} row {row}", context, given, moved))
             if len(keep) < len(ds):
                 log.info("%s: dropped %d rows without a question or context", split, len(ds) - len(keep))
-                ds = ds.select(keep)
-            answers = [self._check_answers(split, i, ctx, a) for i, (ctx, a) in
-                       enumerate(zip(ds["context"], ds["answers"]))]
-            out[split] = ds.remove_columns("answers").add_column("answers", answers, feature=ANSWERS)
+            if moved:
+                log.warning("%s: %d answers were not at their answer_start; moved to the nearest occurrence of their "
+                            "text (%s)", split, len(moved), "; ".join(moved[:3]))
             unanswerable = sum(not a["text"] for a in answers)
             if unanswerable and not self.cfg.version_2_with_negative:
                 raise FinetuneError(
                     f"{unanswerable} {split} questions have no answer (SQuAD v2 style); set "
                     "task.version_2_with_negative=true to learn unanswerable questions, or remove them"
                 )
+            out[split] = ds.select(keep).remove_columns("answers").add_column("answers", answers, feature=ANSWERS)
         return DatasetDict(out)
-
-    @staticmethod
-    def _check_answers(split: str, row: int, context: str, answers: Any) -> dict[str, list]:
-        if isinstance(answers, list):  # [{"text": ..., "answer_start": ...}, ...]
-            answers = {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}
-        if not isinstance(answers, dict) or set(answers) < {"text", "answer_start"}:
-            raise FinetuneError(
-                f"{split} row {row}: answers must be {{text: [...], answer_start: [...]}} (SQuAD format), got "
-                f"{str(answers)[:80]}; point data.answers_column at such a column"
-            )
-        pairs = [(t, int(s)) for t, s in zip(answers["text"], answers["answer_start"]) if t]  # "" = no answer
-        texts, starts = [t for t, _ in pairs], [s for _, s in pairs]
-        for k, (text, start) in enumerate(pairs):
-            if context[start:start + len(text)] == text:
-                continue
-            found, i = [], context.find(text)
-            while i != -1:
-                found.append(i)
-                i = context.find(text, i + 1)
-            if not found:
-                raise FinetuneError(
-                    f"{split} row {row}: answer {text!r} does not occur in its context (answer_start={start}); "
-                    "answers must be spans of the context: fix the text or drop the example"
-                )
-            starts[k] = min(found, key=lambda i: abs(i - start))
-            log.warning("%s row %d: answer %r is not at %d; moved to its nearest occurrence at %d",
-                        split, row, text, start, starts[k])
-        return {"text": texts, "answer_start": starts}
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
         if not getattr(tokenizer, "is_fast", False):
@@ -225,6 +201,34 @@ class QuestionAnsweringTask(Task):
         inputs = [{"question": q, "context": c} for q, c in zip(raw["question"], raw["context"])]
         outputs = qa(inputs, batch_size=32)
         return squad_metrics([o["answer"] for o in outputs], [a["text"] for a in raw["answers"]])
+
+
+def _check_answers(where: str, context: str, answers: Any, moved: list[str]) -> dict[str, list]:
+    """Answers as {text: [...], answer_start: [...]}, each a span of the context (see the module docstring)."""
+    if isinstance(answers, list):  # [{"text": ..., "answer_start": ...}, ...]
+        answers = {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}
+    if not isinstance(answers, dict) or not {"text", "answer_start"} <= set(answers):
+        raise FinetuneError(
+            f"{where}: answers must be {{text: [...], answer_start: [...]}} (SQuAD format), got {str(answers)[:80]}; "
+            "point data.answers_column at such a column"
+        )
+    pairs = [(t, int(s)) for t, s in zip(answers["text"], answers["answer_start"]) if t]  # "" = no answer
+    texts, starts = [t for t, _ in pairs], [s for _, s in pairs]
+    for k, (text, start) in enumerate(pairs):
+        if context[start:start + len(text)] == text:
+            continue
+        found, i = [], context.find(text)
+        while i != -1:
+            found.append(i)
+            i = context.find(text, i + 1)
+        if not found:
+            raise FinetuneError(
+                f"{where}: answer {text!r} does not occur in its context (answer_start={start}); answers must be "
+                "spans of the context: fix the text or drop the example"
+            )
+        starts[k] = min(found, key=lambda i: abs(i - start))
+        moved.append(f"{where}: {text!r} {start} -> {starts[k]}")
+    return {"text": texts, "answer_start": starts}
 
 
 def answer_tokens(offsets: list, answers: dict[str, list]) -> tuple[int, int]:
