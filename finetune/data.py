@@ -43,6 +43,8 @@ def file_format(path: str | Path) -> str:
 def load(cfg: DataConfig, task: Task) -> DatasetDict:
     """Raw splits with canonical columns and encoded labels, held-out splits made, caps applied."""
     raw = _load_source(cfg, task)
+    if "train" not in raw:
+        raise FinetuneError(f"the data has no train split (found: {', '.join(raw) or 'none'}); add one")
     raw = DatasetDict({split: _rename(ds, cfg, task, split) for split, ds in raw.items()})
     if cfg.deduplicate:
         raw = DatasetDict({split: _deduplicate(ds, task.input_columns) for split, ds in raw.items()})
@@ -171,8 +173,6 @@ def _deduplicate(ds: Dataset, columns: tuple[str, ...]) -> Dataset:
 
 
 def _make_splits(raw: DatasetDict, cfg: DataConfig, task: Task) -> DatasetDict:
-    if "train" not in raw:
-        raise FinetuneError(f"the data has no train split (found: {', '.join(raw) or 'none'}); add one")
     out = dict(raw)
     remaining = 1.0  # sizes are fractions of the original training data
     for split, size in (("test", cfg.test_size), ("validation", cfg.validation_size)):

@@ -147,3 +147,9 @@ def test_bad_integer_labels(tmp_path):
     path = write_rows(tmp_path / "d.csv", [(t, 5 + i % 2) for i, (t, _) in enumerate(make_sentences(30))])
     with pytest.raises(FinetuneError, match="integer labels must be 0..K-1"):
         load(f"data={path}", "data.text_column=review", "data.label_column=sentiment")
+
+
+def test_no_train_split(tmp_path):
+    path = write_rows(tmp_path / "t.csv", make_sentences(20))
+    with pytest.raises(FinetuneError, match=r"the data has no train split \(found: test\); add one"):
+        load("data=custom", f"data.test_file={path}", "data.text_column=review", "data.label_column=sentiment")
