@@ -5,11 +5,13 @@ peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training s
 
   default   the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   run_glue  a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
+  lora      the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
   ner       task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
-6 x non-embedding parameters x real (non-pad) tokens per second, over an fp32 matmul peak measured
-in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
+(4 + 2 x trainable fraction) x non-embedding parameters x real (non-pad) tokens per second -- 6N for full
+fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
+measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ WNUT = "{shared}/wnut17"
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
     "run_glue": (["trainer.group_by_length=false"], 128, "pad to 128, random order (HF run_glue.py defaults)"),
+    "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
     "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll"],
             None, "task=ner, WNUT-17 train / emerging.dev as test, dynamic padding"),
 }
@@ -54,7 +57,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     import torch
     from transformers import TrainerCallback, set_seed
 
-    from finetune import assets, data
+    from finetune import adapters, assets, data
     from finetune.config import CONFIG_DIR, register_configs
     from finetune.engines import make_engine
     from finetune.tasks import get_task
@@ -78,8 +81,10 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     mean_len = sum(features["train"]["length"]) / len(features["train"])
     if pad_to:
         features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
-    model = task.load_model(path, cfg.model)
-    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    model = adapters.wrap(task.load_model(path, cfg.model), cfg.peft, task)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "lora_" not in n)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and p.requires_grad)
+    flops_per_token = (4 + 2 * min(trainable / params, 1)) * params  # forward 2N, input grads 2N, weight grads 2N_trained
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -100,7 +105,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "row": name,
         "samples_per_s": samples / seconds,
         "real_tokens_per_s": samples * mean_len / seconds,
-        "model_flops_per_s": 6 * params * samples * mean_len / seconds,
+        "model_flops_per_s": flops_per_token * samples * mean_len / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "metric": task.main_metric,
         "test_" + task.main_metric: metrics["test_" + task.main_metric],
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if "default" in base and "run_glue" in base:
         ratio = base["default"]["samples_per_s"] / base["run_glue"]["samples_per_s"]
         print(f"\ndefault / run_glue samples/s: {ratio:.2f}x")
+    if "default" in base and "lora" in base:
+        print(f"lora / default samples/s: {base['lora']['samples_per_s'] / base['default']['samples_per_s']:.2f}x")
     return 0
 
 
