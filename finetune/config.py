@@ -108,6 +108,7 @@ class Config:
     debug: bool = False  # show tracebacks for input errors
     verify_tolerance: float = 0.005  # exported pipeline vs trainer, main metric
     runs_dir: str = "runs"
+    resume: Optional[str] = None  # true: continue the newest unfinished run of this config; or a run directory
 
 
 def register_configs() -> None:
