@@ -3,15 +3,18 @@
 Each row trains the bundled MiniLM for the same number of optimizer steps, in its own subprocess (so
 peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training split unless it says:
 
-  default   the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
-  run_glue  a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
-  lora      the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
-  ner       task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
+  default     the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
+  accelerate  the same setup on the plain accelerate loop (trainer=accelerate)
+  run_glue    a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
+  lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
+  ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
 (4 + 2 x trainable fraction) x non-embedding parameters x real (non-pad) tokens per second -- 6N for full
 fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
 measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
+Time is what the engines measure themselves (engine.step_seconds): forward, backward and optimizer
+update of every step, not evaluation or checkpointing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ WNUT = "{shared}/wnut17"
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
+    "accelerate": (["trainer=accelerate"], None, "dynamic padding, length-grouped (trainer=accelerate)"),
     "run_glue": (["trainer.group_by_length=false"], 128, "pad to 128, random order (HF run_glue.py defaults)"),
     "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
     "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll"],
@@ -55,7 +59,7 @@ def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
     import torch
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
 
     from finetune import adapters, assets, data
     from finetune.config import CONFIG_DIR, register_configs
@@ -86,20 +90,11 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     trainable = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and p.requires_grad)
     flops_per_token = (4 + 2 * min(trainable / params, 1)) * params  # forward 2N, input grads 2N, weight grads 2N_trained
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.end = time.perf_counter()  # the last step's end, before the final evaluation
-
-    clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(cfg, task, model, tokenizer, features, Path(tmp))
-        engine.trainer.add_callback(clock) if hasattr(engine, "trainer") else None
         engine.train()
         metrics = engine.evaluate("test")
-    seconds = clock.end - clock.start
+    seconds = engine.step_seconds
     samples = steps * batch_size * cfg.trainer.gradient_accumulation_steps
     return {
         "row": name,
@@ -151,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
               f"{r['model_flops_per_s'] / peak:.1%} |")
     base = {r["row"]: r for r in results}
-    if "default" in base and "run_glue" in base:
-        ratio = base["default"]["samples_per_s"] / base["run_glue"]["samples_per_s"]
-        print(f"\ndefault / run_glue samples/s: {ratio:.2f}x")
-    if "default" in base and "lora" in base:
-        print(f"lora / default samples/s: {base['lora']['samples_per_s'] / base['default']['samples_per_s']:.2f}x")
+    for row, reference in (("default", "run_glue"), ("accelerate", "default"), ("lora", "default")):
+        if row in base and reference in base and base[row]["metric"] == base[reference]["metric"]:
+            metric = "test_" + base[row]["metric"]
+            ratio = base[row]["samples_per_s"] / base[reference]["samples_per_s"]
+            delta = base[row][metric] - base[reference][metric]
+            print(f"\n{row} / {reference} samples/s: {ratio:.2f}x; {metric} {delta * 100:+.1f} points")
     return 0
 
 

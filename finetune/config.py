@@ -80,7 +80,9 @@ class TrainerConfig:
     eval_strategy: str = "epoch"  # epoch | steps
     eval_steps: Optional[int] = None
     logging_steps: int = 25
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # checkpoints kept while training (plus the best one)
+    early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement; 0/None = off
+    early_stopping_threshold: float = 0.0  # an improvement must beat the best main metric by more than this
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | no | fp16 | bf16
     dataloader_num_workers: int = 0
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
@@ -115,6 +117,7 @@ class Config:
     debug: bool = False  # show tracebacks for input errors
     verify_tolerance: float = 0.005  # exported pipeline vs trainer, main metric
     runs_dir: str = "runs"
+    resume: Optional[str] = None  # true: continue the newest unfinished run of this config; or a run directory
 
 
 def config_options(group: str) -> list[str]:

@@ -1,4 +1,9 @@
-"""One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report."""
+"""One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report.
+
+With several processes (accelerate launch / torchrun) every process trains and evaluates; the main
+process alone writes files: config, export, verification, metrics, plot. A resumed run (resume=...)
+continues from the newest complete checkpoint of its run directory, chosen by the CLI.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, data, report
-from finetune.engines import make_engine
+from finetune import adapters, assets, data, report, resume
+from finetune.engines import last_checkpoint, make_engine
+from finetune.errors import FinetuneError
 from finetune.export import export, verify
 from finetune.tasks import get_task
 
@@ -24,15 +30,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     import torch
     import transformers
 
+    from accelerate import PartialState
+
     start = time.time()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    main = PartialState().is_main_process
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // processes_here)))
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        log.warning("accelerate launch started a single process: on a machine without GPUs add --multi_gpu "
+                    "(or use torchrun --nproc_per_node N) to train with several")
     transformers.set_seed(cfg.seed)
     transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
     transformers.utils.logging.enable_propagation()
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_from = None
+    if resume.target(cfg.resume):
+        resume_from = last_checkpoint(run_dir)  # the CLI pointed run_dir at the run to continue
+        if resume_from is None:
+            raise FinetuneError(f"nothing to resume in {run_dir}: it has no complete checkpoint")
+        log.info("resuming %s from %s", run_dir, resume_from.name)
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / resume.HASH_FILE).write_text(resume.config_hash(cfg) + "\n")
 
     task = get_task(cfg.task)
     model_path = assets.resolve(cfg.model.name_or_path)
@@ -45,11 +66,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
              100 * params["trainable_params"] / params["total_params"])
 
     engine = make_engine(cfg, task, model, tokenizer, features, run_dir)
-    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train().items()}
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
     metrics.update(engine.evaluate("validation"))
     metrics.update(engine.evaluate("test"))
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
+    if not main:
+        return metrics
 
     model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))

@@ -2,26 +2,54 @@
 nothing about which task it trains.
 
     engine = make_engine(cfg, task, model, tokenizer, features, output_dir)
-    engine.train() -> train metrics;  engine.evaluate("test") -> {"test_<metric>": ...}
-    engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts)
+    engine.train(resume_from=None) -> train metrics;  engine.evaluate("test") -> {"test_<metric>": ..., "test_loss": ...}
+    engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts),
+    engine.step_seconds (time spent in optimizer steps: forward, backward, update; for benchmarks)
+
+Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
+written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 from typing import Any, Callable
 
 from finetune.errors import FinetuneError
 
-ENGINES = {"hf": "finetune.engines.hf:HFEngine"}
+ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: a checkpoint without it is incomplete
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
     name = cfg.trainer.engine
     if name not in ENGINES:
         raise FinetuneError(f"unknown trainer.engine '{name}': choose one of {', '.join(sorted(ENGINES))}")
+    check_trainer_config(cfg.trainer)
     module, _, cls = ENGINES[name].partition(":")
-    return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, output_dir)
+    return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
+
+
+def check_trainer_config(t) -> None:
+    if t.eval_strategy not in ("epoch", "steps"):
+        raise FinetuneError(f"trainer.eval_strategy must be epoch or steps (got '{t.eval_strategy}')")
+    if t.eval_strategy == "steps" and not (t.eval_steps and t.eval_steps > 0):
+        raise FinetuneError("trainer.eval_strategy=steps needs trainer.eval_steps=<positive number of steps>")
+    if (t.early_stopping_patience or 0) < 0 or t.early_stopping_threshold < 0:
+        raise FinetuneError("trainer.early_stopping_patience and trainer.early_stopping_threshold must be >= 0")
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint under output_dir/checkpoints (a run killed while saving leaves a partial one)."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    folder = Path(output_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    complete = [Path(p) for p in sort_checkpoints(str(folder)) if (Path(p) / STATE_FILE).is_file()]
+    return complete[-1] if complete else None
 
 
 def without_length(collator: Callable) -> Callable:
@@ -31,6 +59,28 @@ def without_length(collator: Callable) -> Callable:
         return collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
     return collate
+
+
+def train_sampler(train_features, batch_size: int, seed: int, group_by_length: bool):
+    """The training order of both engines: drawn from seed + epoch, so a resumed run replays it exactly."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededSampler(LengthGroupedSampler):
+        # transformers' sampler draws from the global RNG, whose state at an epoch's start a resumed run cannot know
+        def __init__(self):
+            super().__init__(batch_size, lengths=list(train_features["length"]), generator=torch.Generator())
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.generator.manual_seed(seed + epoch)
+
+        def __iter__(self):
+            if group_by_length:
+                return super().__iter__()
+            return iter(torch.randperm(len(self.lengths), generator=self.generator).tolist())
+
+    return EpochSeededSampler()
 
 
 def mixed_precision(setting: str) -> str:

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import SequentialSampler
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-import logging
-
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-
-from finetune.engines import mixed_precision, without_length
+from finetune.engines import CHECKPOINTS, mixed_precision, train_sampler, without_length
 
 log = logging.getLogger("finetune.train")
+
+
+class _Trainer(Trainer):
+    """The Trainer with the engines' shared training order, and evaluation in dataset order."""
+
+    def __init__(self, *args, sampler, **kwargs):
+        self.epoch_sampler = sampler
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.epoch_sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers length-groups evaluation batches too, which reorders the predictions; tasks that
+        # post-process predictions by feature index (question answering) need them in dataset order
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 class _LogCallback(TrainerCallback):
@@ -25,13 +41,30 @@ class _LogCallback(TrainerCallback):
                                                                   for k, v in logs.items()))
 
 
+class _EpochClock(TrainerCallback):
+    """Seeds the sampler's epoch and times the optimizer steps (forward, backward, update)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seconds, self._start = sampler, 0.0, 0.0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # the Trainer's own set_epoch does not reach the sampler of a resumed multi-process epoch
+        self.sampler.set_epoch(int(state.epoch or 0))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._start
+
+
 class HFEngine:
     def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path):
         t = cfg.trainer
         precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
         args = TrainingArguments(
-            output_dir=str(output_dir / "checkpoints"),
+            output_dir=str(output_dir / CHECKPOINTS),
             num_train_epochs=t.num_train_epochs,
             max_steps=t.max_steps,
             learning_rate=t.learning_rate,
@@ -42,7 +75,6 @@ class HFEngine:
             per_device_eval_batch_size=t.per_device_eval_batch_size,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             max_grad_norm=t.max_grad_norm,
-            train_sampling_strategy="group_by_length" if t.group_by_length else "random",
             eval_strategy=t.eval_strategy,
             eval_steps=t.eval_steps,
             save_strategy=t.eval_strategy,
@@ -59,24 +91,34 @@ class HFEngine:
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             dataloader_num_workers=t.dataloader_num_workers,
+            # True multiplies every loss by the process count for models whose forward takes **kwargs, assuming
+            # it normalises by the global token count; mean-reduced losses (classification) came out doubled
+            average_tokens_across_devices=False,
             remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
             dataloader_pin_memory=torch.cuda.is_available(),
             disable_tqdm=not sys.stderr.isatty(),
         )
-        self.trainer = Trainer(
+        sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
+                                cfg.seed, t.group_by_length)
+        self.clock = _EpochClock(sampler)
+        callbacks = [_LogCallback(), self.clock]
+        if t.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
+        self.trainer = _Trainer(
             model=model,
             args=args,
+            sampler=sampler,
             train_dataset=features["train"],
             eval_dataset=features["validation"],
             data_collator=without_length(task.collator(tokenizer)),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics("validation", features["validation"]),
-            callbacks=[_LogCallback()],
+            callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)
 
     def train(self, resume_from: str | None = None) -> dict[str, float]:
-        return self.trainer.train(resume_from_checkpoint=resume_from).metrics
+        return self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
         self.trainer.compute_metrics = self.task.compute_metrics(split, self.features[split])
@@ -89,3 +131,7 @@ class HFEngine:
     @property
     def log_history(self) -> list[dict]:
         return self.trainer.state.log_history
+
+    @property
+    def step_seconds(self) -> float:
+        return self.clock.seconds

@@ -1,0 +1,289 @@
+"""trainer=accelerate: a plain training loop on accelerate.Accelerator, for the same task objects as trainer=hf.
+
+One loop, top to bottom: prepare model, optimizer and loaders; each epoch seeds the sampler (and skips
+what a resumed run already trained), runs forward/backward under accumulate(), clips, steps and logs;
+at each evaluation point it scores the validation split, tracks the best main metric, stops early if
+asked, and checkpoints (accelerator.save_state + trainer_state.json). The best checkpoint is restored
+at the end. Hyperparameters mean what they mean for the Trainer (same optimizer, decay groups,
+scheduler, warmup and step counting), so both engines train the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch.utils.data import DataLoader
+from transformers import EvalPrediction, get_scheduler, set_seed
+from transformers.trainer_pt_utils import get_parameter_names, nested_concat, nested_numpify
+from transformers.trainer_utils import rotate_checkpoints
+from transformers.utils import find_labels
+
+from finetune.engines import CHECKPOINTS, STATE_FILE, mixed_precision, train_sampler, without_length
+
+log = logging.getLogger("finetune.train")
+logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
+
+# Trainer.get_decay_parameter_names: no weight decay on biases and normalisation weights
+_NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+class AccelerateEngine:
+    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path):
+        t = self.args = cfg.trainer
+        self.task, self.features, self.seed = task, features, cfg.seed
+        set_seed(cfg.seed)  # as the Trainer does: training randomness starts from the seed, whatever ran before
+        self.checkpoints = output_dir / CHECKPOINTS
+        self.accelerator = acc = Accelerator(
+            mixed_precision=mixed_precision(t.mixed_precision),
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            log_with=list(t.report_to) or None,
+            project_dir=str(output_dir),
+            # as the Trainer: a head that leaves some weights unused (e.g. an unused pooler) must not fail DDP
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+        self.label_names = find_labels(type(base))
+        self.ignore_keys = [*getattr(base.config, "keys_to_ignore_at_inference", []), "loss"]
+        self.collate = without_length(task.collator(tokenizer))
+        self.sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
+                                     cfg.seed, t.group_by_length)
+        loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
+        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate,
+                                      fused=acc.device.type in ("cpu", "cuda"))
+        self._model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, loader)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
+        self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
+        warmup = int(t.warmup_ratio) if t.warmup_ratio >= 1 else math.ceil(self.max_steps * t.warmup_ratio)
+        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.max_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self.eval_loaders: dict[str, DataLoader] = {}
+        self.step_seconds = 0.0
+        self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
+        self.state = {"global_step": 0, "epoch": 0.0, "loss_sum": 0.0, "unlogged_losses": [], "best_metric": None,
+                      "best_checkpoint": None, "patience_counter": 0, "log_history": []}
+
+    # --- training ---------------------------------------------------------------------------------
+    def train(self, resume_from: str | Path | None = None) -> dict[str, float]:
+        acc, t, s = self.accelerator, self.args, self.state
+        gas = t.gradient_accumulation_steps
+        if resume_from:
+            acc.load_state(str(resume_from))  # weights, optimizer, scheduler, RNG states of every process
+            self.state = s = json.loads((Path(resume_from) / STATE_FILE).read_text())
+            self._info("resumed from %s (step %d)", resume_from, s["global_step"])
+        if t.report_to:
+            acc.init_trackers("finetune")
+        first_epoch, steps_done_in_epoch = divmod(s["global_step"], self.steps_per_epoch)
+        start, start_step = time.time(), s["global_step"]
+        self._model.train()
+        for epoch in range(first_epoch, math.ceil(self.max_steps / self.steps_per_epoch)):
+            if self._done():
+                break
+            loader, skipped = self.train_loader, 0
+            if epoch == first_epoch and steps_done_in_epoch:
+                skipped = steps_done_in_epoch * gas
+                loader = acc.skip_first_batches(self.train_loader, skipped)
+            # accelerate re-applies a loader's epoch counter to the sampler when iterating it; a loader
+            # wrapped for several processes does not reach the sampler, so set both
+            loader.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            for i, batch in enumerate(loader):
+                if i % gas == 0:
+                    step_start, micro_losses = time.perf_counter(), []
+                with acc.accumulate(self._model):
+                    loss = self._model(**batch).loss
+                    acc.backward(loss)
+                    micro_losses.append(loss.detach().float())
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self._model.parameters(), t.max_grad_norm) \
+                            if t.max_grad_norm > 0 else None
+                        self.optimizer.step()
+                        learning_rate = self.scheduler.get_last_lr()[0]
+                        if not acc.optimizer_step_was_skipped:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad()
+                if not acc.sync_gradients:
+                    continue
+                self.step_seconds += time.perf_counter() - step_start
+                self._pending.append(torch.stack(micro_losses).mean())
+                s["global_step"] += 1
+                s["epoch"] = epoch + (skipped + i + 1) / len(self.train_loader)
+                if s["global_step"] % t.logging_steps == 0 or s["global_step"] == 1:
+                    self._log_train(grad_norm, learning_rate)
+                if t.eval_strategy == "steps" and s["global_step"] % t.eval_steps == 0:
+                    self._evaluate_and_save()
+                if self._done():
+                    break
+            if t.eval_strategy == "epoch":
+                self._evaluate_and_save()
+        return self._finish(time.time() - start, s["global_step"] - start_step)
+
+    def _done(self) -> bool:
+        patience = self.args.early_stopping_patience
+        if patience and self.state["patience_counter"] >= patience:
+            return True
+        return self.state["global_step"] >= self.max_steps
+
+    def _evaluate_and_save(self) -> None:
+        s, main = self.state, self.task.main_metric
+        metrics = self._evaluate("validation", prefix="eval")
+        self._log(metrics)
+        value, best = metrics[f"eval_{main}"], s["best_metric"]
+        better = best is None or (value > best if self.task.greater_is_better else value < best)
+        # early stopping counts evaluations that do not beat the best by more than the threshold
+        if best is None or (better and abs(value - best) > self.args.early_stopping_threshold):
+            s["patience_counter"] = 0
+        else:
+            s["patience_counter"] += 1
+        if better:
+            s["best_metric"], s["best_checkpoint"] = value, f"checkpoint-{s['global_step']}"
+        self._save()
+        if self._done() and s["global_step"] < self.max_steps:
+            self._info("early stopping: %s did not improve for %d evaluations", main, s["patience_counter"])
+
+    def _save(self) -> None:
+        """Checkpoint into a temp dir, then rename: a run killed while saving leaves no partial checkpoint."""
+        acc, s = self.accelerator, self.state
+        self._flush_losses()
+        final = self.checkpoints / f"checkpoint-{s['global_step']}"
+        tmp = self.checkpoints / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(s, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            rotate_checkpoints(str(self.checkpoints), self.args.save_total_limit,
+                               best_model_checkpoint=str(self.checkpoints / s["best_checkpoint"]))
+        acc.wait_for_everyone()
+
+    def _finish(self, runtime: float, steps: int) -> dict[str, float]:
+        acc, s, t = self.accelerator, self.state, self.args
+        best = s["best_checkpoint"] and self.checkpoints / s["best_checkpoint"]
+        if best and best.is_dir():
+            acc.load_state(str(best))  # the best weights (optimizer and RNG state no longer matter)
+            self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
+        self._flush_losses()
+        samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
+        metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(samples / max(runtime, 1e-9), 3),
+                   "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
+                   "train_loss": s["loss_sum"] / max(s["global_step"], 1), "epoch": s["epoch"]}
+        self._log(metrics)
+        if t.report_to:
+            for tracker in acc.trackers:
+                tracker.finish()
+        return metrics
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        metrics = self._evaluate(split, prefix=split)
+        self._log(metrics)
+        return {**metrics, "epoch": self.state["epoch"]}
+
+    def _evaluate(self, split: str, prefix: str) -> dict[str, float]:
+        """Predict the split on all processes, gather in dataset order, score with the task's metrics."""
+        acc, model = self.accelerator, self._model
+        start = time.time()
+        losses = preds = labels = None
+        model.eval()
+        for batch in self._eval_loader(split):
+            with torch.no_grad():
+                outputs = model(**batch)
+            if outputs.get("loss") is not None:
+                size = len(next(iter(batch.values())))
+                losses = self._gather(losses, outputs["loss"].detach().float().repeat(size))
+            preds = self._gather(preds, tuple(v for k, v in outputs.items() if k not in self.ignore_keys))
+            if all(batch.get(k) is not None for k in self.label_names):
+                labels = self._gather(labels, tuple(batch[k] for k in self.label_names))
+        model.train()
+        metrics_fn = self.task.compute_metrics(split, self.features[split])
+        scores = metrics_fn(EvalPrediction(predictions=_unwrap(preds), label_ids=_unwrap(labels)))
+        runtime, n = time.time() - start, len(self.features[split])
+        out = {f"{prefix}_loss": float(losses.mean())} if losses is not None else {}
+        out.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        out.update({f"{prefix}_runtime": round(runtime, 4), f"{prefix}_samples_per_second": round(n / runtime, 3),
+                    f"{prefix}_steps_per_second": round(len(self._eval_loader(split)) / runtime, 3)})
+        return out
+
+    def _gather(self, so_far, tensors):
+        # per-token outputs differ in length between batches and processes: pad with -100, as the Trainer does
+        tensors = self.accelerator.pad_across_processes(tensors, dim=1, pad_index=-100)
+        tensors = nested_numpify(self.accelerator.gather_for_metrics(tensors))
+        return tensors if so_far is None else nested_concat(so_far, tensors, padding_index=-100)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.eval_loaders:
+            loader = self._loader(self.features[split], self.args.per_device_eval_batch_size)
+            self.eval_loaders[split] = self.accelerator.prepare(loader)
+        return self.eval_loaders[split]
+
+    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
+        # a loader's own generator: starting an epoch must not draw from the global RNG that dropout uses,
+        # or a resumed run (whose RNG state is restored before its first batch) would drift
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    # --- logging ----------------------------------------------------------------------------------
+    def _flush_losses(self) -> None:
+        """Read the step losses back from the device in one go (not every step: that would stall it)."""
+        if self._pending:
+            values = self.accelerator.reduce(torch.stack(self._pending), "mean").tolist()
+            self._pending = []
+            self.state["unlogged_losses"] += values
+            self.state["loss_sum"] += sum(values)
+
+    def _log_train(self, grad_norm, learning_rate: float) -> None:
+        self._flush_losses()
+        losses, self.state["unlogged_losses"] = self.state["unlogged_losses"], []
+        entry = {"loss": round(sum(losses) / max(len(losses), 1), 4), "learning_rate": learning_rate}
+        if grad_norm is not None:
+            entry["grad_norm"] = float(grad_norm)
+        self._log(entry)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        s = self.state
+        entry = {**metrics, "epoch": s["epoch"], "step": s["global_step"]}
+        s["log_history"].append(entry)
+        if self.args.report_to:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=s["global_step"])
+        self._info("step %d: %s", s["global_step"], ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "step"))
+
+    def _info(self, msg: str, *args) -> None:
+        if self.accelerator.is_main_process:
+            log.info(msg, *args)
+
+    # --- engine interface -------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.accelerator.unwrap_model(self._model)
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.state["log_history"]
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], _NO_DECAY))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in params if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+
+
+def _unwrap(outputs):
+    """A single output (logits, labels) is passed bare, several as a tuple: what the Trainer gives compute_metrics."""
+    return outputs[0] if isinstance(outputs, tuple) and len(outputs) == 1 else outputs

@@ -1,0 +1,107 @@
+"""resume=true after a SIGKILL mid-epoch: the run continues in its own directory from its last complete
+checkpoint and ends with the metrics of an uninterrupted run of the same config and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_sentences, run_cli
+
+# Extra overrides per resumable setup; a new setup (e.g. LoRA: ["peft=lora"]) is one more entry.
+SETUPS = [pytest.param(["trainer=hf"], id="hf"), pytest.param(["trainer=accelerate"], id="accelerate")]
+STEPS_PER_EPOCH = 16  # 128 training rows / batch 8
+# learns the toy task (so the metrics move with every step), evaluates and checkpoints every 6 steps:
+# checkpoints 18, 24, 30 are mid-epoch (epoch 2), after an epoch boundary; 48 is the first at an epoch end
+TRAINER = ["trainer.num_train_epochs=6", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
+           "trainer.warmup_ratio=0.1", "trainer.weight_decay=0", "trainer.eval_strategy=steps",
+           "trainer.eval_steps=6", "trainer.logging_steps=6"]
+ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _args(tiny_bert, extra):
+    return ["task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
+            "data.label_column=sentiment", *TRAINER, *extra]
+
+
+def _start(args, cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env={**os.environ, **ENV},
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def _scores(run_dir: Path) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if k.startswith(("validation_", "test_", "pipeline_"))
+            and not k.endswith(("_runtime", "_per_second"))}
+
+
+@pytest.fixture
+def work(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra", SETUPS)
+def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
+    args = _args(tiny_bert, extra)
+    full = _start([*args, "runs_dir=full"], work, work / "full.log")
+    killed = _start([*args, "runs_dir=killed"], work, work / "killed.log")
+    deadline = time.time() + 400
+    while not list(work.glob("killed/sentiment/*/checkpoints/checkpoint-18/trainer_state.json")):
+        assert killed.poll() is None, (work / "killed.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    (run_dir,) = list((work / "killed" / "sentiment").iterdir())
+    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
+
+    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=work, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list((work / "killed" / "sentiment").iterdir()) == [run_dir]  # continued in place, no new run dir
+    log = (run_dir / "finetune.log").read_text()
+    assert "step 1:" in log and "resuming" in log  # the resumed launch appended to the run's log
+    step = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
+    assert step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH, step  # mid-epoch, after the first epoch
+
+    assert full.wait(timeout=400) == 0, (work / "full.log").read_text()[-3000:]
+    (full_dir,) = list((work / "full" / "sentiment").iterdir())
+    expected, got = _scores(full_dir), _scores(run_dir)
+    assert expected.keys() == got.keys() and expected["test_accuracy"] == 1.0
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_resume_with_nothing_to_resume_is_one_line(work):
+    proc = run_cli("resume=true", cwd=work, env=ENV)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: nothing to resume") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (work / "runs").exists()
+
+
+def test_resume_of_a_run_with_another_config_names_the_difference(tiny_bert, work):
+    from omegaconf import OmegaConf
+
+    from helpers import compose_cfg
+
+    args = _args(tiny_bert, ["trainer=accelerate"])
+    run_dir = work / "runs" / "sentiment" / "old"
+    (run_dir / "checkpoints" / "checkpoint-6").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    old = compose_cfg(*args, "trainer.learning_rate=0.01")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(old, resolve=True))
+    (run_dir / "config.hash").write_text("0" * 16)
+    proc = run_cli(*args, f"resume={run_dir}", cwd=work, env=ENV)
+    assert proc.returncode == 2
+    assert "had a different config (trainer.learning_rate: 0.01 -> 0.003)" in proc.stderr
+    assert run_dir.is_dir()  # a refused resume deletes nothing
