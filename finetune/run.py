@@ -33,7 +33,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     from accelerate import PartialState
 
     start = time.time()
-    main = PartialState().is_main_process
+    state = PartialState()
+    main = state.is_main_process
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // processes_here)))
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
@@ -71,9 +72,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     metrics.update(engine.evaluate("test"))
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
-    if not main:
-        return metrics
+    if main:
+        _export_and_report(cfg, run_dir, task, engine, tokenizer, raw, metrics, start)
+    # the other processes wait for the export, then all leave the process group together: a process that
+    # exits while gloo's threads still run aborts ("terminate called without an active exception")
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    return metrics
 
+
+def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:
     model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run finished: nothing left to resume
@@ -84,4 +92,3 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     key = f"test_{task.main_metric}"
     log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
              metrics[f"pipeline_{key}"], model_dir)
-    return metrics

@@ -49,6 +49,7 @@ def test_two_processes_one_run(launcher_args, engine, tiny_bert, work):
             "data.label_column=sentiment", f"trainer={engine}", *TRAINER]
     proc = launch(launcher_args, *args, cwd=work)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr  # every process left the process group cleanly
     (run_dir,) = list((work / "runs" / "sentiment").iterdir())  # both processes wrote into rank 0's run dir
     assert {"model", "metrics.json", "config.yaml", "finetune.log"} <= {p.name for p in run_dir.iterdir()}
     log = (run_dir / "finetune.log").read_text()
