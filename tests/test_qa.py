@@ -358,18 +358,21 @@ def test_metrics_refuse_predictions_out_of_order(tiny_bert):
     logits = np.zeros((len(features), 32))
     fn = task.compute_metrics("validation", features)
     assert set(fn(EvalPrediction((logits, logits), labels))) == {"exact_match", "f1"}
-    with pytest.raises(FinetuneError, match="set trainer.group_by_length=false"):
+    with pytest.raises(FinetuneError, match="needs evaluation in dataset order"):
         fn(EvalPrediction((logits, logits), shuffled))
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
 
-def test_cli_qa_run(tiny_bert, tmp_path):
+@pytest.mark.parametrize("setup", [[], ["trainer=accelerate"], ["peft=lora"]], ids=["hf", "accelerate", "lora"])
+def test_cli_qa_run(setup, tiny_bert, tmp_path):
     (tmp_path / "squad.json").write_text(json.dumps(squad_json(10)))
     proc = run_cli("task=qa", f"model={tiny_bert}", "data=squad.json", "data.group_column=title", *WINDOW,
-                   *TINY_TRAINER, cwd=tmp_path)
+                   *TINY_TRAINER, *setup, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs" / "qa").iterdir()
+    config = (run / "config.yaml").read_text()
+    assert "group_by_length: true" in config  # trained on length-grouped batches, evaluated in dataset order
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("train_loss", "validation_f1", "test_exact_match", "test_f1", "pipeline_test_f1"):
         assert key in metrics

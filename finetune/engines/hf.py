@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import SequentialSampler
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from finetune.engines import CHECKPOINTS, mixed_precision, train_sampler, without_length
@@ -17,7 +16,7 @@ log = logging.getLogger("finetune.train")
 
 
 class _Trainer(Trainer):
-    """The Trainer with the engines' shared training order, and evaluation in dataset order."""
+    """The Trainer with the engines' shared training order (it evaluates in dataset order by default)."""
 
     def __init__(self, *args, sampler, **kwargs):
         self.epoch_sampler = sampler
@@ -25,11 +24,6 @@ class _Trainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         return self.epoch_sampler
-
-    def _get_eval_sampler(self, eval_dataset):
-        # transformers length-groups evaluation batches too, which reorders the predictions; tasks that
-        # post-process predictions by feature index (question answering) need them in dataset order
-        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 class _LogCallback(TrainerCallback):

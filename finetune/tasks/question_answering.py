@@ -159,8 +159,8 @@ class QuestionAnsweringTask(Task):
             if pred.label_ids is not None and not all(np.array_equal(a, b) for a, b in zip(pred.label_ids, labels)):
                 raise FinetuneError(  # the predictions cannot be mapped back to their windows
                     f"the {split} predictions came back in another order than the {split} windows; question answering "
-                    "needs evaluation in dataset order: set trainer.group_by_length=false (transformers' Trainer also "
-                    "length-groups evaluation batches)"
+                    "needs evaluation in dataset order (a Trainer with train_sampling_strategy='group_by_length' "
+                    "reorders evaluation batches: leave it at its default)"
                 )
             return squad_metrics(self.predict(split, features, pred.predictions[0], pred.predictions[1]), references)
 
