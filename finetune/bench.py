@@ -8,6 +8,7 @@ peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training s
   run_glue    a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
   lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
   ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
+  qa          task=qa on SQuAD v1.1 articles (../shared/data, as ner)
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
 (4 + 2 x trainable fraction) x non-embedding parameters x real (non-pad) tokens per second -- 6N for full
@@ -32,6 +33,7 @@ from pathlib import Path
 # public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 WNUT = "{shared}/wnut17"
+SQUAD = "{shared}/squad_v1.1/train.json"
 
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
@@ -41,6 +43,9 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
     "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll"],
             None, "task=ner, WNUT-17 train / emerging.dev as test, dynamic padding"),
+    "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
+            "task.doc_stride=64", "data.max_test_samples=300"],
+           None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions"),
 }
 
 
