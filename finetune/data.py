@@ -75,7 +75,7 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
             files = {"train": str(path)}
         elif path.is_dir():
             files = _split_files(path)
-        elif _looks_like_path(source):
+        elif _looks_like_path(source, getattr(task, "file_formats", frozenset())):
             raise FinetuneError(f"data file or directory not found: {source}; check the path")
         else:
             return _load_hub(source, cfg)
@@ -91,8 +91,9 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
     return DatasetDict(out)
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or file_format(source) in _BUILDERS or source.count("/") > 1
+def _looks_like_path(source: str, task_formats: frozenset[str]) -> bool:
+    return (source.startswith((".", "/", "~")) or file_format(source) in {*_BUILDERS, *task_formats}
+            or source.count("/") > 1)
 
 
 def _split_files(directory: Path) -> dict[str, str]:

@@ -128,6 +128,12 @@ def test_task_reads_conll_and_leaves_other_formats_to_data(tmp_path):
     assert task.read_file(str(tmp_path / "a.jsonl")) is None  # never opened: data.py's generic reader takes it
 
 
+def test_missing_conll_file_is_a_path_error_not_a_hub_lookup():
+    cfg = compose_cfg("task=ner", "data=missing.conll")
+    with pytest.raises(FinetuneError, match="data file or directory not found: missing.conll; check the path"):
+        data.load(cfg.data, get_task(cfg.task))
+
+
 def test_directory_of_conll_files_with_split_names(tmp_path):
     for split, n in (("train", 30), ("dev", 6), ("test", 7)):
         write_conll(tmp_path / f"{split}.conll", make_ner(n, n))

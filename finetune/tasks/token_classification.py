@@ -43,6 +43,7 @@ class TokenClassificationTask(Task):
     verify_tolerance = 0.01
 
     labels: list[str]
+    file_formats = CONLL_FORMATS  # data=<name with one of these suffixes> is a file, never a Hub id
 
     def read_file(self, path: str) -> Dataset | None:
         return read_conll(path) if file_format(path) in CONLL_FORMATS else None
