@@ -66,6 +66,38 @@ def build_tiny_bert(path: Path, corpus: list[str]) -> Path:
     return path
 
 
+def tiny_variant(bert_dir: Path, path: Path, family: str) -> Path:
+    """bert_dir's tokenizer with a tiny random encoder of another family: distilbert (no token_type_ids)
+    or deberta-v2 (relative attention, no absolute positions)."""
+    import torch
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel
+
+    inputs = {"model_input_names": ["input_ids", "attention_mask"]} if family == "distilbert" else {}
+    tokenizer = AutoTokenizer.from_pretrained(bert_dir, **inputs)  # distilbert's tokenizer has no token types
+    size = dict(vocab_size=len(tokenizer), max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    if family == "distilbert":
+        model = DistilBertModel(DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **size))
+    else:
+        model = DebertaV2Model(DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, relative_attention=True, position_buckets=16,
+                                               pos_att_type=["p2c", "c2p"], position_biased_input=False, **size))
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny-model tests: on shared cores several threads per matmul only wait on each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     corpus = [t for t, _ in make_sentences(400)] + ["[unused] a b c d e f g h i j k l m n o p q r s t u v w x y z"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from conftest import FILLER, build_tiny_bert, run_cli
+from conftest import FILLER, build_tiny_bert, run_cli, tiny_variant
 from finetune import data
 from finetune.errors import FinetuneError
 from finetune.metrics import entity_metrics
@@ -289,7 +289,17 @@ def test_pipeline_entities_map_back_to_words():
     assert word_anchors(["a", "", "b"], [(0, 1), (3, 4)]) == [0, None, 3]  # an empty word has no piece
 
 
-@pytest.mark.parametrize("checkpoint", ["ner_bert", "ner_roberta"])
+@pytest.fixture(scope="module")
+def ner_distilbert(ner_bert, tmp_path_factory) -> Path:
+    return tiny_variant(ner_bert, tmp_path_factory.mktemp("ner-distilbert"), "distilbert")
+
+
+@pytest.fixture(scope="module")
+def ner_deberta(ner_bert, tmp_path_factory) -> Path:
+    return tiny_variant(ner_bert, tmp_path_factory.mktemp("ner-deberta"), "deberta")
+
+
+@pytest.mark.parametrize("checkpoint", ["ner_bert", "ner_roberta", "ner_distilbert", "ner_deberta"])
 def test_pipeline_round_trip_matches_trainer_metrics(checkpoint, request, tmp_path):
     """verify() re-scores through pipeline(aggregation_strategy="simple") exactly like compute_metrics on the
     model's logits when every word is one piece (with several pieces, see the task's verify_tolerance)."""

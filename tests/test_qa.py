@@ -12,7 +12,7 @@ import pytest
 import yaml
 from datasets import Dataset, DatasetDict
 
-from conftest import FILLER, TINY_TRAINER, make_sentences, run_cli
+from conftest import FILLER, TINY_TRAINER, make_sentences, run_cli, tiny_variant
 from finetune import data
 from finetune.errors import FinetuneError
 from finetune.export import export
@@ -21,6 +21,7 @@ from finetune.pipelines.question_answering import best_answers, context_offsets,
 from finetune.tasks import get_task
 from helpers import compose_cfg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 PLACES = ["paris", "rome", "tokyo", "lima", "oslo", "cairo", "delhi", "quito"]
 WINDOW = ["task.max_seq_length=32", "task.doc_stride=8"]  # small windows: most contexts need several
@@ -56,17 +57,6 @@ def load(*overrides):
     return data.load(cfg.data, task), task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the cores are shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory):
     """A 2-layer, 32-wide RoBERTa with a byte-level BPE tokenizer trained here (offsets trim the leading space)."""
@@ -88,8 +78,10 @@ def tiny_roberta(tmp_path_factory):
     return path
 
 
-@pytest.fixture(params=["bert", "roberta"])
-def tiny_encoder(request, tiny_bert, tiny_roberta):
+@pytest.fixture(params=["bert", "roberta", "distilbert", "deberta"])
+def tiny_encoder(request, tiny_bert, tiny_roberta, tmp_path_factory):
+    if request.param in ("distilbert", "deberta"):
+        return tiny_variant(tiny_bert, tmp_path_factory.mktemp(request.param), request.param)
     return tiny_bert if request.param == "bert" else tiny_roberta
 
 
