@@ -93,7 +93,7 @@ class PeftConfig:
     method: str = "none"  # none | lora
     r: int = 16  # LoRA rank
     alpha: float = 32.0  # LoRA scaling alpha (updates are scaled by alpha / r)
-    dropout: float = 0.1
+    dropout: float = 0.0
     target_modules: Any = "all-linear"  # "all-linear" or a list of module names (suffixes), e.g. [query, value]
     modules_to_save: Optional[list[str]] = None  # trained in full and saved; None: the task head + new modules
 
