@@ -41,10 +41,12 @@ def wrap(model, peft_cfg, task) -> Any:
     explicit = peft_cfg.modules_to_save is not None
     to_save = list(peft_cfg.modules_to_save) if explicit else trainable_modules(model)
     config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
-                        target_modules=targets, modules_to_save=list(to_save) or None,
-                        task_type=task.peft_task_type)
+                        target_modules=targets, modules_to_save=list(to_save) or None)
     try:
+        # the generic PeftModel passes every input on; peft's PeftModelForQuestionAnswering drops token_type_ids
+        # and position_ids, so BERT-style QA would train without its segment ids
         wrapped = get_peft_model(model, config)
+        wrapped.peft_config[wrapped.active_adapter].task_type = task.peft_task_type  # adapter_config.json metadata
     except ValueError as e:
         import torch
 

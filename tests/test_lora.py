@@ -55,6 +55,27 @@ def test_wrap_trains_only_lora_and_the_head(tiny_bert):
     assert adapters.wrap(model, compose_cfg().peft, task) is model  # peft=none: untouched
 
 
+@pytest.mark.parametrize("task_name", ["sentiment", "ner", "qa"])
+def test_wrapped_model_sees_every_input(task_name, tiny_bert):
+    """Segment ids reach the model (peft's PeftModelForQuestionAnswering drops token_type_ids)."""
+    cfg = compose_cfg(f"task={task_name}", f"model={tiny_bert}", "peft=lora")
+    task = get_task(cfg.task)
+    model = task.auto_model.from_pretrained(tiny_bert, **({} if task_name == "qa" else {"num_labels": 3})).eval()
+    with torch.no_grad():  # a trained head and a nonzero adapter, as after training
+        for name, param in model.named_parameters():
+            if name.startswith(("classifier", "qa_outputs")):
+                param.normal_()
+    wrapped = adapters.wrap(model, cfg.peft, task).eval()
+    ids = torch.randint(5, 40, (2, 12))
+    segments = (torch.arange(12) >= 6).long().expand(2, 12)
+    with torch.no_grad():
+        with_segments = wrapped(input_ids=ids, token_type_ids=segments)
+        without = wrapped(input_ids=ids)
+        plain = adapters.merge(wrapped)(input_ids=ids, token_type_ids=segments)
+    assert not torch.allclose(with_segments[0], without[0])
+    torch.testing.assert_close(with_segments[0], plain[0])  # the merged export computes what training did
+
+
 def _save_tiny(model_cls, config, path):
     torch.manual_seed(0)
     model_cls(config).save_pretrained(path)
