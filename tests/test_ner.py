@@ -128,6 +128,13 @@ def test_task_reads_conll_and_leaves_other_formats_to_data(tmp_path):
     assert task.read_file(str(tmp_path / "a.jsonl")) is None  # never opened: data.py's generic reader takes it
 
 
+def test_ner_learning_rate_default_and_overrides():
+    assert compose_cfg("task=ner").trainer.learning_rate == pytest.approx(3e-4)
+    assert compose_cfg("task=ner", "peft=lora").trainer.learning_rate == pytest.approx(1e-3)
+    assert compose_cfg("task=ner", "trainer.learning_rate=5e-5").trainer.learning_rate == pytest.approx(5e-5)
+    assert compose_cfg("task=sentiment").trainer.learning_rate == pytest.approx(1e-4)
+
+
 def test_missing_conll_file_is_a_path_error_not_a_hub_lookup():
     cfg = compose_cfg("task=ner", "data=missing.conll")
     with pytest.raises(FinetuneError, match="data file or directory not found: missing.conll; check the path"):
