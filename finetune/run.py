@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import adapters, assets, data, report, resume
-from finetune.engines import last_checkpoint, make_engine
+from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine
 from finetune.errors import FinetuneError
 from finetune.export import export, verify
 from finetune.tasks import get_task
@@ -84,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:
     model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run finished: nothing left to resume
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)
 
     report.write_json(run_dir / "metrics.json", metrics)

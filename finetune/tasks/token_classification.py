@@ -46,7 +46,7 @@ class TokenClassificationTask(Task):
     file_formats = CONLL_FORMATS  # data=<name with one of these suffixes> is a file, never a Hub id
 
     def read_file(self, path: str) -> Dataset | None:
-        return read_conll(path) if file_format(path) in CONLL_FORMATS else None
+        return read_conll(path) if file_format(path) in self.file_formats else None
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
