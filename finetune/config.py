@@ -14,12 +14,27 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class TaskConfig:
+    """Keys every task has. Each task's schema below adds its own; configs/task/<name>.yaml names it."""
+
     name: str = MISSING  # key in finetune.tasks.TASKS
     max_seq_length: int = 128
-    # options read only by the tasks they name
-    label_all_tokens: bool = False  # token classification: label every sub-token, not only the first
-    tag_scheme: str = "auto"  # token classification: auto | IOB1 | IOB2 | BIOES, the data's tags (the model uses IOB2)
-    doc_stride: int = 128  # question answering: overlap between context windows
+
+
+@dataclass
+class ClassificationTaskConfig(TaskConfig):
+    pass
+
+
+@dataclass
+class TokenClassificationTaskConfig(TaskConfig):
+    label_all_tokens: bool = False  # label every sub-token, not only a word's first
+    tag_scheme: str = "auto"  # auto | IOB1 | IOB2 | BIOES: the data's tags (the model uses IOB2)
+
+
+@dataclass
+class QATaskConfig(TaskConfig):
+    max_seq_length: int = 384
+    doc_stride: int = 128  # overlap between context windows
     max_answer_length: int = 30
     n_best_size: int = 20
     null_score_diff_threshold: float = 0.0
@@ -38,19 +53,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """Keys of every data source. Each data shape below adds the columns it reads."""
+
     # "bundled:<asset>", a Hub dataset id, a file (csv/tsv/json/jsonl/parquet) or a directory of such files
     source: Optional[str] = None
     hub_config: Optional[str] = None  # Hub dataset configuration name
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: str = "label"
-    question_column: str = "question"  # question answering: question, context, answers {text, answer_start}
-    context_column: str = "context"
-    answers_column: str = "answers"
-    label_names: Optional[list[str]] = None  # keep only these labels, in this order
     group_column: Optional[str] = None  # split so that no group is in two splits
     deduplicate: bool = False  # drop rows whose inputs repeat an earlier row
     validation_size: float = 0.1  # fraction held out when the data has no validation split
@@ -61,6 +71,28 @@ class DataConfig:
     max_test_samples: Optional[int] = None
     dataset_name: Optional[str] = None  # name for the model card (Hub id when known)
     license: Optional[str] = None
+
+
+@dataclass
+class LabelledTextData(DataConfig):
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    label_names: Optional[list[str]] = None  # keep only these labels, in this order
+
+
+@dataclass
+class TaggedTokensData(DataConfig):
+    text_column: str = "tokens"  # a list of words per row
+    label_column: str = "tags"  # a list of tags per row
+    label_names: Optional[list[str]] = None  # names of integer tags, in id order
+
+
+@dataclass
+class QAData(DataConfig):
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"  # {text: [...], answer_start: [...]}
 
 
 @dataclass
@@ -132,5 +164,15 @@ def did_you_mean(group: str, value: str) -> str:
     return f"did you mean {group}={close[0]}? " if close else ""
 
 
+# one schema per task and per data shape; configs/task/<name>.yaml selects its two in its defaults list
+TASK_SCHEMAS = {"classification": ClassificationTaskConfig, "token_classification": TokenClassificationTaskConfig,
+                "qa": QATaskConfig}
+DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData}
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for group, schemas in (("schema/task", TASK_SCHEMAS), ("schema/data", DATA_SCHEMAS)):
+        for name, node in schemas.items():
+            store.store(group=group, name=name, node=node)

@@ -67,9 +67,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
              100 * params["trainable_params"] / params["total_params"])
 
     engine = make_engine(cfg, task, model, tokenizer, features, run_dir)
+    base = {}
+    if task.report_base_metrics:  # the pretrained model's score on the same test data, for comparison
+        base = {f"base_{k}": v for k, v in engine.evaluate("test").items() if _is_score(k)}
+        base.update({f"base_test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
+        log.info("base model: %s", ", ".join(f"{k}={v:.4g}" for k, v in base.items()))
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
     metrics.update(engine.evaluate("validation"))
     metrics.update(engine.evaluate("test"))
+    metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
+    metrics.update(base)
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
     if main:
@@ -79,6 +86,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     state.wait_for_everyone()
     state.destroy_process_group()
     return metrics
+
+
+def _is_score(key: str) -> bool:
+    return not key.endswith(("_runtime", "_per_second")) and key != "epoch"
 
 
 def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:

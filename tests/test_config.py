@@ -53,3 +53,24 @@ def test_unknown_group_option_names_the_choices():
         rewrite_overrides(["task=sentimnt"])
     with pytest.raises(FinetuneError, match="unknown trainer 'fast'"):
         rewrite_overrides(["trainer=fast"])
+
+
+@pytest.mark.parametrize("task, own, foreign", [
+    ("sentiment", {"task": {"name", "max_seq_length"}, "data": {"text_column", "text_pair_column", "label_names"}},
+     ["task.doc_stride=64", "task.tag_scheme=IOB2", "data.question_column=q"]),
+    ("ner", {"task": {"tag_scheme", "label_all_tokens"}, "data": {"text_column", "label_column", "label_names"}},
+     ["task.doc_stride=64", "data.text_pair_column=x", "data.answers_column=a"]),
+    ("qa", {"task": {"doc_stride", "n_best_size", "version_2_with_negative"},
+            "data": {"question_column", "context_column", "answers_column"}},
+     ["task.tag_scheme=IOB2", "data.text_column=t", "data.label_names=[a,b]"]),
+])
+def test_each_task_has_its_own_schema(task, own, foreign):
+    cfg = compose_cfg(f"task={task}")
+    for group, keys in own.items():
+        assert keys <= set(cfg[group])
+    others = {"doc_stride", "tag_scheme", "label_all_tokens", "n_best_size"} - own["task"]
+    assert not others & set(cfg.task)  # a run's config.yaml shows its own task's keys only
+    for override in foreign:
+        with pytest.raises(ConfigCompositionException):
+            compose_cfg(f"task={task}", override)
+    assert compose_cfg(f"task={task}", f"data=/x/{task}.csv").data.source == f"/x/{task}.csv"  # schema kept for data=

@@ -205,9 +205,13 @@ class AccelerateEngine:
             if outputs.get("loss") is not None:
                 size = len(next(iter(batch.values())))
                 losses = self._gather(losses, outputs["loss"].detach().float().repeat(size))
-            preds = self._gather(preds, tuple(v for k, v in outputs.items() if k not in self.ignore_keys))
-            if all(batch.get(k) is not None for k in self.label_names):
-                labels = self._gather(labels, tuple(batch[k] for k in self.label_names))
+            batch_labels = tuple(batch[k] for k in self.label_names) if all(
+                batch.get(k) is not None for k in self.label_names) else None
+            logits = _unwrap(tuple(v for k, v in outputs.items() if k not in self.ignore_keys))
+            kept = self.task.preprocess_logits(logits, _unwrap(batch_labels) if batch_labels else None)
+            preds = self._gather(preds, kept if isinstance(kept, tuple) else (kept,))
+            if batch_labels:
+                labels = self._gather(labels, batch_labels)
         model.train()
         metrics_fn = self.task.compute_metrics(split, self.features[split])
         scores = metrics_fn(EvalPrediction(predictions=_unwrap(preds), label_ids=_unwrap(labels)))

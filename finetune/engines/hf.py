@@ -107,6 +107,7 @@ class HFEngine:
             data_collator=without_length(task.collator(tokenizer)),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics("validation", features["validation"]),
+            preprocess_logits_for_metrics=task.preprocess_logits,
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)

@@ -38,6 +38,7 @@ class Task:
     # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
     verify_tolerance: ClassVar[float] = 0.0
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
+    report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -71,6 +72,16 @@ class Task:
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         """The metrics function for one evaluated split (QA needs the split's features to post-process)."""
         raise NotImplementedError
+
+    def preprocess_logits(self, logits: Any, labels: Any) -> Any:
+        """What evaluation keeps of each batch's logits for compute_metrics (default: all of them). Tasks with
+        large outputs (a language model's vocabulary x tokens) reduce them here, on the device, batch by batch."""
+        return logits
+
+    def model_metrics(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, raw: Dataset
+                      ) -> dict[str, float]:
+        """Metrics that need the model itself after training (e.g. scoring generated text); keys without prefix."""
+        return {}
 
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
