@@ -30,6 +30,9 @@ class ClassificationTask(Task):
     labels: list[str]
 
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
+        if data_cfg.text_pair_column and "text_pair" not in raw["train"].column_names:
+            raise FinetuneError(f"column '{data_cfg.text_pair_column}' (data.text_pair_column) not found in the train "
+                                "data; set data.text_pair_column=<a column> or drop it")
         inputs = [c for c in self.input_columns if c in raw["train"].column_names]
         raw = raw.filter(lambda row: all(row[c] is not None for c in [*inputs, "label"]))
         feature = raw["train"].features["label"]
