@@ -132,4 +132,4 @@ def _is_local(source: Any) -> bool:
 
 
 def _is_metric(key: str) -> bool:
-    return not any(s in key for s in ("runtime", "per_second", "epoch", "total_flos"))
+    return not any(s in key for s in ("runtime", "per_second", "epoch", "total_flos", "preparation_time", "num_"))

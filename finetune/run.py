@@ -89,7 +89,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def _is_score(key: str) -> bool:
-    return not key.endswith(("_runtime", "_per_second")) and key != "epoch"
+    return not key.endswith(("_runtime", "_per_second", "_preparation_time")) and key != "epoch"
 
 
 def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:

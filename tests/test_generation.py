@@ -201,3 +201,34 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra):
     pipe = pipeline("text-generation", model=str(run / "model"))
     out = pipe([{"role": "user", "content": "to"}], max_new_tokens=4)
     assert out[0]["generated_text"][-1]["role"] == "assistant"  # chat messages work on the exported model
+
+
+def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama):
+    import os
+    import signal
+    import time
+
+    from test_resume import ENV, _scores, _start
+
+    (tmp_path / "data.txt").write_text("\n".join(_corpus(240)))
+    args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *TRAIN, "trainer.num_train_epochs=3",
+            "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3"]
+    full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
+    killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("killed/generation/*/checkpoints/checkpoint-9/trainer_state.json")):
+        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    (run_dir,) = list((tmp_path / "killed" / "generation").iterdir())
+    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in (run_dir / "finetune.log").read_text()
+    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    (full_dir,) = list((tmp_path / "full" / "generation").iterdir())
+    expected, got = _scores(full_dir), _scores(run_dir)
+    assert expected.keys() == got.keys() and "test_perplexity" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4), key

@@ -173,14 +173,12 @@ class CausalLMTask(Task):
         continuations, and the trainer-side greedy outputs the exported pipeline must reproduce."""
         prompts, references = self._prompts(raw, tokenizer)
         model.eval()
-        out: dict[str, float] = {}
-        if references:
-            start = time.perf_counter()
-            texts, new_tokens = generate(model, tokenizer, prompts, self.generation_config(tokenizer), batch_size=8)
-            seconds = time.perf_counter() - start
-            out = generation_metrics(texts, references)
-            out["generation_new_tokens_per_second"] = new_tokens / seconds
-            log.info("generated %d new tokens for %d test prompts in %.1fs", new_tokens, len(prompts), seconds)
+        start = time.perf_counter()
+        texts, new_tokens = generate(model, tokenizer, prompts, self.generation_config(tokenizer), batch_size=8)
+        seconds = time.perf_counter() - start
+        out = generation_metrics(texts, references) if references else {}
+        out["generation_new_tokens_per_second"] = new_tokens / seconds
+        log.info("generated %d new tokens for %d test prompts in %.1fs", new_tokens, len(prompts), seconds)
         greedy = self.generation_config(tokenizer, greedy=True)
         self._greedy, self._samples = [], []
         for i, prompt in enumerate(prompts[: self.cfg.eval_prompts]):
