@@ -40,8 +40,8 @@ def check_trainer_config(t) -> None:
                 "logging_steps", "save_total_limit"):
         if getattr(t, key) < 1:
             raise FinetuneError(f"trainer.{key} must be at least 1 (got {getattr(t, key)})")
-    if not t.learning_rate > 0:
-        raise FinetuneError(f"trainer.learning_rate must be above 0 (got {t.learning_rate})")
+    if not t.learning_rate >= 0:  # (0 is allowed: it evaluates the base model through the whole loop)
+        raise FinetuneError(f"trainer.learning_rate must be at least 0 (got {t.learning_rate})")
     if t.max_steps == 0 or t.max_steps < -1:
         raise FinetuneError(f"trainer.max_steps must be a positive number of optimizer steps, or -1 to train "
                             f"trainer.num_train_epochs epochs (got {t.max_steps})")
