@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import datasets
 from datasets import Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
 
 from finetune import assets
 from finetune.config import did_you_mean
@@ -93,8 +94,7 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
 
 
 def _looks_like_path(source: str, task_formats: frozenset[str]) -> bool:
-    return (source.startswith((".", "/", "~")) or file_format(source) in {*_BUILDERS, *task_formats}
-            or source.count("/") > 1)
+    return assets.looks_like_path(source) or file_format(source) in {*_BUILDERS, *task_formats}
 
 
 def _split_files(directory: Path) -> dict[str, str]:
@@ -123,19 +123,29 @@ def _read_file(path: str, split: str) -> Dataset:
     except Exception as e:  # datasets raises many types for a bad file; all mean the same to the user
         if "corresponds to no data" in str(e):
             raise FinetuneError(f"the {split} split is empty: {path} has no rows; give it data") from e
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        # a bare DatasetGenerationError says only that something failed: the parser's error it wraps says what
+        cause = (e.__cause__ or e.__context__ or e) if type(e) is DatasetGenerationError else e
+        reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         raise FinetuneError(f"cannot read {path} as {fmt[1:]}: {reason}; check the file's format") from e
 
 
 def _load_hub(name: str, cfg: DataConfig) -> DatasetDict:
+    offline = assets.hub_unreachable()
+    hint = f"{did_you_mean('data', name)}pass data=<config name in configs/data, file, directory or Hub id>"
+    before = datasets.config.HF_HUB_OFFLINE
     try:
+        # unreachable: datasets' own offline mode reads its cache at once instead of retrying for a minute
+        datasets.config.HF_HUB_OFFLINE = before or bool(offline)
         ds = datasets.load_dataset(name, cfg.hub_config)
     except Exception as e:
+        if offline:
+            raise FinetuneError(f"data '{name}' is not a local file or directory and the Hub ({assets.hub_endpoint()}) "
+                                f"is unreachable ({offline}), nor is it in the datasets cache; {hint}") from e
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(
-            f"could not load data '{name}': not a local file or directory, nor a reachable Hub dataset ({reason}); "
-            f"{did_you_mean('data', name)}pass data=<config name in configs/data, file, directory or Hub id>"
-        ) from e
+        raise FinetuneError(f"could not load data '{name}': not a local file or directory, nor a Hub dataset "
+                            f"({reason}); {hint}") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
     renamed = {_SPLIT_ALIASES.get(s.lower(), s): d for s, d in ds.items()}
     return DatasetDict({s: d for s, d in renamed.items() if s in SPLITS})
 

@@ -12,6 +12,7 @@ written last, and train on the same seeded-per-epoch sampler, so a resumed run r
 
 from __future__ import annotations
 
+import difflib
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
@@ -21,24 +22,57 @@ from finetune.errors import FinetuneError
 ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: a checkpoint without it is incomplete
+_PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
-    name = cfg.trainer.engine
-    if name not in ENGINES:
-        raise FinetuneError(f"unknown trainer.engine '{name}': choose one of {', '.join(sorted(ENGINES))}")
     check_trainer_config(cfg.trainer)
-    module, _, cls = ENGINES[name].partition(":")
+    _check_scheduler(cfg.trainer.lr_scheduler_type)
+    module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
 
 
 def check_trainer_config(t) -> None:
+    """The trainer values no schema type can check; the CLI runs this before anything is written."""
+    if t.engine not in ENGINES:
+        raise FinetuneError(f"unknown trainer.engine '{t.engine}': choose one of {', '.join(sorted(ENGINES))}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_total_limit"):
+        if getattr(t, key) < 1:
+            raise FinetuneError(f"trainer.{key} must be at least 1 (got {getattr(t, key)})")
+    if not t.learning_rate >= 0:  # (0 is allowed: it evaluates the base model through the whole loop)
+        raise FinetuneError(f"trainer.learning_rate must be at least 0 (got {t.learning_rate})")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise FinetuneError(f"trainer.max_steps must be a positive number of optimizer steps, or -1 to train "
+                            f"trainer.num_train_epochs epochs (got {t.max_steps})")
+    if t.max_steps == -1 and not t.num_train_epochs > 0:
+        raise FinetuneError(f"trainer.num_train_epochs must be above 0 (got {t.num_train_epochs}): it is the number "
+                            "of passes over the training data (or set trainer.max_steps=<steps>)")
+    if not 0 <= t.warmup_ratio < 1:
+        raise FinetuneError(f"trainer.warmup_ratio must be at least 0 and below 1 (got {t.warmup_ratio}): the "
+                            "fraction of the training steps that warm the learning rate up")
+    for key in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
+        if getattr(t, key) < 0:
+            raise FinetuneError(f"trainer.{key} must be at least 0 (got {getattr(t, key)})")
     if t.eval_strategy not in ("epoch", "steps"):
         raise FinetuneError(f"trainer.eval_strategy must be epoch or steps (got '{t.eval_strategy}')")
     if t.eval_strategy == "steps" and not (t.eval_steps and t.eval_steps > 0):
         raise FinetuneError("trainer.eval_strategy=steps needs trainer.eval_steps=<positive number of steps>")
     if (t.early_stopping_patience or 0) < 0 or t.early_stopping_threshold < 0:
         raise FinetuneError("trainer.early_stopping_patience and trainer.early_stopping_threshold must be >= 0")
+    if t.mixed_precision not in _PRECISIONS:
+        raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
+                            f"(got '{t.mixed_precision}')")
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers.trainer_utils import SchedulerType  # (imports torch: checked when the engine is made)
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise FinetuneError(f"unknown trainer.lr_scheduler_type '{name}': {hint}choose one of {', '.join(names)}")
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -89,8 +123,6 @@ def mixed_precision(setting: str) -> str:
 
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if setting not in ("no", "fp16", "bf16"):
-        raise FinetuneError(f"trainer.mixed_precision must be auto, no, fp16 or bf16 (got '{setting}')")
     if setting != "no" and not torch.cuda.is_available():
         raise FinetuneError(f"trainer.mixed_precision={setting} needs a GPU; use auto or no on CPU")
     return setting

@@ -7,12 +7,14 @@ and the run only ever talk to this interface.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune import assets
 from finetune.config import config_options, did_you_mean
 from finetune.errors import FinetuneError
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
     from finetune.config import DataConfig, ModelConfig, TaskConfig
 
+log = logging.getLogger(__name__)
 MetricsFn = Callable[["EvalPrediction"], dict[str, float]]
 
 
@@ -43,6 +46,8 @@ class Task:
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    max_length_key: ClassVar[str] = "task.max_seq_length"  # the config key that sets max_length
 
     @property
     def max_length(self) -> int:
@@ -68,11 +73,24 @@ class Task:
 
     def load_tokenizer(self, path: str, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = _load(AutoTokenizer, path, model_cfg)
+        specials = tokenizer.num_special_tokens_to_add(pair=True)
+        key = self.max_length_key
+        if self.max_length <= specials:
+            raise FinetuneError(f"{key}={self.max_length} leaves no room for text: this tokenizer "
+                                f"adds up to {specials} special tokens; set {key}=128 or so")
+        if self.max_length > tokenizer.model_max_length:  # (a tokenizer that declares none says 1e30)
+            log.warning("%s=%d is more than the %d tokens the tokenizer declares for its model",
+                        key, self.max_length, tokenizer.model_max_length)
         tokenizer.model_max_length = self.max_length  # the exported pipeline truncates like training
         return tokenizer
 
     def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
-        return _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
+        model = _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
+        limit = position_limit(model)
+        if limit is not None and self.max_length > limit:
+            raise FinetuneError(f"{self.max_length_key}={self.max_length} is more than the {limit} positions "
+                                f"model '{model_cfg.name_or_path}' has; set {self.max_length_key}={limit} or less")
+        return model
 
     # --- evaluation and export ----------------------------------------------------------------
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
@@ -105,15 +123,41 @@ class Task:
         raise NotImplementedError
 
 
+def position_limit(model: PreTrainedModel) -> int | None:
+    """The longest input the model's learned absolute position embeddings cover; None when its positions are
+    relative or rotary (DeBERTa-v2, T5, Llama: no table to run past). RoBERTa-style tables start after the
+    padding index, BART-style ones after an offset."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe",
+                                                                            "embed_positions"):
+            start = getattr(module, "offset", 0) + (module.padding_idx + 1 if module.padding_idx is not None else 0)
+            return module.num_embeddings - start
+    return None
+
+
 def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> Any:
+    name = str(model_cfg.name_or_path)
+    local = Path(path).expanduser()
+    offline = None
+    if local.is_file():
+        raise FinetuneError(f"model={name} is a file; pass the checkpoint directory (the one holding config.json)")
+    if not local.is_dir():
+        if assets.looks_like_path(path):
+            raise FinetuneError(f"model directory not found: {name}; check the path")
+        offline = assets.hub_unreachable()
+        if offline:
+            kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
     try:
         return auto_cls.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
         )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        name = str(model_cfg.name_or_path)
-        raise FinetuneError(
-            f"could not load model '{name}' ({first}); {did_you_mean('model', name)}pass model=<config name in "
-            f"configs/model ({', '.join(config_options('model'))}), local checkpoint directory or reachable Hub id>"
-        ) from e
+        hint = f"{did_you_mean('model', name)}pass model=<config name in configs/model " \
+               f"({', '.join(config_options('model'))}), local checkpoint directory or Hub id>"
+        if offline:
+            raise FinetuneError(f"model '{name}' is not a local directory and the Hub ({assets.hub_endpoint()}) is "
+                                f"unreachable ({offline}), nor is it in the Hub cache; {hint}") from e
+        raise FinetuneError(f"could not load model '{name}' ({first}); {hint}") from e

@@ -56,6 +56,8 @@ class CausalLMTask(Task):
         self._samples: list[dict[str, Any]] = []
         self._greedy: list[tuple[Any, list[int]]] = []  # (prompt, trainer-side greedy token ids) for verify
 
+    max_length_key = "task.block_size"
+
     @property
     def max_length(self) -> int:
         return self.cfg.block_size

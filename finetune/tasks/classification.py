@@ -58,6 +58,9 @@ class ClassificationTask(Task):
             found = sorted({v for split in raw.values() for v in split.unique("label")})
             if wanted:
                 unknown = sorted(set(found) - set(wanted))
+                if not set(found) & set(wanted):
+                    raise FinetuneError(f"no rows have a label in data.label_names ({', '.join(wanted)}); the labels "
+                                        f"are {', '.join(found[:20])}: name those, or drop data.label_names")
                 if unknown:
                     log.info("dropping rows labelled %s (not in data.label_names)", unknown)
                     raw = raw.filter(lambda row: row["label"] in wanted)
