@@ -137,6 +137,7 @@ class TrainerConfig:
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | no | fp16 | bf16
     dataloader_num_workers: int = 0
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
+    fsdp: bool = False  # FSDP2 over a launch's CPU processes (trainer=accelerate); GPUs: configs/accelerate/fsdp.yaml
 
 
 @dataclass

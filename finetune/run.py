@@ -1,8 +1,9 @@
 """One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report.
 
 With several processes (accelerate launch / torchrun) every process trains and evaluates; the main
-process alone writes files: config, export, verification, metrics, plot. A resumed run (resume=...)
-continues from the newest complete checkpoint of its run directory, chosen by the CLI.
+process alone writes files: config, export, verification, metrics, plot. A model sharded over the
+processes (FSDP, DeepSpeed ZeRO-3) is gathered by all of them and exported from an unsharded copy. A
+resumed run (resume=...) continues from the newest complete checkpoint of its run directory, chosen by the CLI.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tokenizer = task.load_tokenizer(model_path, cfg.model)  # first: a wrong model name fails before data work
     raw = data.load(cfg.data, task)
     features = task.tokenize(raw, tokenizer)
-    model = adapters.wrap(task.load_model(model_path, cfg.model), cfg.peft, task)
+
+    def build():  # the model to train; built again for the export of a sharded run
+        return adapters.wrap(task.load_model(model_path, cfg.model), cfg.peft, task)
+
+    model = build()
     params = adapters.parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
              100 * params["trainable_params"] / params["total_params"])
@@ -79,8 +84,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     metrics.update(base)
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
+    model = _whole_model(engine, build, main)
     if main:
-        _export_and_report(cfg, run_dir, task, engine, tokenizer, raw, metrics, start)
+        _export_and_report(cfg, run_dir, task, engine, model, tokenizer, raw, metrics, start)
     # the other processes wait for the export, then all leave the process group together: a process that
     # exits while gloo's threads still run aborts ("terminate called without an active exception")
     state.wait_for_everyone()
@@ -92,8 +98,29 @@ def _is_score(key: str) -> bool:
     return not key.endswith(("_runtime", "_per_second", "_preparation_time")) and key != "epoch"
 
 
-def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:
-    model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
+def _whole_model(engine, build, main: bool):
+    """The trained model, whole, on the main process (None elsewhere). A sharded one is gathered by every process
+    and loaded into a fresh copy built as for training (adapters included, so they can be merged and saved)."""
+    state_dict = engine.full_state_dict()
+    if state_dict is None:
+        return engine.model
+    if not main:
+        return None
+    import transformers
+
+    log.info("gathered the sharded model's %d tensors; exporting them from an unsharded copy", len(state_dict))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the copy's load report ("newly initialized head") is no news
+    try:
+        model = build()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.load_state_dict(state_dict)  # strict: every tensor of the copy comes from the trained model
+    return model
+
+
+def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, metrics: dict, start: float) -> None:
+    model_dir = export(model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)

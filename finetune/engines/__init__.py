@@ -5,6 +5,8 @@ nothing about which task it trains.
     engine.train(resume_from=None) -> train metrics;  engine.evaluate("test") -> {"test_<metric>": ..., "test_loss": ...}
     engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts),
     engine.step_seconds (time spent in optimizer steps: forward, backward, update; for benchmarks)
+    engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
+        process (a collective: every process calls it); None when each process holds the whole model
 
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
 written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
@@ -13,6 +15,7 @@ written last, and train on the same seeded-per-epoch sampler, so a resumed run r
 from __future__ import annotations
 
 import difflib
+import os
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +31,7 @@ _PRECISIONS = ("auto", "no", "fp16", "bf16")
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
     check_trainer_config(cfg.trainer)
     _check_scheduler(cfg.trainer.lr_scheduler_type)
+    check_fsdp(cfg.trainer)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
 
@@ -73,6 +77,37 @@ def _check_scheduler(name: str) -> None:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise FinetuneError(f"unknown trainer.lr_scheduler_type '{name}': {hint}choose one of {', '.join(names)}")
+
+
+def check_fsdp(t) -> None:
+    """accelerate shards with FSDP only on GPUs; trainer.fsdp=true is finetune's FSDP2 for CPU processes."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    kind = PartialState().distributed_type
+    on_cpus = kind == DistributedType.MULTI_CPU
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and on_cpus and not t.fsdp:
+        raise FinetuneError("accelerate applies an FSDP config on GPUs only and would train this CPU launch unsharded; "
+                            "add trainer=accelerate trainer.fsdp=true to shard over the CPU processes with FSDP2")
+    if not t.fsdp:
+        return
+    if t.engine != "accelerate":
+        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
+    if kind == DistributedType.NO:
+        raise FinetuneError("trainer.fsdp=true shards over several CPU processes, but this is a single process: "
+                            "launch several (torchrun --nproc_per_node 2 -m finetune ...)")
+    if not on_cpus:
+        raise FinetuneError("trainer.fsdp=true shards CPU processes; on GPUs launch with accelerate's FSDP config "
+                            "instead (accelerate launch --config_file configs/accelerate/fsdp.yaml ...) without it")
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The whole state dict of a model accelerate sharded (FSDP, DeepSpeed; needs every process), else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.get_state_dict(model)  # DeepSpeed ZeRO-3: needs stage3_gather_16bit_weights_on_model_save
+    return None
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:

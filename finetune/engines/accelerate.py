@@ -6,6 +6,10 @@ at each evaluation point it scores the validation split, tracks the best main me
 asked, and checkpoints (accelerator.save_state + trainer_state.json). The best checkpoint is restored
 at the end. Hyperparameters mean what they mean for the Trainer (same optimizer, decay groups,
 scheduler, warmup and step counting), so both engines train the same way.
+
+Sharding: under an accelerate FSDP or DeepSpeed config accelerate shards, checkpoints and gathers the model.
+accelerate applies FSDP on GPUs only, so trainer.fsdp=true shards CPU processes here: torch FSDP2 (fully_shard)
+on each transformer block and the root; model and optimizer checkpointed with torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune.engines import CHECKPOINTS, STATE_FILE, mixed_precision, train_sampler, without_length
+from finetune.engines import (CHECKPOINTS, STATE_FILE, gathered_state_dict, mixed_precision, train_sampler,
+                              without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
 
 # Trainer.get_decay_parameter_names: no weight decay on biases and normalisation weights
 _NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+SHARDED = "sharded"  # trainer.fsdp=true: the checkpoint's model and optimizer shards (torch.distributed.checkpoint)
 
 
 class AccelerateEngine:
@@ -57,9 +63,15 @@ class AccelerateEngine:
         self.sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                      cfg.seed, t.group_by_length)
         loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
+        self.fsdp = t.fsdp
+        if self.fsdp:
+            model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters
         optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate,
                                       fused=acc.device.type in ("cpu", "cuda"))
-        self._model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, loader)
+        if self.fsdp:  # not prepared: accelerate would wrap the model in DDP and checkpoint rank 0's optimizer shard
+            self._model, self.optimizer, self.train_loader = model, optimizer, acc.prepare(loader)
+        else:
+            self._model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, loader)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
         warmup = int(t.warmup_ratio) if t.warmup_ratio >= 1 else math.ceil(self.max_steps * t.warmup_ratio)
@@ -77,7 +89,7 @@ class AccelerateEngine:
         acc, t, s = self.accelerator, self.args, self.state
         gas = t.gradient_accumulation_steps
         if resume_from:
-            acc.load_state(str(resume_from))  # weights, optimizer, scheduler, RNG states of every process
+            self._load(resume_from)  # weights, optimizer, scheduler, RNG states of every process
             self.state = s = json.loads((Path(resume_from) / STATE_FILE).read_text())
             self._info("resumed from %s (step %d)", resume_from, s["global_step"])
         if t.report_to:
@@ -161,6 +173,12 @@ class AccelerateEngine:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optimizer_state = get_state_dict(self._model, self.optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(s, indent=1))
@@ -170,11 +188,23 @@ class AccelerateEngine:
                                best_model_checkpoint=str(self.checkpoints / s["best_checkpoint"]))
         acc.wait_for_everyone()
 
+    def _load(self, checkpoint: str | Path) -> None:
+        self.accelerator.load_state(str(checkpoint))
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optimizer_state = get_state_dict(self._model, self.optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+            dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED))  # in place, into this process's shards
+            set_state_dict(self._model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+
     def _finish(self, runtime: float, steps: int) -> dict[str, float]:
         acc, s, t = self.accelerator, self.state, self.args
         best = s["best_checkpoint"] and self.checkpoints / s["best_checkpoint"]
         if best and best.is_dir():
-            acc.load_state(str(best))  # the best weights (optimizer and RNG state no longer matter)
+            self._load(best)  # the best weights (optimizer and RNG state no longer matter)
             self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
         self._flush_losses()
         samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
@@ -279,6 +309,30 @@ class AccelerateEngine:
     @property
     def log_history(self) -> list[dict]:
         return self.state["log_history"]
+
+    def full_state_dict(self) -> dict | None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return gathered_state_dict(self.accelerator, self._model)
+
+
+def _fully_shard(model):
+    """FSDP2 over the launch's processes: each transformer block (the model's _no_split_modules, as accelerate's
+    TRANSFORMER_BASED_WRAP picks them), then the root. Every process starts from rank 0's weights, as under DDP."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    for module in reversed(list(model.modules())):  # inner blocks before the blocks that hold them
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

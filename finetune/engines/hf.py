@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from finetune.engines import CHECKPOINTS, mixed_precision, train_sampler, without_length
+from finetune.engines import CHECKPOINTS, gathered_state_dict, mixed_precision, train_sampler, without_length
 
 log = logging.getLogger("finetune.train")
 
@@ -130,3 +130,6 @@ class HFEngine:
     @property
     def step_seconds(self) -> float:
         return self.clock.seconds
+
+    def full_state_dict(self) -> dict | None:
+        return gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
