@@ -39,7 +39,7 @@ _SWEEP = re.compile(r"^(choice|range|interval|tag|glob)\(|,")
 _job_started = False
 _resumed_dir: Path | None = None  # the existing run directory this launch continues
 _new_dir: tuple[Path, Path] | None = None  # the run directory this launch created, and runs_dir
-_GRACE_S = 5.0
+_GRACE_S = 30.0  # long enough for a loaded machine: rank 0 reports first, and its exit ends the launch
 
 
 def _quote(value: str) -> str:
