@@ -12,6 +12,7 @@ from helpers import compose_cfg
 class _Task:
     main_metric = "accuracy"
     pipeline_task = "text-classification"
+    columns: dict = {}
 
     def __init__(self, score=0.9, fail=False):
         self.score, self.fail = score, fail

@@ -8,6 +8,9 @@ nothing about which task it trains.
 
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
 written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
+Both report the same scalars to the trackers of trainer.report_to (TensorBoard event files in
+<output_dir>/tensorboard/, MLflow runs in the experiment "finetune"), under the Trainer's names: train/loss,
+train/learning_rate, train/grad_norm, train/samples_per_second, train/epoch, eval/<metric>, eval/loss, ...
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from finetune.errors import FinetuneError
 ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: a checkpoint without it is incomplete
+TENSORBOARD = "tensorboard"  # event files of the run, beside model/
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
@@ -39,6 +44,41 @@ def check_trainer_config(t) -> None:
         raise FinetuneError("trainer.eval_strategy=steps needs trainer.eval_steps=<positive number of steps>")
     if (t.early_stopping_patience or 0) < 0 or t.early_stopping_threshold < 0:
         raise FinetuneError("trainer.early_stopping_patience and trainer.early_stopping_threshold must be >= 0")
+
+
+def setup_tracking(cfg) -> None:
+    """Check trainer.report_to; for MLflow, a local store (<runs_dir>/mlflow.db) unless MLFLOW_TRACKING_URI names one,
+    and the experiment "finetune" (or MLFLOW_EXPERIMENT_NAME) for both engines' runs."""
+    import os
+
+    unknown = [name for name in cfg.trainer.report_to if name not in TRACKERS]
+    if unknown:
+        raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
+                            "or [] for none")
+    if "mlflow" not in cfg.trainer.report_to:
+        return
+    try:
+        import mlflow
+    except ImportError as e:
+        raise FinetuneError("trainer.report_to=[mlflow] needs MLflow: pip install 'finetune[mlflow]' (or drop "
+                            "mlflow from trainer.report_to)") from e
+    runs = Path(cfg.runs_dir).resolve()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        runs.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune")
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(runs / "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
+
+
+def accelerate_trackers(report_to, output_dir: Path) -> list:
+    """accelerate's trackers writing where the Trainer's do (TensorBoard: <output_dir>/tensorboard)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker
+
+    made = {"tensorboard": lambda: TensorBoardTracker(TENSORBOARD, str(output_dir)),
+            "mlflow": lambda: MLflowTracker("finetune", str(output_dir), run_name=output_dir.name)}
+    return [made[name]() for name in report_to]
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
