@@ -8,9 +8,10 @@ nothing about which task it trains.
 
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
 written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
-Both report the same scalars to the trackers of trainer.report_to (TensorBoard event files in
-<output_dir>/tensorboard/, MLflow runs in the experiment "finetune"), under the Trainer's names: train/loss,
-train/learning_rate, train/grad_norm, train/samples_per_second, train/epoch, eval/<metric>, eval/loss, ...
+Both report the same scalars to the trackers of trainer.report_to, under the names the Trainer's callbacks use:
+TensorBoard event files in <output_dir>/tensorboard/ (train/loss, train/learning_rate, train/grad_norm,
+train/samples_per_second, train/epoch, eval/loss, eval/<metric>, ...), MLflow runs in the experiment
+"finetune" (loss, learning_rate, ..., eval_<metric>).
 """
 
 from __future__ import annotations

@@ -283,9 +283,10 @@ class AccelerateEngine:
         s = self.state
         entry = {**metrics, "epoch": s["epoch"], "step": s["global_step"]}
         s["log_history"].append(entry)
-        if self.tracking:  # under the Trainer's names: train/loss, eval/accuracy, ...
+        if self.tracking:  # under the names the Trainer's callbacks use: TensorBoard train/loss, MLflow loss
             numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
-            self.accelerator.log(rewrite_logs(numbers), step=s["global_step"])
+            for tracker in self.accelerator.trackers:
+                tracker.log(rewrite_logs(numbers) if tracker.name == "tensorboard" else numbers, step=s["global_step"])
         self._info(self.meter.line(s["global_step"], entry))
 
     def _info(self, msg: str, *args) -> None:

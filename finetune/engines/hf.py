@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
                           TrainingArguments)
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
+from finetune import progress
 from finetune.engines import CHECKPOINTS, TENSORBOARD, mixed_precision, setup_tracking, train_sampler, without_length
 from finetune.progress import Meter
 
@@ -122,7 +122,7 @@ class HFEngine:
             average_tokens_across_devices=False,
             remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
             dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=not sys.stderr.isatty(),
+            disable_tqdm=not progress.is_terminal(),
         )
         sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                 cfg.seed, t.group_by_length)
