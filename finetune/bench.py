@@ -9,6 +9,9 @@ peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training s
   lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
   ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
   qa          task=qa on SQuAD v1.1 articles (../shared/data, as ner)
+  generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 4 x 512-token blocks a step,
+              its own 10 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
+  generation_lora  the same with peft=lora
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
 (4 + 2 x trainable fraction) x non-embedding parameters x real (non-pad) tokens per second -- 6N for full
@@ -35,6 +38,8 @@ SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 WNUT = "{shared}/wnut17"
 SQUAD = "{shared}/squad_v1.1/train.json"
 
+_GEN = ["trainer.max_steps=10", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
+        "trainer.eval_steps=10", "task.eval_prompts=8"]
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
@@ -43,6 +48,8 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
     "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll"],
             None, "task=ner, WNUT-17 train / emerging.dev as test, dynamic padding"),
+    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 4 x 512 tokens, 10 steps"),
+    "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
             "task.doc_stride=64", "data.max_test_samples=300"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions"),
@@ -76,7 +83,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     overrides = [o.replace("{shared}", str(SHARED_DATA)) for o in overrides]
     overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
                  "trainer.eval_strategy=steps", f"trainer.eval_steps={steps}", "trainer.save_total_limit=1",
-                 *overrides, *extra]
+                 *overrides, *extra]  # a row's own overrides (steps, batch size) win
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=overrides)
@@ -91,16 +98,15 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     if pad_to:
         features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
     model = adapters.wrap(task.load_model(path, cfg.model), cfg.peft, task)
-    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "lora_" not in n)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and p.requires_grad)
-    flops_per_token = (4 + 2 * min(trainable / params, 1)) * params  # forward 2N, input grads 2N, weight grads 2N_trained
+    flops_per_token = _flops_per_token(model)
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(cfg, task, model, tokenizer, features, Path(tmp))
         engine.train()
         metrics = engine.evaluate("test")
+        metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
     seconds = engine.step_seconds
-    samples = steps * batch_size * cfg.trainer.gradient_accumulation_steps
+    samples = cfg.trainer.max_steps * cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
     return {
         "row": name,
         "samples_per_s": samples / seconds,
@@ -109,8 +115,23 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "metric": task.main_metric,
         "test_" + task.main_metric: metrics["test_" + task.main_metric],
+        "generation_tokens_per_s": metrics.get("test_generation_new_tokens_per_second"),
         "train_seconds": seconds,
     }
+
+
+def _flops_per_token(model) -> float:
+    """(4 + 2 x trainable fraction) x N: forward 2N, input gradients 2N, weight gradients 2N of the trained part.
+    N counts the weights that multiply: not the input embedding table (a lookup), unless the LM head shares it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lookup = {id(p) for n, p in base.named_parameters() if "embed" in n}
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is not None:
+        lookup -= {id(head.weight)}
+    weights = [(p, n) for n, p in model.named_parameters() if id(p) not in lookup and "lora_" not in n]
+    params = sum(p.numel() for p, _ in weights)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "embed" not in n)
+    return (4 + 2 * min(trainable / params, 1)) * params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(lines[-1][6:]))
 
     print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM (on bundled Rotten Tomatoes unless said)\n")
-    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU | generated tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
-              f"{r['model_flops_per_s'] / peak:.1%} |")
+              f"{r['model_flops_per_s'] / peak:.1%} | {gen} |")
     base = {r["row"]: r for r in results}
     for row, reference in (("default", "run_glue"), ("accelerate", "default"), ("lora", "default")):
         if row in base and reference in base and base[row]["metric"] == base[reference]["metric"]:

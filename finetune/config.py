@@ -17,16 +17,16 @@ class TaskConfig:
     """Keys every task has. Each task's schema below adds its own; configs/task/<name>.yaml names it."""
 
     name: str = MISSING  # key in finetune.tasks.TASKS
-    max_seq_length: int = 128
 
 
 @dataclass
 class ClassificationTaskConfig(TaskConfig):
-    pass
+    max_seq_length: int = 128
 
 
 @dataclass
 class TokenClassificationTaskConfig(TaskConfig):
+    max_seq_length: int = 128
     label_all_tokens: bool = False  # label every sub-token, not only a word's first
     tag_scheme: str = "auto"  # auto | IOB1 | IOB2 | BIOES: the data's tags (the model uses IOB2)
 
@@ -39,6 +39,25 @@ class QATaskConfig(TaskConfig):
     n_best_size: int = 20
     null_score_diff_threshold: float = 0.0
     version_2_with_negative: bool = False
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding defaults, written to the exported generation_config.json (the pipeline uses them)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class CausalLMTaskConfig(TaskConfig):
+    block_size: int = 512  # plain text is cut into blocks of this many tokens; the longest example otherwise
+    eval_prompts: int = 32  # test prompts generated from (scored, and checked through the exported pipeline)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 @dataclass
@@ -169,10 +188,20 @@ def did_you_mean(group: str, value: str) -> str:
     return f"did you mean {group}={close[0]}? " if close else ""
 
 
+@dataclass
+class GenerationData(DataConfig):
+    format: str = "auto"  # auto | text | prompt_completion | messages (auto: from the columns present)
+    text_column: str = "text"  # plain text: continued pre-training on packed blocks
+    prompt_column: str = "prompt"  # prompt / completion: the loss is on the completion only
+    completion_column: str = "completion"
+    messages_column: str = "messages"  # chat: a list of {role, content}; the loss is on the assistant turns only
+
+
 # one schema per task and per data shape; configs/task/<name>.yaml selects its two in its defaults list
 TASK_SCHEMAS = {"classification": ClassificationTaskConfig, "token_classification": TokenClassificationTaskConfig,
-                "qa": QATaskConfig}
-DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData}
+                "qa": QATaskConfig,
+                "causal_lm": CausalLMTaskConfig}
+DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData, "generation": GenerationData}
 
 
 def register_configs() -> None:

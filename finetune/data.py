@@ -53,7 +53,8 @@ def load(cfg: DataConfig, task: Task) -> DatasetDict:
     caps = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
     for split, cap in caps.items():
         if cap is not None and cap < len(raw[split]):
-            raw[split] = raw[split].shuffle(seed=cfg.split_seed).select(range(cap))
+            in_order = getattr(task, "split_in_order", False)  # running text keeps its line order
+            raw[split] = (raw[split] if in_order else raw[split].shuffle(seed=cfg.split_seed)).select(range(cap))
     for split, ds in raw.items():
         if len(ds) == 0:
             raise FinetuneError(f"the {split} split is empty; give it data, or raise data.max_*_samples")
@@ -160,10 +161,10 @@ def _rename(ds: Dataset, cfg: DataConfig, task: Task, split: str) -> Dataset:
     mapping: dict[str, str] = {}
     for canonical, field in task.columns.items():
         source = getattr(cfg, field)
-        if source is None:
-            if canonical in task.optional_columns:
-                continue
+        if source is None and canonical not in task.optional_columns:
             raise FinetuneError(f"data.{field} is not set; name the column holding the {canonical}")
+        if canonical in task.optional_columns and source not in ds.column_names:
+            continue  # the task checks which of its optional columns it needs
         if source not in ds.column_names:
             raise FinetuneError(
                 f"column '{source}' (data.{field}) not found in the {split} data; available columns: "
@@ -208,6 +209,12 @@ def _hold_out(ds: Dataset, size: float, remaining: float, cfg: DataConfig, task:
             f"data.{split}_size must be above 0 and leave training data (got {size}) when the data has no {split} split"
         )
     size = size / remaining
+    if getattr(task, "split_in_order", False):  # running text: held-out splits are the end, contiguous
+        n = max(1, round(size * len(ds)))
+        if n >= len(ds):
+            raise FinetuneError(f"cannot hold out a {split} split from {len(ds)} rows; add more data or give a "
+                                f"{split} file")
+        return ds.select(range(len(ds) - n)), ds.select(range(len(ds) - n, len(ds)))
     if cfg.group_column:
         # sklearn's GroupShuffleSplit holds out whole groups (e.g. every review of a movie)
         from sklearn.model_selection import GroupShuffleSplit

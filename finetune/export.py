@@ -91,8 +91,8 @@ def verify(task, model_dir: Path, raw_test, trainer_metrics: dict[str, float], t
     """Score the test split through transformers.pipeline and compare with the trainer's figure."""
     scores = task.verify(model_dir, raw_test)
     key = task.main_metric
-    tolerance = max(tolerance, getattr(task, "verify_tolerance", 0.0))
     expected, got = trainer_metrics[f"test_{key}"], scores[key]
+    tolerance = max(tolerance, task.verify_tolerance, task.verify_relative_tolerance * abs(expected))
     if abs(expected - got) > tolerance:
         raise VerificationError(
             f"exported pipeline scores test {key}={got:.4f} but the trainer measured {expected:.4f} "
@@ -169,8 +169,8 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 ## Training
 
 - engine: {hp.engine}, epochs: {hp.num_train_epochs}, learning rate: {hp.learning_rate}, batch size: {hp.per_device_train_batch_size}, seed: {cfg.seed}
-- max sequence length: {cfg.task.max_seq_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
-{adapters.card_section(cfg, task, base)}"""
+- max sequence length: {task.max_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
+{adapters.card_section(cfg, task, base)}{task.card_section()}"""
     return ModelCard(content)
 
 
@@ -200,4 +200,4 @@ def _is_local(source: Any) -> bool:
 
 
 def _is_metric(key: str) -> bool:
-    return not any(s in key for s in ("runtime", "per_second", "epoch", "total_flos"))
+    return not any(s in key for s in ("runtime", "per_second", "epoch", "total_flos", "preparation_time", "num_"))

@@ -14,6 +14,12 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def learning_curve(log_history: list[dict], main_metric: str, path: Path) -> None:
     """Training loss, validation loss and the validation main metric against the optimizer step."""
     import matplotlib

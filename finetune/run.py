@@ -97,7 +97,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def _is_score(key: str) -> bool:
-    return not key.endswith(("_runtime", "_per_second")) and key != "epoch"
+    return not key.endswith(("_runtime", "_per_second", "_preparation_time")) and key != "epoch"
 
 
 def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:
@@ -107,6 +107,8 @@ def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics
     metrics["total_runtime_s"] = round(time.time() - start, 1)
 
     report.write_json(run_dir / "metrics.json", metrics)
+    if task.samples():
+        report.write_jsonl(run_dir / "samples.jsonl", task.samples())
     report.learning_curve(engine.log_history, task.main_metric, run_dir / "learning_curve.png")
     key = f"test_{task.main_metric}"
     log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],

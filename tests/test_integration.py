@@ -20,3 +20,16 @@ def test_minilm_rotten_tomatoes_beats_chance_and_export_reproduces(tmp_path):
     assert saved["id2label"] == {"0": "rotten", "1": "fresh"}
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "license: apache-2.0" in card
+
+
+def test_smollm2_hamlet_perplexity_falls_and_export_reproduces(tmp_path):
+    cfg = compose_cfg("task=generation", "task.block_size=128", "trainer.max_steps=24", "trainer.learning_rate=2e-4",
+                      "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
+                      "trainer.eval_strategy=steps", "trainer.eval_steps=24", "task.eval_prompts=2",
+                      "task.generation.max_new_tokens=12", "data.max_eval_samples=200", f"runs_dir={tmp_path}")
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["test_perplexity"] < 0.9 * metrics["base_test_perplexity"], metrics
+    assert abs(metrics["pipeline_test_perplexity"] / metrics["test_perplexity"] - 1) <= 0.005
+    assert metrics["pipeline_test_greedy_prompts_matched"] == 2
+    gen = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["max_new_tokens"] == 12

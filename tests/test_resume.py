@@ -41,7 +41,7 @@ def _start(args, cwd: Path, log: Path) -> subprocess.Popen:
 def _scores(run_dir: Path) -> dict[str, float]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {k: v for k, v in metrics.items() if k.startswith(("validation_", "test_", "pipeline_"))
-            and not k.endswith(("_runtime", "_per_second"))}
+            and not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ class Task:
     # the least disagreement verify() must allow between the pipeline and the trainer on the main metric,
     # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
     verify_tolerance: ClassVar[float] = 0.0
+    verify_relative_tolerance: ClassVar[float] = 0.0  # the same, as a fraction of the trainer's figure
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
     # the exported pipeline: keyword arguments when loading it and of every call, and its batch size
@@ -47,6 +48,11 @@ class Task:
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    @property
+    def max_length(self) -> int:
+        """The longest input in tokens."""
+        return self.cfg.max_seq_length
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg: DataConfig) -> DatasetDict:
@@ -67,7 +73,7 @@ class Task:
 
     def load_tokenizer(self, path: str, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = _load(AutoTokenizer, path, model_cfg)
-        tokenizer.model_max_length = self.cfg.max_seq_length  # the exported pipeline truncates like training
+        tokenizer.model_max_length = self.max_length  # the exported pipeline truncates like training
         return tokenizer
 
     def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
@@ -88,6 +94,14 @@ class Task:
         """Metrics that need the model itself after training (e.g. scoring generated text); keys without prefix."""
         return {}
 
+    def samples(self) -> list[dict[str, Any]]:
+        """Example outputs to keep with the run (samples.jsonl) and show in the model card."""
+        return []
+
+    def card_section(self) -> str:
+        """Markdown the task adds to the model card."""
+        return ""
+
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
 
@@ -106,7 +120,7 @@ class Task:
 
     def pipeline_inputs(self, rows: dict[str, list]) -> list:
         """The pipeline inputs of a batch of rows (columns: the canonical names of `input_columns`)."""
-        raise NotImplementedError
+        raise FinetuneError(f"finetune.predict does not support {type(self).__name__} yet (it has no pipeline_inputs)")
 
     def prediction_record(self, output: Any) -> dict[str, Any]:
         """One pipeline output as a JSON record: a line of finetune.predict's output."""

@@ -33,6 +33,10 @@ class ClassificationTask(Task):
 
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
         first = raw["train"] if "train" in raw else next(iter(raw.values()))  # finetune.evaluate: one split
+        if data_cfg.text_pair_column and "text_pair" not in first.column_names:
+            raise FinetuneError(f"column '{data_cfg.text_pair_column}' (data.text_pair_column) not found in the "
+                                f"{'train' if 'train' in raw else 'given'} data; set data.text_pair_column=<a column> "
+                                "or drop it")
         inputs = [c for c in self.input_columns if c in first.column_names]
         raw = raw.filter(lambda row: all(row[c] is not None for c in [*inputs, "label"]))
         feature = first.features["label"]

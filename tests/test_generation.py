@@ -1,0 +1,234 @@
+"""task=generation on tiny random decoder-only models (Llama with a ChatML template, GPT-2 without one):
+loss masks per data shape on the token ids, block packing, metrics, the exported pipeline, engines, LoRA."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from conftest import run_cli
+from helpers import compose_cfg
+
+WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind", "suffer",
+         "slings", "and", "arrows", "of", "outrageous", "fortune", "hello", "world", "say", "answer", "yes", "no",
+         "what", "who", "are", "you", "i", "am", "a", "bot", "user", "assistant", "system", "ok"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_tiny_lm(path, family: str = "llama", chat: bool = True):
+    """A tiny random decoder with a word-level tokenizer (words, newline, ChatML specials)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["\n", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                 pre_tokenizers.WhitespaceSplit()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                        bos_token="<|im_start|>", pad_token="<|im_end|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if chat:
+        tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    size = dict(vocab_size=len(vocab), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                             tie_word_embeddings=True, **size))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, **size))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), family="gpt2", chat=False)
+
+
+def make_task(*overrides: str):
+    from finetune.tasks import get_task
+
+    cfg = compose_cfg("task=generation", *overrides)
+    return get_task(cfg.task), cfg
+
+
+def tokenizer_of(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_text_is_packed_into_blocks_in_order(tiny_llama):
+    task, cfg = make_task("task.block_size=8")
+    raw = task.prepare(DatasetDict({"train": Dataset.from_dict({"text": ["to be or not", "", "to be that is the question"]})}),
+                       cfg.data)
+    assert task.format == "text" and task.split_in_order
+    tok = tokenizer_of(tiny_llama)
+    feats = task.tokenize(raw, tok)["train"]
+    ids = tok("to be or not\n\nto be that is the question", add_special_tokens=False)["input_ids"]
+    assert [x for block in feats["input_ids"] for x in block] == ids  # all tokens, in order, nothing repeated
+    assert [len(b) for b in feats["input_ids"]] == [8, len(ids) - 8]
+    assert feats["labels"] == feats["input_ids"]  # running text: every token is predicted
+
+
+def test_prompt_completion_masks_the_prompt_and_trains_eos(tiny_llama):
+    task, cfg = make_task()
+    tok = tokenizer_of(tiny_llama)
+    raw = task.prepare(DatasetDict({"train": Dataset.from_dict({"prompt": ["say hello"], "completion": ["hello world"]})}),
+                       cfg.data)
+    assert task.format == "prompt_completion"
+    row = task.tokenize(raw, tok)["train"][0]
+    prompt = tok("say hello")["input_ids"]
+    completion = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == prompt + completion + [tok.eos_token_id]
+    assert row["labels"] == [-100] * len(prompt) + completion + [tok.eos_token_id]
+
+
+def test_chat_trains_assistant_turns_with_their_end_of_turn_token_only(tiny_llama):
+    task, cfg = make_task()
+    tok = tokenizer_of(tiny_llama)
+    chat = [{"role": "system", "content": "you are a bot"}, {"role": "user", "content": "who are you"},
+            {"role": "assistant", "content": "i am a bot"}, {"role": "user", "content": "ok"},
+            {"role": "assistant", "content": "yes"}]
+    raw = task.prepare(DatasetDict({"train": Dataset.from_list([{"messages": chat}])}), cfg.data)
+    assert task.format == "messages"
+    row = task.tokenize(raw, tok)["train"][0]
+    ids, labels = row["input_ids"], row["labels"]
+    assert ids == tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+    trained = [tok.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != -100]
+    assert trained == ["i", "am", "a", "bot", "<|im_end|>", "yes", "<|im_end|>"]
+    assert all(label in (-100, i) for i, label in zip(ids, labels))
+
+
+def test_perplexity_is_token_weighted():
+    import numpy as np
+    import torch
+
+    task, _ = make_task()
+    logits = torch.zeros(2, 4, 5)  # uniform: NLL log(5) per predicted token
+    labels = torch.tensor([[1, 2, 3, 4], [1, 2, -100, -100]])
+    sums = task.preprocess_logits(logits, labels).numpy()
+    assert sums[:, 1].tolist() == [3, 1]
+    out = task.compute_metrics("test", None)(type("P", (), {"predictions": sums})())
+    assert out["perplexity"] == pytest.approx(5.0) and out["num_tokens"] == 4
+    assert np.isclose(out["nll"], np.log(5))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.format=messages"], "needs a messages column"),
+    (["data=pc.jsonl", "data.completion_column=answer"], "needs a completion column (data.completion_column=answer)"),
+    (["data=pc.jsonl", "task.block_size=8"], "tokens, not below task.block_size=8"),
+    (["data=chat.jsonl", "model=GPT2"], "needs a tokenizer with a chat template"),
+    (["data=empty.txt"], "empty"),
+])
+def test_generation_input_errors(tmp_path, tiny_llama, tiny_gpt2, args, message):
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps({"prompt": "say hello " * 5, "completion": "hello"}) + "\n"
+                                               for _ in range(20)))
+    chat = [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "i am a bot"}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(20)))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = [a.replace("GPT2", str(tiny_gpt2)) for a in args]
+    if not any(a.startswith("model=") for a in args):
+        args.append(f"model={tiny_llama}")
+    if not any(a.startswith("data=") for a in args):
+        args.append("data=pc.jsonl")
+    proc = run_cli("task=generation", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+
+
+def _corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+TRAIN = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
+         "trainer.gradient_accumulation_steps=1", "trainer.logging_steps=5", "trainer.warmup_ratio=0.0",
+         "task.block_size=32", "task.eval_prompts=4", "task.generation.max_new_tokens=8"]
+
+
+@pytest.mark.parametrize("shape, extra", [
+    ("text", ["trainer=accelerate"]),
+    ("chat", []),
+    ("pc", ["peft=lora", "peft.r=4"]),
+])
+def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra):
+    rows = _corpus(240)
+    if shape == "text":
+        (tmp_path / "data.txt").write_text("\n".join(rows))
+    elif shape == "chat":
+        (tmp_path / "data.jsonl").write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": r.split()[0]}, {"role": "assistant", "content": "answer " + r.split()[0]}]}) + "\n"
+            for r in rows))
+    else:
+        (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": r, "completion": "answer " + r.split()[-1]})
+                                                     + "\n" for r in rows))
+    data = "data.txt" if shape == "text" else "data.jsonl"
+    proc = run_cli("task=generation", f"model={tiny_llama}", f"data={data}", *TRAIN, *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = next((tmp_path / "runs" / "generation").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_perplexity"] < 0.8 * metrics["base_test_perplexity"]  # it learned the data
+    rel = abs(metrics["pipeline_test_perplexity"] - metrics["test_perplexity"]) / metrics["test_perplexity"]
+    assert rel <= 0.005 and metrics["pipeline_test_greedy_prompts_matched"] == 4
+    if shape != "text":
+        assert {"test_rougeL", "test_chrf", "base_test_rougeL"} <= set(metrics)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all("generated" in s for s in samples)
+    gen = json.loads((run / "model" / "generation_config.json").read_text())
+    assert gen["max_new_tokens"] == 8 and gen["eos_token_id"] == 2 and gen["do_sample"] is False
+    assert "## Samples" in (run / "model" / "README.md").read_text()
+    if "peft=lora" in extra:
+        assert (run / "model" / "adapter" / "adapter_config.json").is_file()
+
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=str(run / "model"))
+    out = pipe([{"role": "user", "content": "to"}], max_new_tokens=4)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"  # chat messages work on the exported model
+
+
+def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama):
+    import os
+    import signal
+    import time
+
+    from test_resume import ENV, _scores, _start
+
+    (tmp_path / "data.txt").write_text("\n".join(_corpus(240)))
+    args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *TRAIN, "trainer.num_train_epochs=3",
+            "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3"]
+    full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
+    killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("killed/generation/*/checkpoints/checkpoint-9/trainer_state.json")):
+        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    (run_dir,) = list((tmp_path / "killed" / "generation").iterdir())
+    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in (run_dir / "finetune.log").read_text()
+    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    (full_dir,) = list((tmp_path / "full" / "generation").iterdir())
+    expected, got = _scores(full_dir), _scores(run_dir)
+    assert expected.keys() == got.keys() and "test_perplexity" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4), key
