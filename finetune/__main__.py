@@ -162,7 +162,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         run(cfg, run_dir)
     except FinetuneError as e:
         if _is_main_process():
-            if run_dir.resolve() != _resumed_dir:  # never delete a run being resumed
+            # never delete a run being resumed, nor a finished one (a failed push is retried with finetune.push)
+            if run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
                 _remove_run_dir(run_dir, Path(cfg.runs_dir).resolve())
             if cfg.debug:
                 traceback.print_exc()

@@ -63,6 +63,22 @@ def load(cfg: DataConfig, task: Task) -> DatasetDict:
     return raw
 
 
+def load_split(cfg: DataConfig, task: Task) -> tuple[str, Dataset]:
+    """One labelled split to score an exported model on (finetune.evaluate): the source's test split, else its
+    validation split, else all its rows (a single file); canonical columns, labels encoded, data.max_test_samples."""
+    raw = _load_source(cfg, task)
+    source = next((s for s in ("test", "validation", "train") if s in raw), None)
+    if source is None:
+        raise FinetuneError("the data has no test, validation or train split to score; pass data=<file or directory>")
+    split = "all" if source == "train" else source  # not training data: no training-only checks (e.g. two classes)
+    ds = task.prepare(DatasetDict({split: _rename(raw[source], cfg, task, split)}), cfg)[split]
+    if cfg.max_test_samples is not None and cfg.max_test_samples < len(ds):
+        ds = ds.shuffle(seed=cfg.split_seed).select(range(cfg.max_test_samples))
+    if len(ds) == 0:
+        raise FinetuneError(f"the {split} data has no rows to score; check data= and its columns")
+    return split, ds
+
+
 def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
     files = {s: getattr(cfg, f"{s}_file") for s in SPLITS if getattr(cfg, f"{s}_file")}
     if not files and not cfg.source:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, data, report, resume
+from finetune import adapters, assets, data, hub, progress, report, resume
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine
 from finetune.errors import FinetuneError
 from finetune.export import export, verify
@@ -27,13 +26,20 @@ log = logging.getLogger("finetune")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    with progress.console():  # in a terminal, log lines print above the progress bars
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     import datasets
+    import huggingface_hub
     import torch
     import transformers
 
     from accelerate import PartialState
 
     start = time.time()
+    hub.check(cfg.hub)  # a push that cannot work (no token, bad repo id) must fail now, not after training
     state = PartialState()
     main = state.is_main_process
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes
@@ -44,8 +50,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     transformers.set_seed(cfg.seed)
     transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
     transformers.utils.logging.enable_propagation()
-    if not sys.stderr.isatty():
+    if not progress.is_terminal():  # bars are for people at a terminal; a log file gets log lines
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     resume_from = None
     if resume.target(cfg.resume):
         resume_from = last_checkpoint(run_dir)  # the CLI pointed run_dir at the run to continue
@@ -132,3 +140,5 @@ def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, 
     key = f"test_{task.main_metric}"
     log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
              metrics[f"pipeline_{key}"], model_dir)
+    if cfg.hub.push:  # only a verified export gets here
+        metrics.update(hub.push(run_dir, cfg.hub))

@@ -163,6 +163,9 @@ class _ProbeTask:
         ds = Dataset.from_dict(dict(enc))
         return DatasetDict(train=ds, validation=ds, test=ds)
 
+    def preprocess_logits(self, logits, labels):
+        return logits
+
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 

@@ -10,6 +10,10 @@ nothing about which task it trains.
 
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
 written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
+Both report the same scalars to the trackers of trainer.report_to, under the names the Trainer's callbacks use:
+TensorBoard event files in <output_dir>/tensorboard/ (train/loss, train/learning_rate, train/grad_norm,
+train/samples_per_second, train/epoch, eval/loss, eval/<metric>, ...), MLflow runs in the experiment
+"finetune" (loss, learning_rate, ..., eval_<metric>).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: a checkpoint without it is incomplete
 _PRECISIONS = ("auto", "no", "fp16", "bf16")
+TENSORBOARD = "tensorboard"  # event files of the run, beside model/
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
@@ -108,6 +114,41 @@ def gathered_state_dict(accelerator, model) -> dict | None:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return accelerator.get_state_dict(model)  # DeepSpeed ZeRO-3: needs stage3_gather_16bit_weights_on_model_save
     return None
+
+
+def setup_tracking(cfg) -> None:
+    """Check trainer.report_to; for MLflow, a local store (<runs_dir>/mlflow.db) unless MLFLOW_TRACKING_URI names one,
+    and the experiment "finetune" (or MLFLOW_EXPERIMENT_NAME) for both engines' runs."""
+    import os
+
+    unknown = [name for name in cfg.trainer.report_to if name not in TRACKERS]
+    if unknown:
+        raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
+                            "or [] for none")
+    if "mlflow" not in cfg.trainer.report_to:
+        return
+    try:
+        import mlflow
+    except ImportError as e:
+        raise FinetuneError("trainer.report_to=[mlflow] needs MLflow: pip install 'finetune[mlflow]' (or drop "
+                            "mlflow from trainer.report_to)") from e
+    runs = Path(cfg.runs_dir).resolve()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        runs.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune")
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(runs / "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
+
+
+def accelerate_trackers(report_to, output_dir: Path) -> list:
+    """accelerate's trackers writing where the Trainer's do (TensorBoard: <output_dir>/tensorboard)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker
+
+    made = {"tensorboard": lambda: TensorBoardTracker(TENSORBOARD, str(output_dir)),
+            "mlflow": lambda: MLflowTracker("finetune", str(output_dir), run_name=output_dir.name)}
+    return [made[name]() for name in report_to]
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:

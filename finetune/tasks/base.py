@@ -7,9 +7,10 @@ and the run only ever talk to this interface.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -43,6 +44,10 @@ class Task:
     verify_relative_tolerance: ClassVar[float] = 0.0  # the same, as a fraction of the trainer's figure
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
+    # the exported pipeline: keyword arguments when loading it and of every call, and its batch size
+    pipeline_options: ClassVar[dict[str, Any]] = {}
+    pipeline_call: ClassVar[dict[str, Any]] = {}
+    pipeline_batch_size: ClassVar[int] = 64
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -119,8 +124,57 @@ class Task:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
-        """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics."""
+        """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics.
+        Also what `finetune.evaluate` runs on new labelled data (after `from_export`)."""
         raise NotImplementedError
+
+    # --- the exported pipeline: the check after export, finetune.evaluate, finetune.predict -----------
+    def load_pipeline(self, model_dir: Path) -> Any:
+        """The exported directory loaded the way its model card tells users to."""
+        from transformers import pipeline
+
+        return pipeline(self.pipeline_task, model=str(model_dir), device=device(),
+                        trust_remote_code=self.pipeline_needs_remote_code, **self.pipeline_options)
+
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        """The pipeline inputs of a batch of rows (columns: the canonical names of `input_columns`)."""
+        raise FinetuneError(f"finetune.predict does not support {type(self).__name__} yet (it has no pipeline_inputs)")
+
+    def prediction_record(self, output: Any) -> dict[str, Any]:
+        """One pipeline output as a JSON record: a line of finetune.predict's output."""
+        raise NotImplementedError
+
+    def run_pipeline(self, pipe: Any, inputs: Iterable, batch_size: int | None = None) -> Iterator:
+        """The pipeline's outputs, one per input and in order, computed batch by batch as the inputs are read
+        (a generator in, a generator out: no more than a batch is held, whatever the number of inputs)."""
+        return pipe((x for x in inputs), batch_size=batch_size or self.pipeline_batch_size, **self.pipeline_call)
+
+    def from_export(self, model_dir: Path, data_cfg: DataConfig) -> None:
+        """Before finetune.evaluate prepares labelled data for the exported model in `model_dir`: adopt what
+        training derived from its data (e.g. the labels, in the model's id order), so the data is encoded the
+        way the model predicts."""
+
+
+def exported_labels(model_dir: Path) -> list[str]:
+    """The label names of an exported model, in id order (config.json id2label)."""
+    id2label = json.loads((Path(model_dir) / "config.json").read_text()).get("id2label", {})
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def jsonable(value: Any) -> Any:
+    """Pipeline outputs with numpy numbers turned into Python ones (json.dumps takes those only)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def device() -> int:
+    """The pipelines' device: the first GPU when there is one."""
+    import torch
+
+    return 0 if torch.cuda.is_available() else -1
 
 
 def position_limit(model: PreTrainedModel) -> int | None:
