@@ -55,7 +55,7 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
 def _record_task(model_dir: Path, task, cfg) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     config["finetune"] = {"task": OmegaConf.to_container(cfg.task, resolve=True), "main_metric": task.main_metric,
-                          "data": {field: cfg.data[field] for field in task.columns.values() if field in cfg.data}}
+                          "data": {field: cfg.data[field] for field in task.recorded_columns() if field in cfg.data}}
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--output", type=Path, help="JSON lines to write (default: <input name>.predictions.jsonl "
                                                         "in the current directory)")
         parser.add_argument("--batch-size", type=int, help="rows per pipeline batch (default: the task's)")
-        fields = {c: task.columns[c] for c in task.input_columns} if task else {}
+        fields = {c: task.columns[c] for c in task.input_columns if task.columns[c] in record} if task else {}
         for canonical, field in fields.items():
             parser.add_argument(f"--{field.replace('_', '-')}", dest=field, default=(record or {}).get(field),
                                 help=f"input column of the {canonical} (default: the training's)")

@@ -136,6 +136,10 @@ class Task:
         return pipeline(self.pipeline_task, model=str(model_dir), device=device(),
                         trust_remote_code=self.pipeline_needs_remote_code, **self.pipeline_options)
 
+    def recorded_columns(self) -> list[str]:
+        """The data config fields naming the columns the model reads (recorded in the export for predict)."""
+        return list(self.columns.values())
+
     def pipeline_inputs(self, rows: dict[str, list]) -> list:
         """The pipeline inputs of a batch of rows (columns: the canonical names of `input_columns`)."""
         raise FinetuneError(f"finetune.predict does not support {type(self).__name__} yet (it has no pipeline_inputs)")
