@@ -298,3 +298,18 @@ def test_a_diverging_run_stops_with_a_one_line_error(tiny_bert, work, tmp_path, 
                                             r"trainer.learning_rate \(now 1e\+30\)$"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_slurm_launcher_config_fits_the_plugin():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional finetune[slurm] extra")
+    from hydra import compose, initialize_config_dir
+
+    from finetune.config import CONFIG_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == 1 and launcher.cpus_per_task == 8
