@@ -313,3 +313,14 @@ def test_slurm_launcher_config_fits_the_plugin():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.tasks_per_node == 1 and launcher.cpus_per_task == 8
+
+
+def test_an_unknown_search_is_a_one_line_error():
+    from finetune.__main__ import rewrite_overrides
+    from finetune.errors import FinetuneError
+
+    assert rewrite_overrides(["hparams_search=ner_optuna"]) == ["hparams_search=ner_optuna"]
+    with pytest.raises(FinetuneError, match="^unknown hparams_search 'sentimnt_optuna': did you mean "
+                                            "hparams_search=sentiment_optuna\\? choose one of ner_optuna, qa_optuna, "
+                                            "sentiment_optuna$"):
+        rewrite_overrides(["hparams_search=sentimnt_optuna"])
