@@ -258,8 +258,9 @@ class PerplexityTask:  # a stand-in for a language-modelling task: its main metr
     greater_is_better = False
 
 
-@pytest.mark.parametrize("search", ["sentiment_optuna", "ner_optuna", "qa_optuna"])
-def test_search_configs_compose_into_an_optuna_search_space(search):
+@pytest.mark.parametrize("search, direction", [("sentiment_optuna", "maximize"), ("ner_optuna", "maximize"),
+                                               ("qa_optuna", "maximize"), ("generation_optuna", "minimize")])
+def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     from hydra import compose, initialize_config_dir
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
     from optuna.distributions import LogUniformDistribution
@@ -272,10 +273,12 @@ def test_search_configs_compose_into_an_optuna_search_space(search):
         cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_ == "hydra_plugins.finetune_sweeper.ResumableOptunaSweeper"
-    assert sweeper.direction == "maximize" and sweeper.sampler.seed == cfg.seed and sweeper.max_failure_rate == 1.0
+    assert sweeper.direction == direction  # perplexity is minimized, accuracy and F1 maximized
+    assert sweeper.sampler.seed == cfg.seed and sweeper.max_failure_rate == 1.0
     space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
     assert isinstance(space["trainer.learning_rate"], LogUniformDistribution) and not fixed
-    assert {"trainer.num_train_epochs", "trainer.per_device_train_batch_size", "trainer.warmup_ratio"} <= set(space)
+    assert {"trainer.num_train_epochs", "trainer.warmup_ratio"} <= set(space)
+    assert ({"peft.r", "peft.alpha"} <= set(space)) == (cfg.peft.method == "lora")
 
 
 def test_direction_comes_from_the_task(monkeypatch):
@@ -284,6 +287,7 @@ def test_direction_comes_from_the_task(monkeypatch):
 
     monkeypatch.setitem(TASKS, "language_model", "test_sweeps:PerplexityTask")
     assert sweep.direction("language_model") == "minimize" and sweep.direction("classification") == "maximize"
+    assert sweep.direction("causal_lm") == "minimize"
 
 
 def test_a_diverging_run_stops_with_a_one_line_error(tiny_bert, work, tmp_path, one_thread):
@@ -321,6 +325,6 @@ def test_an_unknown_search_is_a_one_line_error():
 
     assert rewrite_overrides(["hparams_search=ner_optuna"]) == ["hparams_search=ner_optuna"]
     with pytest.raises(FinetuneError, match="^unknown hparams_search 'sentimnt_optuna': did you mean "
-                                            "hparams_search=sentiment_optuna\\? choose one of ner_optuna, qa_optuna, "
-                                            "sentiment_optuna$"):
+                                            "hparams_search=sentiment_optuna\\? choose one of generation_optuna, "
+                                            "ner_optuna, qa_optuna, sentiment_optuna$"):
         rewrite_overrides(["hparams_search=sentimnt_optuna"])
