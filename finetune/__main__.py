@@ -24,17 +24,18 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune import checks, resume
+from finetune import checks, resume, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
 from finetune.engines import check_trainer_config
 from finetune.errors import FinetuneError
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
 _FREE_GROUPS = {"model": "name_or_path", "data": "source"}
-_CHECKED_GROUPS = ("task", "trainer", "peft", "hub")
+_CHECKED_GROUPS = ("task", "trainer", "peft", "hub", "hparams_search")
 _SWEEP = re.compile(r"^(choice|range|interval|tag|glob)\(|,")
 _job_started = False
 _resumed_dir: Path | None = None  # the existing run directory this launch continues
@@ -155,7 +156,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     global _job_started
     _job_started = True
     sys.stderr = sys.__stderr__
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a sweep's trial: a failure is recorded and the sweep goes on
+        return sweep.run_trial(cfg, run_dir)
     try:
         from finetune.run import run
 
@@ -177,6 +181,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     global _job_started, _resumed_dir, _new_dir
     _job_started, _resumed_dir, _new_dir = False, None, None
+    sweep.failed_trials.clear()
     register_configs()
     debug, argv = False, sys.argv[1:]
     try:
@@ -203,6 +208,10 @@ def main() -> None:
     finally:
         if _new_dir is not None and not _job_started:  # (once the job runs, it removes its directory on failure)
             _remove_run_dir(*_new_dir)
+    if sweep.failed_trials:  # a sweep ended with failed trials: their trial.json and the leaderboard say why
+        failed = sweep.failed_trials
+        print(f"error: {len(failed)} trial(s) failed (see their trial.json): {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

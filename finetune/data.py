@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
@@ -196,7 +197,7 @@ def _deduplicate(ds: Dataset, columns: tuple[str, ...]) -> Dataset:
     dup = ds.select_columns(present).to_pandas().astype(str).duplicated().to_numpy()
     if dup.any():
         log.info("dropped %d duplicate rows", int(dup.sum()))
-        ds = ds.select([i for i, d in enumerate(dup) if not d])
+        ds = ds.select(np.flatnonzero(~dup))  # an index array: datasets fingerprints it much faster than a list
     return ds
 
 
@@ -229,10 +230,10 @@ def _hold_out(ds: Dataset, size: float, remaining: float, cfg: DataConfig, task:
         # sklearn's GroupShuffleSplit holds out whole groups (e.g. every review of a movie)
         from sklearn.model_selection import GroupShuffleSplit
 
-        groups = ds[cfg.group_column]
+        groups = ds[cfg.group_column][:]  # one list: sklearn reading datasets' lazy column row by row took seconds
         splitter = GroupShuffleSplit(n_splits=1, test_size=size, random_state=cfg.split_seed)
         keep, held = next(splitter.split(range(len(ds)), groups=groups))
-        return ds.select(sorted(keep)), ds.select(sorted(held))
+        return ds.select(np.sort(keep)), ds.select(np.sort(held))
     stratify = task.stratify_column
     try:
         parts = ds.train_test_split(test_size=size, seed=cfg.split_seed, stratify_by_column=stratify)

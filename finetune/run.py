@@ -9,6 +9,7 @@ resumed run (resume=...) continues from the newest complete checkpoint of its ru
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -87,6 +88,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         log.info("base model: %s", ", ".join(f"{k}={v:.4g}" for k, v in base.items()))
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
     metrics.update(engine.evaluate("validation"))
+    _check_finite_loss(metrics, cfg.trainer.learning_rate)
     metrics.update(engine.evaluate("test"))
     metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
     metrics.update(base)
@@ -100,6 +102,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     state.wait_for_everyone()
     state.destroy_process_group()
     return metrics
+
+
+def _check_finite_loss(metrics: dict, learning_rate: float) -> None:
+    """A NaN/inf loss means the weights diverged; argmax-based metrics would still look like scores."""
+    for key in ("train_loss", "validation_loss"):
+        if key in metrics and not math.isfinite(metrics[key]):
+            raise FinetuneError(f"training diverged: {key} is {metrics[key]}; lower trainer.learning_rate "
+                                f"(now {learning_rate:g})")
 
 
 def _is_score(key: str) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 from datasets import Dataset, DatasetDict
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import assets
@@ -51,6 +52,16 @@ class Task:
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    # datasets fingerprints map() by pickling the function, and so this task: a pickle of the config's values
+    # (a DictConfig's own pickle differs between equal configs) lets every trial of a sweep reuse the tokenized cache
+    def __getstate__(self) -> dict[str, Any]:
+        cfg = OmegaConf.to_container(self.cfg, resolve=True) if isinstance(self.cfg, DictConfig) else self.cfg
+        return {**vars(self), "cfg": cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self.cfg = OmegaConf.create(state["cfg"]) if isinstance(state["cfg"], dict) else state["cfg"]
 
     max_length_key: ClassVar[str] = "task.max_seq_length"  # the config key that sets max_length
 
