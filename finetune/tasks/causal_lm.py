@@ -213,7 +213,7 @@ class CausalLMTask(Task):
             sampling = {"do_sample": False, "num_beams": 1}
         return GenerationConfig(max_new_tokens=g.max_new_tokens, repetition_penalty=g.repetition_penalty,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, **sampling)
+                                bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling)
 
     def samples(self) -> list[dict[str, Any]]:
         return self._samples
@@ -276,7 +276,7 @@ def generate(model, tokenizer, prompts: list[Any], config: GenerationConfig, bat
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.inference_mode():
-            out = model.generate(**batch, generation_config=config, use_cache=True)
+            out = model.generate(**batch, generation_config=config)  # KV cache: config.use_cache
         new = out[:, batch["input_ids"].shape[1] :]
         for i, row in zip(chunk, new):
             row = row.tolist()
