@@ -43,7 +43,7 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
 def verify(task, model_dir: Path, raw_test, trainer_metrics: dict[str, float], tolerance: float) -> dict[str, float]:
     """Score the test split through transformers.pipeline and compare with the trainer's figure."""
     scores = task.verify(model_dir, raw_test)
-    key = task.main_metric
+    key = task.verify_metric or task.main_metric
     tolerance = max(tolerance, getattr(task, "verify_tolerance", 0.0))
     expected, got = trainer_metrics[f"test_{key}"], scores[key]
     if abs(expected - got) > tolerance:
@@ -123,7 +123,7 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 
 - engine: {hp.engine}, epochs: {hp.num_train_epochs}, learning rate: {hp.learning_rate}, batch size: {hp.per_device_train_batch_size}, seed: {cfg.seed}
 - max sequence length: {cfg.task.max_seq_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
-{adapters.card_section(cfg, task, base)}"""
+{adapters.card_section(cfg, task, base)}{task.card_section()}"""
     return ModelCard(content)
 
 
@@ -132,4 +132,4 @@ def _is_local(source: Any) -> bool:
 
 
 def _is_metric(key: str) -> bool:
-    return not any(s in key for s in ("runtime", "per_second", "epoch", "total_flos"))
+    return not any(s in key for s in ("runtime", "per_second", "epoch", "total_flos", "preparation_time"))

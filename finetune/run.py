@@ -89,7 +89,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def _is_score(key: str) -> bool:
-    return not key.endswith(("_runtime", "_per_second")) and key != "epoch"
+    return not key.endswith(("_runtime", "_per_second", "_preparation_time")) and key != "epoch"
 
 
 def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:
@@ -100,6 +100,6 @@ def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics
 
     report.write_json(run_dir / "metrics.json", metrics)
     report.learning_curve(engine.log_history, task.main_metric, run_dir / "learning_curve.png")
-    key = f"test_{task.main_metric}"
-    log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
-             metrics[f"pipeline_{key}"], model_dir)
+    key, checked = f"test_{task.main_metric}", f"test_{task.verify_metric or task.main_metric}"
+    log.info("done in %.0fs: %s=%.4f (pipeline %s %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
+             checked, metrics[f"pipeline_{checked}"], model_dir)

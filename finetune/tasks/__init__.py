@@ -10,6 +10,7 @@ TASKS = {
     "classification": "finetune.tasks.classification:ClassificationTask",
     "token_classification": "finetune.tasks.token_classification:TokenClassificationTask",
     "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
+    "masked_lm": "finetune.tasks.masked_lm:MaskedLMTask",
 }
 
 

@@ -37,6 +37,9 @@ class Task:
     # the least disagreement verify() must allow between the pipeline and the trainer on the main metric,
     # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
     verify_tolerance: ClassVar[float] = 0.0
+    # the metric verify() reproduces through the pipeline, when the pipeline cannot score the main metric: the trainer
+    # side is model_metrics()'s value on the test split (test_<name>); None: the main metric
+    verify_metric: ClassVar[str | None] = None
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
 
@@ -85,6 +88,10 @@ class Task:
 
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
+
+    def card_section(self) -> str:
+        """Task-specific markdown for the model card (e.g. what the base checkpoint lacked); '' for none."""
+        return ""
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics."""
