@@ -116,6 +116,8 @@ def _read_file(path: str, split: str) -> Dataset:
     fmt = file_format(path)
     if fmt not in _BUILDERS:
         raise FinetuneError(f"cannot read {path}: unknown format '{fmt}'; use csv, tsv, json, jsonl or parquet")
+    if Path(path).stat().st_size == 0:
+        raise FinetuneError(f"the {split} split is empty: {path} is an empty file; give it data")
     kwargs = {"sep": "\t"} if fmt == ".tsv" else {}
     try:
         return datasets.load_dataset(_BUILDERS[fmt], data_files={"train": path}, split="train", **kwargs)

@@ -80,21 +80,16 @@ class MaskedLMTask(Task):
         return _Collator(self, tokenizer, torch.initial_seed())  # the run's seed (transformers.set_seed set it)
 
     def _mask(self, tokenizer, features: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-        """Rows masked by transformers' collator, drawn from `seed`; drawn again if no token got masked (a batch
-        without masked tokens has a NaN loss)."""
+        """Rows padded and masked by transformers' collator, drawn from `seed`."""
         wwm = self.cfg.whole_word_mask
         features = [{k: v for k, v in f.items() if k != "length"} for f in features]
         if wwm:
             features = _pad_offsets(features, tokenizer.padding_side)
-        for attempt in range(100):
-            collator = DataCollatorForLanguageModeling(
-                tokenizer, mlm_probability=self.cfg.mlm_probability, whole_word_mask=wwm, seed=seed + attempt,
-                # transformers' whole-word masking always uses the mask token (and warns unless told so)
-                **({"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if wwm else {}))
-            batch = collator(features)
-            if (batch["labels"] != -100).any():
-                break
-        return batch
+        collator = DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=self.cfg.mlm_probability, whole_word_mask=wwm, seed=seed,
+            # transformers' whole-word masking always uses the mask token (and warns unless told so)
+            **({"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if wwm else {}))
+        return collator(features)
 
     # --- model --------------------------------------------------------------------------------
     def load_tokenizer(self, path: str, model_cfg):
@@ -159,9 +154,15 @@ class MaskedLMTask(Task):
 
     def model_metrics(self, model, tokenizer, raw: Dataset) -> dict[str, float]:
         """Top-1 accuracy of the in-memory model on the fill-mask probes (what verify() checks the pipeline against)."""
+        probes, targets = self.probes(tokenizer, list(raw["text"]))
+        predicted = self.fill(model, tokenizer, probes)
+        return {"fill_mask_accuracy": _accuracy(predicted, targets), "fill_mask_probes": len(probes)}
+
+    @staticmethod
+    def fill(model, tokenizer, probes: list[str]) -> list[int]:
+        """The model's top-1 token id at the mask of each probe (one mask per probe)."""
         import torch
 
-        probes, targets = self.probes(tokenizer, list(raw["text"]))
         device, training = next(model.parameters()).device, model.training
         model.eval()
         predicted = []
@@ -171,7 +172,7 @@ class MaskedLMTask(Task):
                 logits = model(**enc.to(device)).logits
                 predicted += logits[enc["input_ids"] == tokenizer.mask_token_id].argmax(-1).tolist()
         model.train(training)
-        return {"fill_mask_accuracy": _accuracy(predicted, targets), "fill_mask_probes": len(probes)}
+        return predicted
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         from transformers import pipeline
@@ -215,7 +216,12 @@ class _Collator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in features[0]:
             return self.pad(features)
-        return self.task._mask(self.tokenizer, features, _seed(self.seed, *(f["input_ids"] for f in features)))
+        seed = _seed(self.seed, *(f["input_ids"] for f in features))
+        for attempt in range(100):  # a batch without a masked token (a few short rows) has a NaN loss: draw again
+            batch = self.task._mask(self.tokenizer, features, seed + attempt)
+            if (batch["labels"] != -100).any():
+                break
+        return batch
 
 
 def _seed(seed: int, *token_ids: list[int]) -> int:
