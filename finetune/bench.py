@@ -9,9 +9,11 @@ peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training s
   lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
   ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
   qa          task=qa on SQuAD v1.1 articles (../shared/data, as ner)
+  mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity, lower is better)
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
-(4 + 2 x trainable fraction) x non-embedding parameters x real (non-pad) tokens per second -- 6N for full
+(4 + 2 x trainable fraction) x non-embedding parameters (plus an LM head's output layer, whose matmul runs
+even when its weights are the input embeddings) x real (non-pad) tokens per second -- 6N for full
 fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
 measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_seconds): forward, backward and optimizer
@@ -46,6 +48,7 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
             "task.doc_stride=64", "data.max_test_samples=300"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions"),
+    "mlm": (["task=mlm"], None, "task=mlm, 15% of tokens masked, dynamic padding, length-grouped"),
 }
 
 
@@ -93,6 +96,10 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     model = adapters.wrap(task.load_model(path, cfg.model), cfg.peft, task)
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "lora_" not in n)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and p.requires_grad)
+    output = model.get_output_embeddings()  # an LM head: vocabulary x hidden, often tied to the input embeddings
+    if output is not None and any(output.weight is p for n, p in model.named_parameters() if "embeddings" in n):
+        params += output.weight.numel()
+        trainable += output.weight.numel() if output.weight.requires_grad else 0
     flops_per_token = (4 + 2 * min(trainable / params, 1)) * params  # forward 2N, input grads 2N, weight grads 2N_trained
 
     with tempfile.TemporaryDirectory() as tmp:
