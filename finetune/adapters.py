@@ -88,9 +88,11 @@ def _embeddings(model, which: str):
 
 def _new_modules(model) -> list[str]:
     """The largest modules whose parameters all were newly initialized by from_pretrained (not in the checkpoint)."""
-    # transformers marks each tensor it loaded with `_is_hf_initialized`; no public API reports this after loading
-    params = [n for n, _ in model.named_parameters()]
-    new = {n for n, p in model.named_parameters() if not getattr(p, "_is_hf_initialized", False)}
+    # transformers marks each tensor it loaded with `_is_hf_initialized`; no public API reports this after loading.
+    # Tied weights are listed under every name, so a module holding a loaded tied weight (an MLM head's decoder,
+    # tied to the input embeddings) is not new, and only its new parts (the head transform) are trained in full
+    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    new = {n for n, p in model.named_parameters(remove_duplicate=False) if not getattr(p, "_is_hf_initialized", False)}
     if len(new) == len(params):  # not loaded from a checkpoint (or no flags): nothing to tell
         return []
     found = set()

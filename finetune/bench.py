@@ -12,9 +12,11 @@ peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training s
   generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 4 x 512-token blocks a step,
               its own 10 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
   generation_lora  the same with peft=lora
+  mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity, lower is better)
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
-(4 + 2 x trainable fraction) x non-embedding parameters x real (non-pad) tokens per second -- 6N for full
+(4 + 2 x trainable fraction) x non-embedding parameters (plus an LM head's output layer, whose matmul runs
+even when its weights are the input embeddings) x real (non-pad) tokens per second -- 6N for full
 fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
 measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_seconds): forward, backward and optimizer
@@ -53,6 +55,7 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
             "task.doc_stride=64", "data.max_test_samples=300"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions"),
+    "mlm": (["task=mlm"], None, "task=mlm, 15% of tokens masked, dynamic padding, length-grouped"),
 }
 
 

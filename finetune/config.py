@@ -61,6 +61,14 @@ class CausalLMTaskConfig(TaskConfig):
 
 
 @dataclass
+class MaskedLMTaskConfig(TaskConfig):
+    max_seq_length: int = 128  # longer texts are truncated (one row = one sequence)
+    mlm_probability: float = 0.15  # fraction of tokens to predict (80% -> [MASK], 10% random, 10% unchanged)
+    whole_word_mask: bool = False  # mask all pieces of a word together (every chosen word becomes [MASK])
+    eval_mask_seed: int = 0  # fixes the validation / test masks (with each text) and the fill-mask check's words
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = MISSING  # "bundled:<asset>", a Hub id, or a local directory
     revision: Optional[str] = None
@@ -84,6 +92,8 @@ class DataConfig:
     deduplicate: bool = False  # drop rows whose inputs repeat an earlier row
     validation_size: float = 0.1  # fraction held out when the data has no validation split
     test_size: float = 0.1  # fraction held out when the data has no test split
+    keep_column: Optional[str] = None  # keep only the rows whose value in this column is one of data.keep_values
+    keep_values: Optional[list[str]] = None
     split_seed: int = 42  # the held-out splits do not move with the training seed
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
@@ -112,6 +122,11 @@ class QAData(DataConfig):
     question_column: str = "question"
     context_column: str = "context"
     answers_column: str = "answers"  # {text: [...], answer_start: [...]}
+
+
+@dataclass
+class TextData(DataConfig):
+    text_column: str = "text"  # .txt files: one row per line
 
 
 @dataclass
@@ -200,9 +215,9 @@ class GenerationData(DataConfig):
 
 # one schema per task and per data shape; configs/task/<name>.yaml selects its two in its defaults list
 TASK_SCHEMAS = {"classification": ClassificationTaskConfig, "token_classification": TokenClassificationTaskConfig,
-                "qa": QATaskConfig,
-                "causal_lm": CausalLMTaskConfig}
-DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData, "generation": GenerationData}
+                "qa": QATaskConfig, "causal_lm": CausalLMTaskConfig, "masked_lm": MaskedLMTaskConfig}
+DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData,
+                "generation": GenerationData, "text": TextData}
 
 
 def register_configs() -> None:

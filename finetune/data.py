@@ -47,7 +47,7 @@ def load(cfg: DataConfig, task: Task) -> DatasetDict:
     raw = _load_source(cfg, task)
     if "train" not in raw:
         raise FinetuneError(f"the data has no train split (found: {', '.join(raw) or 'none'}); add one")
-    raw = DatasetDict({split: _rename(ds, cfg, task, split) for split, ds in raw.items()})
+    raw = DatasetDict({split: _rename(_keep_rows(ds, cfg, split), cfg, task, split) for split, ds in raw.items()})
     if cfg.deduplicate:
         raw = DatasetDict({split: _deduplicate(ds, task.input_columns) for split, ds in raw.items()})
     raw = task.prepare(raw, cfg)
@@ -134,6 +134,8 @@ def _read_file(path: str, split: str) -> Dataset:
     fmt = file_format(path)
     if fmt not in _BUILDERS:
         raise FinetuneError(f"cannot read {path}: unknown format '{fmt}'; use csv, tsv, json, jsonl or parquet")
+    if Path(path).stat().st_size == 0:
+        raise FinetuneError(f"the {split} split is empty: {path} is an empty file; give it data")
     kwargs = {"sep": "\t"} if fmt == ".tsv" else {}
     try:
         return datasets.load_dataset(_BUILDERS[fmt], data_files={"train": path}, split="train", **kwargs)
@@ -165,6 +167,21 @@ def _load_hub(name: str, cfg: DataConfig) -> DatasetDict:
         datasets.config.HF_HUB_OFFLINE = before
     renamed = {_SPLIT_ALIASES.get(s.lower(), s): d for s, d in ds.items()}
     return DatasetDict({s: d for s, d in renamed.items() if s in SPLITS})
+
+
+def _keep_rows(ds: Dataset, cfg: DataConfig, split: str) -> Dataset:
+    """data.keep_column / data.keep_values: keep only the rows whose value is one of the values."""
+    if cfg.keep_column is None and cfg.keep_values is None:
+        return ds
+    if cfg.keep_column is None or not cfg.keep_values:
+        raise FinetuneError("data.keep_column and data.keep_values go together: set both (keep_values=[a,b]) or neither")
+    if cfg.keep_column not in ds.column_names:
+        raise FinetuneError(f"column '{cfg.keep_column}' (data.keep_column) not found in the {split} data; available "
+                            f"columns: {', '.join(ds.column_names)}")
+    wanted = {str(v) for v in cfg.keep_values}
+    kept = ds.filter(lambda value: str(value) in wanted, input_columns=cfg.keep_column)
+    log.info("%s: kept %d of %d rows (%s in %s)", split, len(kept), len(ds), cfg.keep_column, sorted(wanted))
+    return kept
 
 
 def _rename(ds: Dataset, cfg: DataConfig, task: Task, split: str) -> Dataset:

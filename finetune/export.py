@@ -90,7 +90,7 @@ def _umask_permissions(root: Path) -> None:
 def verify(task, model_dir: Path, raw_test, trainer_metrics: dict[str, float], tolerance: float) -> dict[str, float]:
     """Score the test split through transformers.pipeline and compare with the trainer's figure."""
     scores = task.verify(model_dir, raw_test)
-    key = task.main_metric
+    key = task.verify_metric or task.main_metric
     expected, got = trainer_metrics[f"test_{key}"], scores[key]
     tolerance = max(tolerance, task.verify_tolerance, task.verify_relative_tolerance * abs(expected))
     if abs(expected - got) > tolerance:

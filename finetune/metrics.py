@@ -106,3 +106,14 @@ def generation_metrics(predictions: list[str], references: list[str | list[str]]
     out["bleu"] = float(sacrebleu.corpus_bleu(predictions, streams).score)
     out["gen_len"] = float(np.mean([len(p.split()) for p in predictions]))
     return out
+
+
+def masked_lm_metrics(labels: np.ndarray, top1: np.ndarray, nll: np.ndarray) -> dict[str, float]:
+    """Over the masked tokens (label != -100): accuracy of the top-1 prediction, and perplexity = exp of the mean
+    loss per masked token (token-weighted; the engines' eval loss averages per-batch means instead)."""
+    masked = labels != -100
+    n = int(masked.sum())
+    if n == 0:
+        return {"accuracy": 0.0, "perplexity": float("nan"), "masked_tokens": 0}
+    return {"accuracy": float((top1[masked] == labels[masked]).mean()),
+            "perplexity": float(np.exp(nll[masked].astype(np.float64).mean())), "masked_tokens": n}

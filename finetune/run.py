@@ -148,8 +148,8 @@ def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, 
     if task.samples():
         report.write_jsonl(run_dir / "samples.jsonl", task.samples())
     report.learning_curve(engine.log_history, task.main_metric, run_dir / "learning_curve.png")
-    key = f"test_{task.main_metric}"
-    log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
-             metrics[f"pipeline_{key}"], model_dir)
+    key, checked = f"test_{task.main_metric}", f"test_{task.verify_metric or task.main_metric}"
+    log.info("done in %.0fs: %s=%.4f (pipeline %s %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
+             checked, metrics[f"pipeline_{checked}"], model_dir)
     if cfg.hub.push:  # only a verified export gets here
         metrics.update(hub.push(run_dir, cfg.hub))

@@ -153,3 +153,15 @@ def test_no_train_split(tmp_path):
     path = write_rows(tmp_path / "t.csv", make_sentences(20))
     with pytest.raises(FinetuneError, match=r"the data has no train split \(found: test\); add one"):
         load("data=custom", f"data.test_file={path}", "data.text_column=review", "data.label_column=sentiment")
+
+
+def test_keep_rows_filter(tmp_path):
+    rows = [(t, ["pos", "neg", "plot"][i % 3]) for i, (t, _) in enumerate(make_sentences(150))]
+    path = write_rows(tmp_path / "d.csv", rows)
+    over = (f"data={path}", "data.text_column=review", "data.label_column=sentiment")
+    raw, task = load(*over, "data.keep_column=sentiment", "data.keep_values=[pos,neg]")
+    assert task.labels == ["neg", "pos"] and sum(len(s) for s in raw.values()) == 100
+    with pytest.raises(FinetuneError, match=r"column 'kind' \(data.keep_column\) not found in the train data"):
+        load(*over, "data.keep_column=kind", "data.keep_values=[pos]")
+    with pytest.raises(FinetuneError, match="data.keep_column and data.keep_values go together"):
+        load(*over, "data.keep_values=[pos]")

@@ -11,6 +11,7 @@ TASKS = {
     "token_classification": "finetune.tasks.token_classification:TokenClassificationTask",
     "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
     "causal_lm": "finetune.tasks.causal_lm:CausalLMTask",
+    "masked_lm": "finetune.tasks.masked_lm:MaskedLMTask",
 }
 
 

@@ -43,6 +43,9 @@ class Task:
     # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
     verify_tolerance: ClassVar[float] = 0.0
     verify_relative_tolerance: ClassVar[float] = 0.0  # the same, as a fraction of the trainer's figure
+    # the metric verify() reproduces through the pipeline, when the pipeline cannot score the main metric: the trainer
+    # side is model_metrics()'s value on the test split (test_<name>); None: the main metric
+    verify_metric: ClassVar[str | None] = None
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
     # the exported pipeline: keyword arguments when loading it and of every call, and its batch size
@@ -134,6 +137,10 @@ class Task:
 
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
+
+    def card_section(self) -> str:
+        """Task-specific markdown for the model card (e.g. what the base checkpoint lacked); '' for none."""
+        return ""
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics.
