@@ -106,7 +106,7 @@ class HFEngine:
             eval_dataset=features["validation"],
             data_collator=without_length(task.collator(tokenizer)),
             processing_class=tokenizer,
-            compute_metrics=task.compute_metrics("validation", features["validation"]),
+            compute_metrics=self._metrics("validation"),
             preprocess_logits_for_metrics=task.preprocess_logits,
             callbacks=callbacks,
         )
@@ -116,8 +116,13 @@ class HFEngine:
         return self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
-        self.trainer.compute_metrics = self.task.compute_metrics(split, self.features[split])
+        self.trainer.compute_metrics = self._metrics(split)
         return self.trainer.evaluate(self.features[split], metric_key_prefix=split)
+
+    def _metrics(self, split: str):
+        """The task's metrics of the split's predictions, and those it takes from the model itself."""
+        scores = self.task.compute_metrics(split, self.features[split])
+        return lambda pred: {**scores(pred), **self.task.evaluate_model(self.trainer.model, split)}
 
     @property
     def model(self):

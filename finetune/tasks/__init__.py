@@ -11,6 +11,8 @@ TASKS = {
     "token_classification": "finetune.tasks.token_classification:TokenClassificationTask",
     "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
     "causal_lm": "finetune.tasks.causal_lm:CausalLMTask",
+    "translation": "finetune.tasks.seq2seq:TranslationTask",
+    "summarization": "finetune.tasks.seq2seq:SummarizationTask",
 }
 
 

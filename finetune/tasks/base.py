@@ -40,6 +40,7 @@ class Task:
     verify_relative_tolerance: ClassVar[float] = 0.0  # the same, as a fraction of the trainer's figure
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
+    data_hint: ClassVar[str] = ""  # how to pass data, for a task without bundled default data
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -72,6 +73,9 @@ class Task:
         return tokenizer
 
     def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
+        if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
+            raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
+                                "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
         return _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
 
     # --- evaluation and export ----------------------------------------------------------------
@@ -83,6 +87,11 @@ class Task:
         """What evaluation keeps of each batch's logits for compute_metrics (default: all of them). Tasks with
         large outputs (a language model's vocabulary x tokens) reduce them here, on the device, batch by batch."""
         return logits
+
+    def evaluate_model(self, model: PreTrainedModel, split: str) -> dict[str, float]:
+        """Metrics that need the model itself at every evaluation of `split` (e.g. scores of generated text), keys
+        without prefix. Both engines add them to the split's metrics, so the main metric can be one of them."""
+        return {}
 
     def model_metrics(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, raw: Dataset
                       ) -> dict[str, float]:
