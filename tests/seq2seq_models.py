@@ -11,12 +11,12 @@ EN_DE = {"a": "ein", "man": "mann", "woman": "frau", "dog": "hund", "cat": "katz
 PREFIX = "translate English to German:"  # a T5-style checkpoint's own prefix (task_specific_params)
 
 
-def corpus(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def corpus(n: int, seed: int = 0, words: int = 10, length: tuple[int, int] = (2, 4)) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    words = list(EN_DE)
+    words = list(EN_DE)[:words]
     rows = []
     for _ in range(n):
-        sentence = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+        sentence = [rng.choice(words) for _ in range(rng.randint(*length))]
         rows.append((" ".join(sentence), " ".join(EN_DE[w] for w in sentence)))
     return rows
 

@@ -52,7 +52,6 @@ class Seq2SeqTask(Task):
     output_key: str  # the pipeline's output field
     scores_kinds: tuple[str, ...]  # what evaluation reports of metrics.generation_metrics (rouge, bleu)
     columns = {"source": "source_column", "target": "target_column"}
-    optional_columns = frozenset(columns)
     input_columns = ("source", "translation")
     report_base_metrics = True  # the pretrained (zero-shot) model's scores on the same test split
     task_params_key = "summarization"  # where a T5-style checkpoint keeps its input prefix (task_specific_params)
@@ -108,7 +107,7 @@ class Seq2SeqTask(Task):
             rows["source"].append(source.strip())
             rows["references"].append([r.strip() for r in references])
         if data_cfg.group_column:
-            rows[data_cfg.group_column] = ds[data_cfg.group_column]
+            rows[data_cfg.group_column] = list(ds[data_cfg.group_column])
         return Dataset.from_dict(rows)
 
     def _columns(self, ds: Dataset, split: str, data_cfg) -> tuple[list, list]:
