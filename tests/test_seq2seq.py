@@ -254,10 +254,19 @@ def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(models, tmp_
     assert metrics["pipeline_test_bleu"] == pytest.approx(metrics["test_bleu"], abs=1e-9)
     adapter = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_2_SEQ_LM" and any("crossattention" in m for m in adapter["modules_to_save"])
-    from transformers import AutoModelForSeq2SeqLM
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     assert type(model).__name__ == "EncoderDecoderModel" and not any("lora" in n for n, _ in model.named_parameters())
+    # the model card's recipe puts the adapter on a freshly warm-started base: it writes what the merged model writes
+    card = (model_dir / "README.md").read_text()
+    code = card.split("## LoRA")[1].split("```python")[1].split("```")[0].replace("path/to/this/directory", str(model_dir))
+    scope = {}
+    exec(code, scope)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tok(["a man runs", "the dog sits"], return_tensors="pt", padding=True)
+    expected = model.generate(**inputs).tolist()
+    assert scope["model"].generate(**inputs).tolist() == expected
 
 
 def test_decoder_only_translation_also_loads_as_text_generation(models, tmp_path):

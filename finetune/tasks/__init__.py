@@ -11,7 +11,7 @@ TASKS = {
     "token_classification": "finetune.tasks.token_classification:TokenClassificationTask",
     "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
     "causal_lm": "finetune.tasks.causal_lm:CausalLMTask",
-    "translation": "finetune.tasks.seq2seq:TranslationTask",
+    "translation": "finetune.tasks.translation:TranslationTask",
     "summarization": "finetune.tasks.seq2seq:SummarizationTask",
 }
 

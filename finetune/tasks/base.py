@@ -106,6 +106,13 @@ class Task:
         """Markdown the task adds to the model card."""
         return ""
 
+    def adapter_base_code(self, cfg, base: str) -> str:
+        """Python that rebuilds the pretrained model a LoRA adapter applies to (the model card's LoRA section)."""
+        name = self.auto_model.__name__
+        return f"""from transformers import AutoConfig, {name}
+config = AutoConfig.from_pretrained("path/to/this/directory")  # labels
+base = {name}.from_pretrained("{base}", config=config)"""
+
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
 
