@@ -230,9 +230,10 @@ class TranslationData(Seq2SeqData):
 # one schema per task and per data shape; configs/task/<name>.yaml selects its two in its defaults list
 TASK_SCHEMAS = {"classification": ClassificationTaskConfig, "token_classification": TokenClassificationTaskConfig,
                 "qa": QATaskConfig,
-                "causal_lm": CausalLMTaskConfig, "translation": TranslationTaskConfig, "summarization": Seq2SeqTaskConfig}
-DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData, "generation": GenerationData,
-                "seq2seq": Seq2SeqData, "translation": TranslationData}
+                "causal_lm": CausalLMTaskConfig, "translation": TranslationTaskConfig,
+                "summarization": Seq2SeqTaskConfig}
+DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData,
+                "generation": GenerationData, "seq2seq": Seq2SeqData, "translation": TranslationData}
 
 
 def register_configs() -> None:

@@ -87,7 +87,7 @@ def generation_metrics(predictions: list[str], references: list[str | list[str]]
                        scores: tuple[str, ...] = ("rouge", "bleu")) -> dict[str, float]:
     """ROUGE-1/2/L/Lsum F-measure with stemming (rouge-score), chrF and BLEU (sacrebleu), as fractions 0..1 except
     BLEU and chrF (0..100, as sacrebleu reports them), and the mean generated length in words. A reference may
-    be a list of references: ROUGE takes the best one, sacrebleu uses all of them. `scores` picks rouge, bleu or both."""
+    be a list of references: ROUGE takes the best one, sacrebleu uses all of them. `scores`: rouge, bleu or both."""
     import logging
 
     import sacrebleu

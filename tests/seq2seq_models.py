@@ -47,8 +47,8 @@ def build_t5(path, with_prefix: bool = True):
     _word_tokenizer(vocab, "$A </s>", eos_token="</s>", pad_token="<pad>").save_pretrained(path)
     torch.manual_seed(0)
     params = {"translation_en_to_de": {"prefix": PREFIX + " "}} if with_prefix else None
-    T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, dropout_rate=0.0,
-                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                                         task_specific_params=params)).save_pretrained(path)
     return path
 

@@ -144,8 +144,8 @@ def features(model, *overrides, task_name="translation"):
     cfg = compose_cfg(f"task={task_name}", f"model={model}", *overrides)
     task = get_task(cfg.task)
     tokenizer = task.load_tokenizer(assets.resolve(cfg.model.name_or_path), cfg.model)
-    raw = task.prepare(DatasetDict({"train": Dataset.from_dict({"source": ["a man runs"], "target": ["ein mann rennt"]})}),
-                       cfg.data)
+    rows = Dataset.from_dict({"source": ["a man runs"], "target": ["ein mann rennt"]})
+    raw = task.prepare(DatasetDict({"train": rows}), cfg.data)
     row = task.tokenize(raw, tokenizer)["train"][0]
     return task, tokenizer, row, cfg
 
@@ -260,7 +260,8 @@ def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(models, tmp_
     assert type(model).__name__ == "EncoderDecoderModel" and not any("lora" in n for n, _ in model.named_parameters())
     # the model card's recipe puts the adapter on a freshly warm-started base: it writes what the merged model writes
     card = (model_dir / "README.md").read_text()
-    code = card.split("## LoRA")[1].split("```python")[1].split("```")[0].replace("path/to/this/directory", str(model_dir))
+    code = card.split("## LoRA")[1].split("```python")[1].split("```")[0]
+    code = code.replace("path/to/this/directory", str(model_dir))
     scope = {}
     exec(code, scope)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -127,7 +127,8 @@ class Seq2SeqPipeline(Pipeline):
         return encode(self.tokenizer, text, self.settings, self.decoder_only)
 
     def _forward(self, input_ids, **generate_kwargs):
-        return generate_batch(self.model, self.tokenizer, [input_ids], **self._prepare_generate_kwargs(generate_kwargs))[0]
+        kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        return generate_batch(self.model, self.tokenizer, [input_ids], **kwargs)[0]
 
     def postprocess(self, ids):
         return {self.settings["output_key"]: self.tokenizer.decode(ids, skip_special_tokens=True).strip()}

@@ -64,7 +64,8 @@ class Seq2SeqTask(Task):
             cfg.prompt_template.format(source="", source_lang="", target_lang="")
         except (KeyError, IndexError, ValueError) as e:
             raise FinetuneError(f"task.prompt_template={cfg.prompt_template!r} is not a template of {{source}}, "
-                                f"{{source_lang}} and {{target_lang}} ({e!r}); write literal braces as {{{{ }}}}") from e
+                                f"{{source_lang}} and {{target_lang}} ({e!r}); write literal braces as {{{{ }}}}"
+                                ) from e
         self.family = "encoder_decoder"
         self.auto_model, self.peft_task_type = AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM"
         self.settings: dict[str, Any] = {}  # what the exported pipeline needs to encode a source (config.json)
@@ -200,7 +201,8 @@ class Seq2SeqTask(Task):
             for key, value in ids.items():  # forward() reads the config, generate() the generation config
                 setattr(model.config, key, value)
             model.generation_config.update(**ids)
-            log.info("warm-started encoder-decoder; newly initialized: %s", ", ".join(adapters.trainable_modules(model)))
+            log.info("warm-started encoder-decoder; newly initialized: %s",
+                     ", ".join(adapters.trainable_modules(model)))
         else:
             model = _load(self.auto_model, path, model_cfg)
         g = self.cfg.generation
@@ -279,7 +281,8 @@ class Seq2SeqTask(Task):
         """Generate for every source of the split and score the texts against all their references."""
         raw = self.raw[split]
         if split not in self._inputs:
-            self._inputs[split] = [s2s.encode(self.tokenizer, s, self.settings, self.decoder_only) for s in raw["source"]]
+            self._inputs[split] = [s2s.encode(self.tokenizer, s, self.settings, self.decoder_only)
+                                   for s in raw["source"]]
         model.eval()
         start = time.perf_counter()
         rows = s2s.generate(model, self.tokenizer, self._inputs[split], BATCH)
