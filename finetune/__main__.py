@@ -3,13 +3,15 @@
 Input errors print one line and exit with code 2 (debug=true shows the traceback); a run that
 fails on bad input leaves nothing behind in runs/.
 
-One launch writes one run directory. `resume=true|<run dir>` continues an unfinished run in its own
-directory; under `accelerate launch` / `torchrun` rank 0 picks the directory and the other processes
-follow it (they log warnings only, to the console, and write no files of their own).
+One launch writes one run directory, runs/<task>/<time> (<time>_2, ... when another launch took it in the
+same second). `resume=true|<run dir>` continues an unfinished run in its own directory; under
+`accelerate launch` / `torchrun` rank 0 picks the directory and the other processes follow it (they log
+warnings only, to the console, and write no files of their own).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -21,19 +23,24 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from finetune import resume
+from finetune import checks, resume, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
+from finetune.engines import check_trainer_config
 from finetune.errors import FinetuneError
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
 _FREE_GROUPS = {"model": "name_or_path", "data": "source"}
-_CHECKED_GROUPS = ("task", "trainer", "peft", "hub")
+_CHECKED_GROUPS = ("task", "trainer", "peft", "hub", "hparams_search")
 _SWEEP = re.compile(r"^(choice|range|interval|tag|glob)\(|,")
 _job_started = False
 _resumed_dir: Path | None = None  # the existing run directory this launch continues
-_GRACE_S = 5.0
+_new_dir: tuple[Path, Path] | None = None  # the run directory this launch created, and runs_dir
+_GRACE_S = 30.0  # long enough for a loaded machine: rank 0 reports first, and its exit ends the launch
 
 
 def _quote(value: str) -> str:
@@ -60,43 +67,53 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def pin_run_dir(argv: list[str]) -> list[str]:
-    """Overrides that make every process of this launch write into one run directory, the resumed one if any."""
-    global _resumed_dir
-    wanted = resume.target(next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None))
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if any(a.startswith("-") for a in argv) or not (wanted or distributed):
-        return []  # --cfg/--help/--multirun, or a plain single-process run: Hydra's timestamped dir
+def pin_run_dir(argv: list[str], cfg: DictConfig) -> list[str]:
+    """Overrides that make every process of this launch write into one run directory: the resumed one, or a
+    fresh one that rank 0 creates here (so two launches in the same second get two)."""
+    global _resumed_dir, _new_dir
+    wanted = resume.target(cfg.resume)
     decision: dict = {}
     if _is_main_process():
         try:
-            decision = {"run_id": time.strftime("%Y-%m-%d_%H-%M-%S")}
             if wanted:
-                decision["dir"] = str(resume.find_run_dir(_compose(argv), wanted))
+                decision = {"dir": str(resume.find_run_dir(cfg, wanted)), "resumed": True}
+            elif not any(a.startswith("hydra.run.dir=") for a in argv):
+                decision = {"dir": str(_create_run_dir(cfg))}
         except FinetuneError as e:
             decision = {"error": str(e)}
-        except Exception:  # the overrides do not compose: let Hydra report that as it always does
-            decision = {}
-    if distributed:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         decision = _broadcast(decision)
     if "error" in decision:
         raise FinetuneError(decision["error"])
-    if "run_id" in decision:
-        os.environ["FINETUNE_RUN_ID"] = decision["run_id"]  # configs/config.yaml names the run dir with it
     extra = []
     if "dir" in decision:
-        _resumed_dir = Path(decision["dir"]).resolve()
+        if decision.get("resumed"):
+            _resumed_dir = Path(decision["dir"]).resolve()
+        elif _is_main_process():
+            _new_dir = (Path(decision["dir"]).resolve(), Path(cfg.runs_dir).expanduser().resolve())
         extra.append(f"hydra.run.dir={_quote(decision['dir'])}")
     if not _is_main_process():  # no .hydra/ or log file of its own; warnings still reach the console
         extra += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     return extra
 
 
-def _compose(argv: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
-        return compose("config", overrides=[a for a in argv if not a.startswith("hydra")], return_hydra_config=True)
+def _create_run_dir(cfg: DictConfig) -> Path:
+    """hydra.run.dir (runs_dir/<task>/<time>), made atomically: a launch that finds it taken takes <time>_2, ..."""
+    runs = Path(cfg.runs_dir).expanduser()
+    if runs.exists() and not runs.is_dir():
+        raise FinetuneError(f"runs_dir={cfg.runs_dir} is a file, not a directory; pass runs_dir=<directory for the runs>")
+    base = Path(cfg.hydra.run.dir).expanduser()
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise FinetuneError(f"cannot create the run directory {path} ({e.strerror}); "
+                                "pass runs_dir=<a writable directory>") from e
+    raise AssertionError("unreachable")
 
 
 def _broadcast(decision: dict) -> dict:
@@ -139,14 +156,18 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     global _job_started
     _job_started = True
     sys.stderr = sys.__stderr__
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a sweep's trial: a failure is recorded and the sweep goes on
+        return sweep.run_trial(cfg, run_dir)
     try:
         from finetune.run import run
 
         run(cfg, run_dir)
     except FinetuneError as e:
         if _is_main_process():
-            if run_dir.resolve() != _resumed_dir:  # never delete a run being resumed
+            # never delete a run being resumed, nor a finished one (a failed push is retried with finetune.push)
+            if run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
                 _remove_run_dir(run_dir, Path(cfg.runs_dir).resolve())
             if cfg.debug:
                 traceback.print_exc()
@@ -158,19 +179,39 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    global _job_started, _resumed_dir, _new_dir
+    _job_started, _resumed_dir, _new_dir = False, None, None
+    sweep.failed_trials.clear()
     register_configs()
+    debug, argv = False, sys.argv[1:]
     try:
-        argv = rewrite_overrides(sys.argv[1:])
-        sys.argv[1:] = argv + pin_run_dir(argv)
+        argv = rewrite_overrides(argv)
+        if any(a.startswith("-") for a in argv):  # --cfg/--help/--multirun (sweep syntax): Hydra composes
+            os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # it raises its errors instead of printing them: one line
+        else:
+            cfg = checks.compose(argv)  # a bad key or value fails here, before anything is written
+            debug = cfg.debug
+            check_trainer_config(cfg.trainer)
+            argv += pin_run_dir(argv, cfg)
+        sys.argv[1:] = argv
         if not _is_main_process():
             sys.stderr = open(os.devnull, "w")  # Hydra's own report of a bad config comes from rank 0 only
         _hydra_main()
-    except FinetuneError as e:
-        _fail(str(e))
+    except (FinetuneError, HydraException, OmegaConfBaseException) as e:
+        if debug:
+            traceback.print_exc()
+        _fail(str(e) if isinstance(e, FinetuneError) else checks.config_error(e, argv))
     except SystemExit as e:
         if e.code == 1 and not _job_started:  # Hydra rejected the command line or the config
             _fail(None)
         raise
+    finally:
+        if _new_dir is not None and not _job_started:  # (once the job runs, it removes its directory on failure)
+            _remove_run_dir(*_new_dir)
+    if sweep.failed_trials:  # a sweep ended with failed trials: their trial.json and the leaderboard say why
+        failed = sweep.failed_trials
+        print(f"error: {len(failed)} trial(s) failed (see their trial.json): {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

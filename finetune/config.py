@@ -159,7 +159,10 @@ class TrainerConfig:
     early_stopping_threshold: float = 0.0  # an improvement must beat the best main metric by more than this
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | no | fp16 | bf16
     dataloader_num_workers: int = 0
-    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
+    # experiment trackers: tensorboard (event files in <run>/tensorboard), mlflow (pip install finetune[mlflow];
+    # MLFLOW_TRACKING_URI, else a local store in <runs_dir>/mlruns); [] turns tracking off
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    fsdp: bool = False  # FSDP2 over a launch's CPU processes (trainer=accelerate); GPUs: configs/accelerate/fsdp.yaml
 
 
 @dataclass
@@ -174,9 +177,12 @@ class PeftConfig:
 
 @dataclass
 class HubConfig:
-    push: bool = False
-    repo_id: Optional[str] = None
-    private: bool = True
+    push: bool = False  # push model/ + metrics.json + learning_curve.png after a verified export (hub=push)
+    repo_id: Optional[str] = None  # <namespace>/<name>
+    private: bool = True  # for a repo this push creates (an existing repo keeps its visibility)
+    revision: Optional[str] = None  # a branch to push to (created from main when missing); None: main
+    commit_message: Optional[str] = None  # None: names the run and its test metric
+    dry_run: bool = False  # list what would be uploaded, and where, without any network call
 
 
 @dataclass

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
 
 from finetune import assets
 from finetune.config import did_you_mean
@@ -62,6 +64,22 @@ def load(cfg: DataConfig, task: Task) -> DatasetDict:
     return raw
 
 
+def load_split(cfg: DataConfig, task: Task) -> tuple[str, Dataset]:
+    """One labelled split to score an exported model on (finetune.evaluate): the source's test split, else its
+    validation split, else all its rows (a single file); canonical columns, labels encoded, data.max_test_samples."""
+    raw = _load_source(cfg, task)
+    source = next((s for s in ("test", "validation", "train") if s in raw), None)
+    if source is None:
+        raise FinetuneError("the data has no test, validation or train split to score; pass data=<file or directory>")
+    split = "all" if source == "train" else source  # not training data: no training-only checks (e.g. two classes)
+    ds = task.prepare(DatasetDict({split: _rename(raw[source], cfg, task, split)}), cfg)[split]
+    if cfg.max_test_samples is not None and cfg.max_test_samples < len(ds):
+        ds = ds.shuffle(seed=cfg.split_seed).select(range(cfg.max_test_samples))
+    if len(ds) == 0:
+        raise FinetuneError(f"the {split} data has no rows to score; check data= and its columns")
+    return split, ds
+
+
 def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
     files = {s: getattr(cfg, f"{s}_file") for s in SPLITS if getattr(cfg, f"{s}_file")}
     if not files and not cfg.source:
@@ -93,8 +111,7 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
 
 
 def _looks_like_path(source: str, task_formats: frozenset[str]) -> bool:
-    return (source.startswith((".", "/", "~")) or file_format(source) in {*_BUILDERS, *task_formats}
-            or source.count("/") > 1)
+    return assets.looks_like_path(source) or file_format(source) in {*_BUILDERS, *task_formats}
 
 
 def _split_files(directory: Path) -> dict[str, str]:
@@ -123,19 +140,29 @@ def _read_file(path: str, split: str) -> Dataset:
     except Exception as e:  # datasets raises many types for a bad file; all mean the same to the user
         if "corresponds to no data" in str(e):
             raise FinetuneError(f"the {split} split is empty: {path} has no rows; give it data") from e
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        # a bare DatasetGenerationError says only that something failed: the parser's error it wraps says what
+        cause = (e.__cause__ or e.__context__ or e) if type(e) is DatasetGenerationError else e
+        reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         raise FinetuneError(f"cannot read {path} as {fmt[1:]}: {reason}; check the file's format") from e
 
 
 def _load_hub(name: str, cfg: DataConfig) -> DatasetDict:
+    offline = assets.hub_unreachable()
+    hint = f"{did_you_mean('data', name)}pass data=<config name in configs/data, file, directory or Hub id>"
+    before = datasets.config.HF_HUB_OFFLINE
     try:
+        # unreachable: datasets' own offline mode reads its cache at once instead of retrying for a minute
+        datasets.config.HF_HUB_OFFLINE = before or bool(offline)
         ds = datasets.load_dataset(name, cfg.hub_config)
     except Exception as e:
+        if offline:
+            raise FinetuneError(f"data '{name}' is not a local file or directory and the Hub ({assets.hub_endpoint()}) "
+                                f"is unreachable ({offline}), nor is it in the datasets cache; {hint}") from e
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(
-            f"could not load data '{name}': not a local file or directory, nor a reachable Hub dataset ({reason}); "
-            f"{did_you_mean('data', name)}pass data=<config name in configs/data, file, directory or Hub id>"
-        ) from e
+        raise FinetuneError(f"could not load data '{name}': not a local file or directory, nor a Hub dataset "
+                            f"({reason}); {hint}") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
     renamed = {_SPLIT_ALIASES.get(s.lower(), s): d for s, d in ds.items()}
     return DatasetDict({s: d for s, d in renamed.items() if s in SPLITS})
 
@@ -170,7 +197,7 @@ def _deduplicate(ds: Dataset, columns: tuple[str, ...]) -> Dataset:
     dup = ds.select_columns(present).to_pandas().astype(str).duplicated().to_numpy()
     if dup.any():
         log.info("dropped %d duplicate rows", int(dup.sum()))
-        ds = ds.select([i for i, d in enumerate(dup) if not d])
+        ds = ds.select(np.flatnonzero(~dup))  # an index array: datasets fingerprints it much faster than a list
     return ds
 
 
@@ -203,10 +230,10 @@ def _hold_out(ds: Dataset, size: float, remaining: float, cfg: DataConfig, task:
         # sklearn's GroupShuffleSplit holds out whole groups (e.g. every review of a movie)
         from sklearn.model_selection import GroupShuffleSplit
 
-        groups = ds[cfg.group_column]
+        groups = ds[cfg.group_column][:]  # one list: sklearn reading datasets' lazy column row by row took seconds
         splitter = GroupShuffleSplit(n_splits=1, test_size=size, random_state=cfg.split_seed)
         keep, held = next(splitter.split(range(len(ds)), groups=groups))
-        return ds.select(sorted(keep)), ds.select(sorted(held))
+        return ds.select(np.sort(keep)), ds.select(np.sort(held))
     stratify = task.stratify_column
     try:
         parts = ds.train_test_split(test_size=size, seed=cfg.split_seed, stratify_by_column=stratify)

@@ -1,11 +1,16 @@
 """Export a pipeline-loadable model directory atomically, with a model card, then verify it.
 
 model/ = safetensors weights + tokenizer + config.json (id2label) + README.md (model card with
-YAML metadata and results). It is written to a temp dir beside its target and renamed into place.
+YAML metadata and results). It is written to a temp dir beside its target and renamed into place, with
+the permissions the user's umask gives (a temp dir is private: 0700).
+
+config.json gets a "finetune" entry: the task config, its main metric and the data column names the model was
+trained with, so `finetune.predict` / `finetune.evaluate` can rebuild the task from the exported directory alone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from finetune import adapters, assets
+from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,11 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
         adapters.merge(model).save_pretrained(tmp)  # adapters folded in: loads without peft
         tokenizer.save_pretrained(tmp)
         task.export(tmp)
-        model_card(task, cfg, metrics).save(tmp / "README.md")
+        _record_task(tmp, task, cfg)
+        card = model_card(task, cfg, metrics)
+        check_card(card)
+        card.save(tmp / "README.md")
+        _umask_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -38,6 +50,41 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _record_task(model_dir: Path, task, cfg) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config["finetune"] = {"task": OmegaConf.to_container(cfg.task, resolve=True), "main_metric": task.main_metric,
+                          "data": {field: cfg.data[field] for field in task.recorded_columns() if field in cfg.data}}
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_record(model_dir: Path) -> dict[str, Any]:
+    """The "finetune" entry of an exported model's config.json (see the module docstring)."""
+    config = model_dir / "config.json"
+    record = json.loads(config.read_text()).get("finetune") if config.is_file() else None
+    if not record:
+        raise FinetuneError(f"{model_dir} is not a model directory exported by finetune (its config.json has no "
+                            "'finetune' entry); pass a run directory or its model/ directory")
+    return record
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """A model directory given itself or its run directory."""
+    path = Path(path).expanduser()
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if not (path / "config.json").is_file():
+        raise FinetuneError(f"no exported model in {path}: pass a finished run directory or its model/ directory")
+    return path
+
+
+def _umask_permissions(root: Path) -> None:
+    """Give the export the permissions a plain mkdir / open would (tempfile makes the dir 0700, files may be 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def verify(task, model_dir: Path, raw_test, trainer_metrics: dict[str, float], tolerance: float) -> dict[str, float]:
@@ -125,6 +172,27 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 - max sequence length: {task.max_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
 {adapters.card_section(cfg, task, base)}{task.card_section()}"""
     return ModelCard(content)
+
+
+def check_card(card) -> None:
+    """Refuse a card whose metadata the Hub would reject, checked locally with huggingface_hub's card classes:
+    RepoCard.validate() would send it to the Hub (a hard-coded endpoint), which a run must not need."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        # parsing the text back checks the YAML block (a dict) and turns model-index into EvalResults
+        data = ModelCard(str(card)).data
+        for repo in [*_as_list(data.base_model), *_as_list(data.datasets)]:
+            validate_repo_id(repo)
+    except (ValueError, HFValidationError) as e:
+        raise ValueError(f"the model card's metadata would be rejected by the Hub: {e}") from e
+    if data.to_dict() != card.data.to_dict():
+        raise ValueError("the model card's metadata does not read back as written")
+
+
+def _as_list(value: Any) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _is_local(source: Any) -> bool:

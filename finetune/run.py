@@ -1,22 +1,23 @@
 """One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report.
 
 With several processes (accelerate launch / torchrun) every process trains and evaluates; the main
-process alone writes files: config, export, verification, metrics, plot. A resumed run (resume=...)
-continues from the newest complete checkpoint of its run directory, chosen by the CLI.
+process alone writes files: config, export, verification, metrics, plot. A model sharded over the
+processes (FSDP, DeepSpeed ZeRO-3) is gathered by all of them and exported from an unsharded copy. A
+resumed run (resume=...) continues from the newest complete checkpoint of its run directory, chosen by the CLI.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, data, report, resume
+from finetune import adapters, assets, data, hub, progress, report, resume
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine
 from finetune.errors import FinetuneError
 from finetune.export import export, verify
@@ -26,13 +27,20 @@ log = logging.getLogger("finetune")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    with progress.console():  # in a terminal, log lines print above the progress bars
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     import datasets
+    import huggingface_hub
     import torch
     import transformers
 
     from accelerate import PartialState
 
     start = time.time()
+    hub.check(cfg.hub)  # a push that cannot work (no token, bad repo id) must fail now, not after training
     state = PartialState()
     main = state.is_main_process
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes
@@ -43,8 +51,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     transformers.set_seed(cfg.seed)
     transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
     transformers.utils.logging.enable_propagation()
-    if not sys.stderr.isatty():
+    if not progress.is_terminal():  # bars are for people at a terminal; a log file gets log lines
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     resume_from = None
     if resume.target(cfg.resume):
         resume_from = last_checkpoint(run_dir)  # the CLI pointed run_dir at the run to continue
@@ -61,7 +71,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tokenizer = task.load_tokenizer(model_path, cfg.model)  # first: a wrong model name fails before data work
     raw = data.load(cfg.data, task)
     features = task.tokenize(raw, tokenizer)
-    model = adapters.wrap(task.load_model(model_path, cfg.model), cfg.peft, task)
+
+    def build():  # the model to train; built again for the export of a sharded run
+        return adapters.wrap(task.load_model(model_path, cfg.model), cfg.peft, task)
+
+    model = build()
     params = adapters.parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
              100 * params["trainable_params"] / params["total_params"])
@@ -74,13 +88,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         log.info("base model: %s", ", ".join(f"{k}={v:.4g}" for k, v in base.items()))
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
     metrics.update(engine.evaluate("validation"))
+    _check_finite_loss(metrics, cfg.trainer.learning_rate)
     metrics.update(engine.evaluate("test"))
     metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
     metrics.update(base)
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
+    model = _whole_model(engine, build, main)
     if main:
-        _export_and_report(cfg, run_dir, task, engine, tokenizer, raw, metrics, start)
+        _export_and_report(cfg, run_dir, task, engine, model, tokenizer, raw, metrics, start)
     # the other processes wait for the export, then all leave the process group together: a process that
     # exits while gloo's threads still run aborts ("terminate called without an active exception")
     state.wait_for_everyone()
@@ -88,12 +104,41 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def _check_finite_loss(metrics: dict, learning_rate: float) -> None:
+    """A NaN/inf loss means the weights diverged; argmax-based metrics would still look like scores."""
+    for key in ("train_loss", "validation_loss"):
+        if key in metrics and not math.isfinite(metrics[key]):
+            raise FinetuneError(f"training diverged: {key} is {metrics[key]}; lower trainer.learning_rate "
+                                f"(now {learning_rate:g})")
+
+
 def _is_score(key: str) -> bool:
     return not key.endswith(("_runtime", "_per_second", "_preparation_time")) and key != "epoch"
 
 
-def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics: dict, start: float) -> None:
-    model_dir = export(engine.model, tokenizer, task, cfg, metrics, run_dir / "model")
+def _whole_model(engine, build, main: bool):
+    """The trained model, whole, on the main process (None elsewhere). A sharded one is gathered by every process
+    and loaded into a fresh copy built as for training (adapters included, so they can be merged and saved)."""
+    state_dict = engine.full_state_dict()
+    if state_dict is None:
+        return engine.model
+    if not main:
+        return None
+    import transformers
+
+    log.info("gathered the sharded model's %d tensors; exporting them from an unsharded copy", len(state_dict))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the copy's load report ("newly initialized head") is no news
+    try:
+        model = build()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.load_state_dict(state_dict)  # strict: every tensor of the copy comes from the trained model
+    return model
+
+
+def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, metrics: dict, start: float) -> None:
+    model_dir = export(model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)
@@ -105,3 +150,5 @@ def _export_and_report(cfg, run_dir: Path, task, engine, tokenizer, raw, metrics
     key = f"test_{task.main_metric}"
     log.info("done in %.0fs: %s=%.4f (pipeline %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
              metrics[f"pipeline_{key}"], model_dir)
+    if cfg.hub.push:  # only a verified export gets here
+        metrics.update(hub.push(run_dir, cfg.hub))

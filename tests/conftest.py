@@ -123,3 +123,37 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
 # Fast trainer settings for runs on the tiny model.
 TINY_TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16",
                 "trainer.logging_steps=5", "trainer.warmup_ratio=0.0"]
+
+
+HUB_SECRET = "hf_fake_hub_token_never_written_0123456789"
+
+
+def hub_env(endpoint: str, home: Path, token: str | None = HUB_SECRET) -> dict:
+    """The environment of a CLI that talks to a fake Hub: its endpoint, a token (or none: HF_TOKEN empty and an
+    empty HF_HOME, so no login cache either), no Xet transfers (the fake Hub speaks the LFS protocol)."""
+    return {"HF_ENDPOINT": endpoint, "HF_TOKEN": token or "", "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0"}
+
+
+@pytest.fixture(scope="session")
+def pushed_run(tiny_bert, tmp_path_factory):
+    """One finished sentiment run on the tiny model (train.csv + test.csv), pushed by hub=push to a fake Hub on
+    127.0.0.1 (branch dev): for the push, predict, evaluate, tracking and permission tests."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from fake_hub import FakeHub
+
+    work = tmp_path_factory.mktemp("pushed")
+    rows = make_sentences(200)
+    (work / "data").mkdir()
+    pd.DataFrame(rows[:160], columns=["review", "sentiment"]).to_csv(work / "data" / "train.csv", index=False)
+    pd.DataFrame(rows[160:], columns=["review", "sentiment"]).to_csv(work / "data" / "test.csv", index=False)
+    with FakeHub() as hub:
+        proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=data", "data.text_column=review",
+                       "data.label_column=sentiment", *TINY_TRAINER, "hub=push", "hub.repo_id=me/tiny-sentiment",
+                       "hub.revision=dev", cwd=work, env=hub_env(hub.url, work / "hf_home"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = (work / "runs" / "sentiment").iterdir()
+        yield SimpleNamespace(run_dir=run_dir, hub=hub, work=work, proc=proc)

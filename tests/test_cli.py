@@ -84,7 +84,7 @@ def test_config_snapshot_and_logs_hold_no_token(finished_run):
                                                         "available columns: review, sentiment"),
         (["data=missing.csv"], "data file or directory not found: missing.csv"),
         (["data=reviews.csv", "data.text_column=review", "data.label_column=sentiment", "model=./no/such/model"],
-         "could not load model './no/such/model'"),
+         "model directory not found: ./no/such/model; check the path"),
     ],
 )
 def test_input_errors_exit_2_with_one_line(tmp_path, sentiment_csv, args, message):

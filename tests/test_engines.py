@@ -165,6 +165,9 @@ class _ProbeTask(Task):
         ds = Dataset.from_dict(dict(enc))
         return DatasetDict(train=ds, validation=ds, test=ds)
 
+    def preprocess_logits(self, logits, labels):
+        return logits
+
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 

@@ -1,19 +1,27 @@
 """Export is atomic and verified: a pipeline that disagrees with the trainer fails the run."""
 
+import os
+import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from finetune.export import VerificationError, export, verify
 from finetune.tasks import get_task
+from finetune.tasks.base import Task
 from helpers import compose_cfg
 
 
-class _Task:
+class _Task(Task):
+    """The task interface's defaults, with a scripted pipeline score and export step."""
+
     main_metric = "accuracy"
     pipeline_task = "text-classification"
+    columns: dict = {}
 
     def __init__(self, score=0.9, fail=False):
+        super().__init__(SimpleNamespace(max_seq_length=128))
         self.score, self.fail = score, fail
 
     def verify(self, model_dir, raw):
@@ -41,9 +49,16 @@ def test_export_is_atomic(tmp_path, tiny_bert):
     with pytest.raises(RuntimeError, match="disk full"):
         export(model, tokenizer, _Task(fail=True), cfg, {}, target)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
-    export(model, tokenizer, _Task(), cfg, {"test_accuracy": 0.5}, target)
+    before = os.umask(0o027)
+    try:
+        export(model, tokenizer, _Task(), cfg, {"test_accuracy": 0.5}, target)
+    finally:
+        os.umask(before)
     assert (target / "model.safetensors").is_file() and (target / "extra.txt").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    # the umask's permissions (a temp dir alone would be 0700, safetensors files 0600)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.rglob("*")]}
+    assert modes.pop("model") == 0o750 and set(modes.values()) == {0o640}, modes
 
 
 def test_classification_round_trip_through_pipeline(tmp_path, tiny_bert):

@@ -196,6 +196,17 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra):
     if "peft=lora" in extra:
         assert (run / "model" / "adapter" / "adapter_config.json").is_file()
 
+    from finetune.predict import main as predict
+
+    column = {"text": "text", "chat": "messages", "pc": "prompt"}[shape]
+    inputs = [json.loads(line) for line in (tmp_path / data).read_text().splitlines()[:3]] if shape != "text" else \
+        [{"text": r} for r in rows[:3]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({column: r[column][:1] if shape == "chat" else r[column]})
+                                               + "\n" for r in inputs))
+    predict([str(run), str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
+    outputs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(outputs) == 3 and all(isinstance(o["generated_text"], str) for o in outputs)
+
     from transformers import pipeline
 
     pipe = pipeline("text-generation", model=str(run / "model"))

@@ -55,7 +55,7 @@ def test_two_processes_one_run(launcher_args, engine, tiny_bert, work):
     log = (run_dir / "finetune.log").read_text()
     # 128 rows / (2 processes x batch 8) = 8 optimizer steps per epoch: the processes split the data;
     # each step is logged once: only the main process logs
-    steps = [int(line.split("step ")[1].split(":")[0]) for line in log.splitlines() if "] - step " in line
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in log.splitlines() if "] - step " in line
              and " loss=" in line]
     assert steps == list(range(1, 17)), steps
 

@@ -71,7 +71,7 @@ def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert list((work / "killed" / "sentiment").iterdir()) == [run_dir]  # continued in place, no new run dir
     log = (run_dir / "finetune.log").read_text()
-    assert "step 1:" in log and "resuming" in log  # the resumed launch appended to the run's log
+    assert "step 1/" in log and "resuming" in log  # the resumed launch appended to the run's log
     step = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
     assert step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH, step  # mid-epoch, after the first epoch
 

@@ -5,13 +5,21 @@ nothing about which task it trains.
     engine.train(resume_from=None) -> train metrics;  engine.evaluate("test") -> {"test_<metric>": ..., "test_loss": ...}
     engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts),
     engine.step_seconds (time spent in optimizer steps: forward, backward, update; for benchmarks)
+    engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
+        process (a collective: every process calls it); None when each process holds the whole model
 
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
 written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
+Both report the same scalars to the trackers of trainer.report_to, under the names the Trainer's callbacks use:
+TensorBoard event files in <output_dir>/tensorboard/ (train/loss, train/learning_rate, train/grad_norm,
+train/samples_per_second, train/epoch, eval/loss, eval/<metric>, ...), MLflow runs in the experiment
+"finetune" (loss, learning_rate, ..., eval_<metric>).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
@@ -21,24 +29,126 @@ from finetune.errors import FinetuneError
 ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: a checkpoint without it is incomplete
+_PRECISIONS = ("auto", "no", "fp16", "bf16")
+TENSORBOARD = "tensorboard"  # event files of the run, beside model/
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
-    name = cfg.trainer.engine
-    if name not in ENGINES:
-        raise FinetuneError(f"unknown trainer.engine '{name}': choose one of {', '.join(sorted(ENGINES))}")
     check_trainer_config(cfg.trainer)
-    module, _, cls = ENGINES[name].partition(":")
+    _check_scheduler(cfg.trainer.lr_scheduler_type)
+    check_fsdp(cfg.trainer)
+    module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
 
 
 def check_trainer_config(t) -> None:
+    """The trainer values no schema type can check; the CLI runs this before anything is written."""
+    if t.engine not in ENGINES:
+        raise FinetuneError(f"unknown trainer.engine '{t.engine}': choose one of {', '.join(sorted(ENGINES))}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_total_limit"):
+        if getattr(t, key) < 1:
+            raise FinetuneError(f"trainer.{key} must be at least 1 (got {getattr(t, key)})")
+    if not t.learning_rate >= 0:  # (0 is allowed: it evaluates the base model through the whole loop)
+        raise FinetuneError(f"trainer.learning_rate must be at least 0 (got {t.learning_rate})")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise FinetuneError(f"trainer.max_steps must be a positive number of optimizer steps, or -1 to train "
+                            f"trainer.num_train_epochs epochs (got {t.max_steps})")
+    if t.max_steps == -1 and not t.num_train_epochs > 0:
+        raise FinetuneError(f"trainer.num_train_epochs must be above 0 (got {t.num_train_epochs}): it is the number "
+                            "of passes over the training data (or set trainer.max_steps=<steps>)")
+    if not 0 <= t.warmup_ratio < 1:
+        raise FinetuneError(f"trainer.warmup_ratio must be at least 0 and below 1 (got {t.warmup_ratio}): the "
+                            "fraction of the training steps that warm the learning rate up")
+    for key in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
+        if getattr(t, key) < 0:
+            raise FinetuneError(f"trainer.{key} must be at least 0 (got {getattr(t, key)})")
     if t.eval_strategy not in ("epoch", "steps"):
         raise FinetuneError(f"trainer.eval_strategy must be epoch or steps (got '{t.eval_strategy}')")
     if t.eval_strategy == "steps" and not (t.eval_steps and t.eval_steps > 0):
         raise FinetuneError("trainer.eval_strategy=steps needs trainer.eval_steps=<positive number of steps>")
     if (t.early_stopping_patience or 0) < 0 or t.early_stopping_threshold < 0:
         raise FinetuneError("trainer.early_stopping_patience and trainer.early_stopping_threshold must be >= 0")
+    if t.mixed_precision not in _PRECISIONS:
+        raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
+                            f"(got '{t.mixed_precision}')")
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers.trainer_utils import SchedulerType  # (imports torch: checked when the engine is made)
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise FinetuneError(f"unknown trainer.lr_scheduler_type '{name}': {hint}choose one of {', '.join(names)}")
+
+
+def check_fsdp(t) -> None:
+    """accelerate shards with FSDP only on GPUs; trainer.fsdp=true is finetune's FSDP2 for CPU processes."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    kind = PartialState().distributed_type
+    on_cpus = kind == DistributedType.MULTI_CPU
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and on_cpus and not t.fsdp:
+        raise FinetuneError("accelerate applies an FSDP config on GPUs only and would train this CPU launch unsharded; "
+                            "add trainer=accelerate trainer.fsdp=true to shard over the CPU processes with FSDP2")
+    if not t.fsdp:
+        return
+    if t.engine != "accelerate":
+        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
+    if kind == DistributedType.NO:
+        raise FinetuneError("trainer.fsdp=true shards over several CPU processes, but this is a single process: "
+                            "launch several (torchrun --nproc_per_node 2 -m finetune ...)")
+    if not on_cpus:
+        raise FinetuneError("trainer.fsdp=true shards CPU processes; on GPUs launch with accelerate's FSDP config "
+                            "instead (accelerate launch --config_file configs/accelerate/fsdp.yaml ...) without it")
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The whole state dict of a model accelerate sharded (FSDP, DeepSpeed; needs every process), else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.get_state_dict(model)  # DeepSpeed ZeRO-3: needs stage3_gather_16bit_weights_on_model_save
+    return None
+
+
+def setup_tracking(cfg) -> None:
+    """Check trainer.report_to; for MLflow, a local store (<runs_dir>/mlflow.db) unless MLFLOW_TRACKING_URI names one,
+    and the experiment "finetune" (or MLFLOW_EXPERIMENT_NAME) for both engines' runs."""
+    import os
+
+    unknown = [name for name in cfg.trainer.report_to if name not in TRACKERS]
+    if unknown:
+        raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
+                            "or [] for none")
+    if "mlflow" not in cfg.trainer.report_to:
+        return
+    try:
+        import mlflow
+    except ImportError as e:
+        raise FinetuneError("trainer.report_to=[mlflow] needs MLflow: pip install 'finetune[mlflow]' (or drop "
+                            "mlflow from trainer.report_to)") from e
+    runs = Path(cfg.runs_dir).resolve()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        runs.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune")
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(runs / "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
+
+
+def accelerate_trackers(report_to, output_dir: Path) -> list:
+    """accelerate's trackers writing where the Trainer's do (TensorBoard: <output_dir>/tensorboard)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker
+
+    made = {"tensorboard": lambda: TensorBoardTracker(TENSORBOARD, str(output_dir)),
+            "mlflow": lambda: MLflowTracker("finetune", str(output_dir), run_name=output_dir.name)}
+    return [made[name]() for name in report_to]
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -89,8 +199,6 @@ def mixed_precision(setting: str) -> str:
 
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if setting not in ("no", "fp16", "bf16"):
-        raise FinetuneError(f"trainer.mixed_precision must be auto, no, fp16 or bf16 (got '{setting}')")
     if setting != "no" and not torch.cuda.is_available():
         raise FinetuneError(f"trainer.mixed_precision={setting} needs a GPU; use auto or no on CPU")
     return setting

@@ -6,6 +6,10 @@ at each evaluation point it scores the validation split, tracks the best main me
 asked, and checkpoints (accelerator.save_state + trainer_state.json). The best checkpoint is restored
 at the end. Hyperparameters mean what they mean for the Trainer (same optimizer, decay groups,
 scheduler, warmup and step counting), so both engines train the same way.
+
+Sharding: under an accelerate FSDP or DeepSpeed config accelerate shards, checkpoints and gathers the model.
+accelerate applies FSDP on GPUs only, so trainer.fsdp=true shards CPU processes here: torch FSDP2 (fully_shard)
+on each transformer block and the root; model and optimizer checkpointed with torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 from transformers import EvalPrediction, get_scheduler, set_seed
+from transformers.integrations.integration_utils import rewrite_logs
 from transformers.trainer_pt_utils import get_parameter_names, nested_concat, nested_numpify
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune.engines import CHECKPOINTS, STATE_FILE, mixed_precision, train_sampler, without_length
+from finetune import progress
+from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, gathered_state_dict, mixed_precision,
+                              setup_tracking, train_sampler, without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
 
 # Trainer.get_decay_parameter_names: no weight decay on biases and normalisation weights
 _NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+SHARDED = "sharded"  # trainer.fsdp=true: the checkpoint's model and optimizer shards (torch.distributed.checkpoint)
 
 
 class AccelerateEngine:
@@ -42,10 +50,11 @@ class AccelerateEngine:
         self.task, self.features, self.seed = task, features, cfg.seed
         set_seed(cfg.seed)  # as the Trainer does: training randomness starts from the seed, whatever ran before
         self.checkpoints = output_dir / CHECKPOINTS
+        setup_tracking(cfg)
         self.accelerator = acc = Accelerator(
             mixed_precision=mixed_precision(t.mixed_precision),
             gradient_accumulation_steps=t.gradient_accumulation_steps,
-            log_with=list(t.report_to) or None,
+            log_with=accelerate_trackers(t.report_to, output_dir) or None,
             project_dir=str(output_dir),
             # as the Trainer: a head that leaves some weights unused (e.g. an unused pooler) must not fail DDP
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -57,9 +66,15 @@ class AccelerateEngine:
         self.sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                      cfg.seed, t.group_by_length)
         loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
+        self.fsdp = t.fsdp
+        if self.fsdp:
+            model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters
         optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate,
                                       fused=acc.device.type in ("cpu", "cuda"))
-        self._model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, loader)
+        if self.fsdp:  # not prepared: accelerate would wrap the model in DDP and checkpoint rank 0's optimizer shard
+            self._model, self.optimizer, self.train_loader = model, optimizer, acc.prepare(loader)
+        else:
+            self._model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, loader)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
         warmup = int(t.warmup_ratio) if t.warmup_ratio >= 1 else math.ceil(self.max_steps * t.warmup_ratio)
@@ -67,6 +82,8 @@ class AccelerateEngine:
                                        num_training_steps=self.max_steps)
         acc.register_for_checkpointing(self.scheduler)
         self.eval_loaders: dict[str, DataLoader] = {}
+        self.tracking = False  # trackers are open (while training)
+        self.meter = progress.Meter(t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes)
         self.step_seconds = 0.0
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
         self.state = {"global_step": 0, "epoch": 0.0, "loss_sum": 0.0, "unlogged_losses": [], "best_metric": None,
@@ -77,13 +94,17 @@ class AccelerateEngine:
         acc, t, s = self.accelerator, self.args, self.state
         gas = t.gradient_accumulation_steps
         if resume_from:
-            acc.load_state(str(resume_from))  # weights, optimizer, scheduler, RNG states of every process
+            self._load(resume_from)  # weights, optimizer, scheduler, RNG states of every process
             self.state = s = json.loads((Path(resume_from) / STATE_FILE).read_text())
             self._info("resumed from %s (step %d)", resume_from, s["global_step"])
-        if t.report_to:
+        self.tracking = bool(t.report_to)
+        if self.tracking:
             acc.init_trackers("finetune")
         first_epoch, steps_done_in_epoch = divmod(s["global_step"], self.steps_per_epoch)
         start, start_step = time.time(), s["global_step"]
+        self.meter.start(start_step, self.max_steps)
+        bar = progress.bar(total=self.max_steps, initial=start_step, desc="training", unit="step",
+                           enabled=acc.is_main_process and progress.is_terminal())
         self._model.train()
         for epoch in range(first_epoch, math.ceil(self.max_steps / self.steps_per_epoch)):
             if self._done():
@@ -116,6 +137,7 @@ class AccelerateEngine:
                 self.step_seconds += time.perf_counter() - step_start
                 self._pending.append(torch.stack(micro_losses).mean())
                 s["global_step"] += 1
+                bar.update()
                 s["epoch"] = epoch + (skipped + i + 1) / len(self.train_loader)
                 if s["global_step"] % t.logging_steps == 0 or s["global_step"] == 1:
                     self._log_train(grad_norm, learning_rate)
@@ -125,6 +147,7 @@ class AccelerateEngine:
                     break
             if t.eval_strategy == "epoch":
                 self._evaluate_and_save()
+        bar.close()
         return self._finish(time.time() - start, s["global_step"] - start_step)
 
     def _done(self) -> bool:
@@ -134,6 +157,10 @@ class AccelerateEngine:
         return self.state["global_step"] >= self.max_steps
 
     def _evaluate_and_save(self) -> None:
+        with self.meter.paused():  # samples/s and the ETA count training time only
+            self._evaluate_and_save_now()
+
+    def _evaluate_and_save_now(self) -> None:
         s, main = self.state, self.task.main_metric
         metrics = self._evaluate("validation", prefix="eval")
         self._log(metrics)
@@ -161,6 +188,12 @@ class AccelerateEngine:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optimizer_state = get_state_dict(self._model, self.optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(s, indent=1))
@@ -170,11 +203,23 @@ class AccelerateEngine:
                                best_model_checkpoint=str(self.checkpoints / s["best_checkpoint"]))
         acc.wait_for_everyone()
 
+    def _load(self, checkpoint: str | Path) -> None:
+        self.accelerator.load_state(str(checkpoint))
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optimizer_state = get_state_dict(self._model, self.optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+            dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED))  # in place, into this process's shards
+            set_state_dict(self._model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+
     def _finish(self, runtime: float, steps: int) -> dict[str, float]:
         acc, s, t = self.accelerator, self.state, self.args
         best = s["best_checkpoint"] and self.checkpoints / s["best_checkpoint"]
         if best and best.is_dir():
-            acc.load_state(str(best))  # the best weights (optimizer and RNG state no longer matter)
+            self._load(best)  # the best weights (optimizer and RNG state no longer matter)
             self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
         self._flush_losses()
         samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
@@ -182,9 +227,10 @@ class AccelerateEngine:
                    "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
                    "train_loss": s["loss_sum"] / max(s["global_step"], 1), "epoch": s["epoch"]}
         self._log(metrics)
-        if t.report_to:
+        if self.tracking:  # trackers record the training, as the Trainer's do; they close with it
             for tracker in acc.trackers:
                 tracker.finish()
+            self.tracking = False
         return metrics
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -199,7 +245,9 @@ class AccelerateEngine:
         start = time.time()
         losses = preds = labels = None
         model.eval()
-        for batch in self._eval_loader(split):
+        loader = self._eval_loader(split)
+        for batch in progress.bar(loader, total=len(loader), desc=f"evaluating {split}", leave=False,
+                                  enabled=acc.is_main_process and progress.is_terminal()):
             with torch.no_grad():
                 outputs = model(**batch)
             if outputs.get("loss") is not None:
@@ -257,16 +305,19 @@ class AccelerateEngine:
         entry = {"loss": round(sum(losses) / max(len(losses), 1), 4), "learning_rate": learning_rate}
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
+        if (rate := self.meter.read(self.state["global_step"])) is not None:
+            entry["samples_per_second"] = rate
         self._log(entry)
 
     def _log(self, metrics: dict[str, float]) -> None:
         s = self.state
         entry = {**metrics, "epoch": s["epoch"], "step": s["global_step"]}
         s["log_history"].append(entry)
-        if self.args.report_to:
-            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=s["global_step"])
-        self._info("step %d: %s", s["global_step"], ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "step"))
+        if self.tracking:  # under the names the Trainer's callbacks use: TensorBoard train/loss, MLflow loss
+            numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
+            for tracker in self.accelerator.trackers:
+                tracker.log(rewrite_logs(numbers) if tracker.name == "tensorboard" else numbers, step=s["global_step"])
+        self._info(self.meter.line(s["global_step"], entry))
 
     def _info(self, msg: str, *args) -> None:
         if self.accelerator.is_main_process:
@@ -280,6 +331,30 @@ class AccelerateEngine:
     @property
     def log_history(self) -> list[dict]:
         return self.state["log_history"]
+
+    def full_state_dict(self) -> dict | None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return gathered_state_dict(self.accelerator, self._model)
+
+
+def _fully_shard(model):
+    """FSDP2 over the launch's processes: each transformer block (the model's _no_split_modules, as accelerate's
+    TRANSFORMER_BASED_WRAP picks them), then the root. Every process starts from rank 0's weights, as under DDP."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    for module in reversed(list(model.modules())):  # inner blocks before the blocks that hold them
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

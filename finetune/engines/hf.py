@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallback, Trainer, TrainerCallback,
+                          TrainingArguments)
+from transformers.integrations import MLflowCallback, TensorBoardCallback
 
-from finetune.engines import CHECKPOINTS, mixed_precision, train_sampler, without_length
+from finetune import progress
+from finetune.engines import (CHECKPOINTS, TENSORBOARD, gathered_state_dict, mixed_precision, setup_tracking,
+                              train_sampler, without_length)
+from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
 
@@ -18,21 +22,48 @@ log = logging.getLogger("finetune.train")
 class _Trainer(Trainer):
     """The Trainer with the engines' shared training order (it evaluates in dataset order by default)."""
 
-    def __init__(self, *args, sampler, **kwargs):
-        self.epoch_sampler = sampler
+    def __init__(self, *args, sampler, meter: Meter, **kwargs):
+        self.epoch_sampler, self.meter = sampler, meter
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         return self.epoch_sampler
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: the throughput since the previous one (trackers get it too)
+            rate = self.meter.read(self.state.global_step)
+            if rate is not None:
+                logs["samples_per_second"] = rate
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs):
+        with self.meter.paused():
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        with self.meter.paused():
+            return super()._save_checkpoint(*args, **kwargs)
+
 
 class _LogCallback(TrainerCallback):
-    """Trainer logs go to the run's log (console + finetune.log) instead of bare prints."""
+    """Trainer logs go to the run's log (console + finetune.log) as one line each, with the ETA."""
+
+    def __init__(self, meter: Meter):
+        self.meter = meter
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter.start(state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            log.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                                  for k, v in logs.items()))
+            log.info(self.meter.line(state.global_step, logs))
+
+
+class _Bars(ProgressCallback):
+    """The Trainer's training (with ETA) and evaluation bars, without its printed copy of every log entry."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class _EpochClock(TrainerCallback):
@@ -57,6 +88,7 @@ class HFEngine:
         t = cfg.trainer
         precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
+        setup_tracking(cfg)
         args = TrainingArguments(
             output_dir=str(output_dir / CHECKPOINTS),
             num_train_epochs=t.num_train_epochs,
@@ -80,6 +112,7 @@ class HFEngine:
             logging_steps=t.logging_steps,
             logging_first_step=True,
             report_to=list(t.report_to) or "none",
+            run_name=output_dir.name,
             seed=cfg.seed,
             data_seed=cfg.seed,
             bf16=precision == "bf16",
@@ -90,18 +123,20 @@ class HFEngine:
             average_tokens_across_devices=False,
             remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
             dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=not sys.stderr.isatty(),
+            disable_tqdm=not progress.is_terminal(),
         )
         sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                 cfg.seed, t.group_by_length)
         self.clock = _EpochClock(sampler)
-        callbacks = [_LogCallback(), self.clock]
+        meter = Meter(args.per_device_train_batch_size * t.gradient_accumulation_steps * args.world_size)
+        callbacks = [_LogCallback(meter), self.clock]
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
         self.trainer = _Trainer(
             model=model,
             args=args,
             sampler=sampler,
+            meter=meter,
             train_dataset=features["train"],
             eval_dataset=features["validation"],
             data_collator=without_length(task.collator(tokenizer)),
@@ -111,9 +146,17 @@ class HFEngine:
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)
+        if self.trainer.pop_callback(ProgressCallback):  # a terminal: bars, without printing logs a second time
+            self.trainer.add_callback(_Bars)
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback):  # event files in the run, not under checkpoints/
+                callback.logging_dir = str(output_dir / TENSORBOARD)
 
     def train(self, resume_from: str | None = None) -> dict[str, float]:
-        return self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+        metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+        for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and closed at its end
+            self.trainer.pop_callback(tracker)
+        return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
         self.trainer.compute_metrics = self._metrics(split)
@@ -135,3 +178,6 @@ class HFEngine:
     @property
     def step_seconds(self) -> float:
         return self.clock.seconds
+
+    def full_state_dict(self) -> dict | None:
+        return gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)

@@ -79,7 +79,7 @@ def generate_batch(model, tokenizer, inputs, **generate_kwargs):
     batch = tokenizer.pad({"input_ids": inputs}, padding_side="left" if decoder_only else "right", return_tensors="pt")
     batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.inference_mode():
-        out = model.generate(**batch, use_cache=True, **generate_kwargs)
+        out = model.generate(**batch, **generate_kwargs)  # KV cache: the generation config's use_cache (default)
     new = out[:, batch["input_ids"].shape[1] :] if decoder_only else out[:, 1:]  # enc-dec: drop the start token
     config = generate_kwargs.get("generation_config") or model.generation_config
     eos = generate_kwargs.get("eos_token_id", config.eos_token_id)

@@ -16,9 +16,14 @@ TASKS = {
 }
 
 
+def task_class(name: str):
+    """The task class registered as `name` (imported lazily: nothing heavy at import time)."""
+    if name not in TASKS:
+        raise FinetuneError(f"unknown task '{name}': choose one of {', '.join(sorted(TASKS))}")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(import_module(module), cls)
+
+
 def get_task(cfg):
-    """Instantiate the task named by cfg.name (imported lazily: nothing heavy at import time)."""
-    if cfg.name not in TASKS:
-        raise FinetuneError(f"unknown task '{cfg.name}': choose one of {', '.join(sorted(TASKS))}")
-    module, _, cls = TASKS[cfg.name].partition(":")
-    return getattr(import_module(module), cls)(cfg)
+    """Instantiate the task named by cfg.name."""
+    return task_class(cfg.name)(cfg)

@@ -7,12 +7,16 @@ and the run only ever talk to this interface.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 from datasets import Dataset, DatasetDict
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune import assets
 from finetune.config import config_options, did_you_mean
 from finetune.errors import FinetuneError
 
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
 
     from finetune.config import DataConfig, ModelConfig, TaskConfig
 
+log = logging.getLogger(__name__)
 MetricsFn = Callable[["EvalPrediction"], dict[str, float]]
 
 
@@ -41,9 +46,25 @@ class Task:
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
     data_hint: ClassVar[str] = ""  # how to pass data, for a task without bundled default data
+    # the exported pipeline: keyword arguments when loading it and of every call, and its batch size
+    pipeline_options: ClassVar[dict[str, Any]] = {}
+    pipeline_call: ClassVar[dict[str, Any]] = {}
+    pipeline_batch_size: ClassVar[int] = 64
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    # datasets fingerprints map() by pickling the function, and so this task: a pickle of the config's values
+    # (a DictConfig's own pickle differs between equal configs) lets every trial of a sweep reuse the tokenized cache
+    def __getstate__(self) -> dict[str, Any]:
+        cfg = OmegaConf.to_container(self.cfg, resolve=True) if isinstance(self.cfg, DictConfig) else self.cfg
+        return {**vars(self), "cfg": cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self.cfg = OmegaConf.create(state["cfg"]) if isinstance(state["cfg"], dict) else state["cfg"]
+
+    max_length_key: ClassVar[str] = "task.max_seq_length"  # the config key that sets max_length
 
     @property
     def max_length(self) -> int:
@@ -69,6 +90,14 @@ class Task:
 
     def load_tokenizer(self, path: str, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = _load(AutoTokenizer, path, model_cfg)
+        specials = tokenizer.num_special_tokens_to_add(pair=True)
+        key = self.max_length_key
+        if self.max_length <= specials:
+            raise FinetuneError(f"{key}={self.max_length} leaves no room for text: this tokenizer "
+                                f"adds up to {specials} special tokens; set {key}=128 or so")
+        if self.max_length > tokenizer.model_max_length:  # (a tokenizer that declares none says 1e30)
+            log.warning("%s=%d is more than the %d tokens the tokenizer declares for its model",
+                        key, self.max_length, tokenizer.model_max_length)
         tokenizer.model_max_length = self.max_length  # the exported pipeline truncates like training
         return tokenizer
 
@@ -76,7 +105,12 @@ class Task:
         if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
             raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
                                 "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
-        return _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
+        model = _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
+        limit = position_limit(model)
+        if limit is not None and self.max_length > limit:
+            raise FinetuneError(f"{self.max_length_key}={self.max_length} is more than the {limit} positions "
+                                f"model '{model_cfg.name_or_path}' has; set {self.max_length_key}={limit} or less")
+        return model
 
     # --- evaluation and export ----------------------------------------------------------------
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
@@ -117,19 +151,98 @@ base = {name}.from_pretrained("{base}", config=config)"""
         """Add task files to the exported directory (e.g. a custom pipeline)."""
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
-        """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics."""
+        """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics.
+        Also what `finetune.evaluate` runs on new labelled data (after `from_export`)."""
         raise NotImplementedError
+
+    # --- the exported pipeline: the check after export, finetune.evaluate, finetune.predict -----------
+    def load_pipeline(self, model_dir: Path) -> Any:
+        """The exported directory loaded the way its model card tells users to."""
+        from transformers import pipeline
+
+        return pipeline(self.pipeline_task, model=str(model_dir), device=device(),
+                        trust_remote_code=self.pipeline_needs_remote_code, **self.pipeline_options)
+
+    def recorded_columns(self) -> list[str]:
+        """The data config fields naming the columns the model reads (recorded in the export for predict)."""
+        return list(self.columns.values())
+
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        """The pipeline inputs of a batch of rows (columns: the canonical names of `input_columns`)."""
+        raise FinetuneError(f"finetune.predict does not support {type(self).__name__} yet (it has no pipeline_inputs)")
+
+    def prediction_record(self, output: Any) -> dict[str, Any]:
+        """One pipeline output as a JSON record: a line of finetune.predict's output."""
+        raise NotImplementedError
+
+    def run_pipeline(self, pipe: Any, inputs: Iterable, batch_size: int | None = None) -> Iterator:
+        """The pipeline's outputs, one per input and in order, computed batch by batch as the inputs are read
+        (a generator in, a generator out: no more than a batch is held, whatever the number of inputs)."""
+        return pipe((x for x in inputs), batch_size=batch_size or self.pipeline_batch_size, **self.pipeline_call)
+
+    def from_export(self, model_dir: Path, data_cfg: DataConfig) -> None:
+        """Before finetune.evaluate prepares labelled data for the exported model in `model_dir`: adopt what
+        training derived from its data (e.g. the labels, in the model's id order), so the data is encoded the
+        way the model predicts."""
+
+
+def exported_labels(model_dir: Path) -> list[str]:
+    """The label names of an exported model, in id order (config.json id2label)."""
+    id2label = json.loads((Path(model_dir) / "config.json").read_text()).get("id2label", {})
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def jsonable(value: Any) -> Any:
+    """Pipeline outputs with numpy numbers turned into Python ones (json.dumps takes those only)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def device() -> int:
+    """The pipelines' device: the first GPU when there is one."""
+    import torch
+
+    return 0 if torch.cuda.is_available() else -1
+
+
+def position_limit(model: PreTrainedModel) -> int | None:
+    """The longest input the model's learned absolute position embeddings cover; None when its positions are
+    relative or rotary (DeBERTa-v2, T5, Llama: no table to run past). RoBERTa-style tables start after the
+    padding index, BART-style ones after an offset."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe",
+                                                                            "embed_positions"):
+            start = getattr(module, "offset", 0) + (module.padding_idx + 1 if module.padding_idx is not None else 0)
+            return module.num_embeddings - start
+    return None
 
 
 def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> Any:
+    name = str(model_cfg.name_or_path)
+    local = Path(path).expanduser()
+    offline = None
+    if local.is_file():
+        raise FinetuneError(f"model={name} is a file; pass the checkpoint directory (the one holding config.json)")
+    if not local.is_dir():
+        if assets.looks_like_path(path):
+            raise FinetuneError(f"model directory not found: {name}; check the path")
+        offline = assets.hub_unreachable()
+        if offline:
+            kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
     try:
         return auto_cls.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
         )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        name = str(model_cfg.name_or_path)
-        raise FinetuneError(
-            f"could not load model '{name}' ({first}); {did_you_mean('model', name)}pass model=<config name in "
-            f"configs/model ({', '.join(config_options('model'))}), local checkpoint directory or reachable Hub id>"
-        ) from e
+        hint = f"{did_you_mean('model', name)}pass model=<config name in configs/model " \
+               f"({', '.join(config_options('model'))}), local checkpoint directory or Hub id>"
+        if offline:
+            raise FinetuneError(f"model '{name}' is not a local directory and the Hub ({assets.hub_endpoint()}) is "
+                                f"unreachable ({offline}), nor is it in the Hub cache; {hint}") from e
+        raise FinetuneError(f"could not load model '{name}' ({first}); {hint}") from e

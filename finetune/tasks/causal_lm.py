@@ -46,6 +46,8 @@ class CausalLMTask(Task):
     input_columns = ("text", "prompt", "completion", "messages")
     peft_task_type = "CAUSAL_LM"
     report_base_metrics = True
+    pipeline_batch_size = 8
+    pipeline_call = {"return_full_text": False}
     verify_relative_tolerance = 0.005  # perplexity recomputed from the exported directory: within 0.5%
 
     def __init__(self, cfg):
@@ -56,6 +58,8 @@ class CausalLMTask(Task):
         self.split_in_order = False
         self._samples: list[dict[str, Any]] = []
         self._greedy: list[tuple[Any, list[int]]] = []  # (prompt, trainer-side greedy token ids) for verify
+
+    max_length_key = "task.block_size"
 
     @property
     def max_length(self) -> int:
@@ -210,7 +214,7 @@ class CausalLMTask(Task):
             sampling = {"do_sample": False, "num_beams": 1}
         return GenerationConfig(max_new_tokens=g.max_new_tokens, repetition_penalty=g.repetition_penalty,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, **sampling)
+                                bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling)
 
     def samples(self) -> list[dict[str, Any]]:
         return self._samples
@@ -222,7 +226,17 @@ class CausalLMTask(Task):
                             for s in self._samples[:3])
         return f"\n## Samples\n\n{shown}\n"
 
-    # --- export and verification --------------------------------------------------------------
+    # --- export, prediction and verification --------------------------------------------------
+    def recorded_columns(self) -> list[str]:
+        """What predict reads: the prompt of the training's format (running text: a text to continue)."""
+        return [self.columns[{"prompt_completion": "prompt"}.get(self.format, self.format)]]
+
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        return next(iter(rows.values()))
+
+    def prediction_record(self, output: Any) -> dict[str, Any]:
+        return {"generated_text": output[0]["generated_text"]}
+
     def export(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, pipeline
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from finetune import progress
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics
-from finetune.tasks.base import MetricsFn, Task
+from finetune.tasks.base import MetricsFn, Task, exported_labels, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,19 @@ class ClassificationTask(Task):
     input_columns = ("text", "text_pair")
     stratify_column = "label"
     peft_task_type = "SEQ_CLS"
+    pipeline_call = {"truncation": True, "top_k": None}  # every label's score, best first
 
     labels: list[str]
 
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
-        if data_cfg.text_pair_column and "text_pair" not in raw["train"].column_names:
-            raise FinetuneError(f"column '{data_cfg.text_pair_column}' (data.text_pair_column) not found in the train "
-                                "data; set data.text_pair_column=<a column> or drop it")
-        inputs = [c for c in self.input_columns if c in raw["train"].column_names]
+        first = raw["train"] if "train" in raw else next(iter(raw.values()))  # finetune.evaluate: one split
+        if data_cfg.text_pair_column and "text_pair" not in first.column_names:
+            raise FinetuneError(f"column '{data_cfg.text_pair_column}' (data.text_pair_column) not found in the "
+                                f"{'train' if 'train' in raw else 'given'} data; set data.text_pair_column=<a column> "
+                                "or drop it")
+        inputs = [c for c in self.input_columns if c in first.column_names]
         raw = raw.filter(lambda row: all(row[c] is not None for c in [*inputs, "label"]))
-        feature = raw["train"].features["label"]
+        feature = first.features["label"]
         wanted = list(data_cfg.label_names) if data_cfg.label_names else None
         if isinstance(feature, ClassLabel):
             self.labels = wanted or feature.names
@@ -58,13 +62,15 @@ class ClassificationTask(Task):
             found = sorted({v for split in raw.values() for v in split.unique("label")})
             if wanted:
                 unknown = sorted(set(found) - set(wanted))
+                if not set(found) & set(wanted):
+                    raise FinetuneError(f"no rows have a label in data.label_names ({', '.join(wanted)}); the labels "
+                                        f"are {', '.join(found[:20])}: name those, or drop data.label_names")
                 if unknown:
                     log.info("dropping rows labelled %s (not in data.label_names)", unknown)
                     raw = raw.filter(lambda row: row["label"] in wanted)
             self.labels = wanted or found
             raw = raw.cast_column("label", ClassLabel(names=self.labels))
-        present = sorted(set(raw["train"]["label"]))
-        if len(present) < 2:
+        if "train" in raw and len(present := sorted(set(raw["train"]["label"]))) < 2:
             only = self.labels[present[0]] if present else "none"
             raise FinetuneError(
                 f"the label column has one class in the training data ('{only}'); a classifier needs at least two: "
@@ -102,18 +108,20 @@ class ClassificationTask(Task):
         return fn
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
-        clf = pipeline(self.pipeline_task, model=str(model_dir), device=_device())
-        if "text_pair" in raw.column_names:
-            inputs: list[Any] = [{"text": t, "text_pair": p} for t, p in zip(raw["text"], raw["text_pair"])]
-        else:
-            inputs = list(raw["text"])
-        outputs = clf(inputs, batch_size=64, truncation=True)
+        clf = self.load_pipeline(model_dir)
+        inputs = progress.bar(self.pipeline_inputs(raw.to_dict()), total=len(raw), desc="pipeline check", unit="rows")
         label2id = clf.model.config.label2id
-        preds = np.array([label2id[o["label"]] for o in outputs])
+        preds = np.array([label2id[self.prediction_record(o)["label"]] for o in self.run_pipeline(clf, inputs)])
         return classification_metrics(np.array(list(raw["label"])), preds, self.labels)
 
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        if rows.get("text_pair") is not None:
+            return [{"text": t, "text_pair": p} for t, p in zip(rows["text"], rows["text_pair"])]
+        return list(rows["text"])
 
-def _device() -> int:
-    import torch
+    def prediction_record(self, output: list[dict]) -> dict[str, Any]:
+        return jsonable({"label": output[0]["label"], "score": output[0]["score"],
+                         "scores": {o["label"]: o["score"] for o in output}})
 
-    return 0 if torch.cuda.is_available() else -1
+    def from_export(self, model_dir: Path, data_cfg) -> None:
+        data_cfg.label_names = exported_labels(model_dir)  # the data's labels encoded in the model's order

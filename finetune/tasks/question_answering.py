@@ -28,10 +28,11 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from transformers import AutoConfig, AutoModelForQuestionAnswering, DataCollatorWithPadding
 
+from finetune import progress
 from finetune.errors import FinetuneError
 from finetune.metrics import squad_metrics
 from finetune.pipelines import question_answering as qa_pipeline
-from finetune.tasks.base import MetricsFn, Task
+from finetune.tasks.base import MetricsFn, Task, device, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class QuestionAnsweringTask(Task):
     input_columns = ("question", "context")
     verify_tolerance = 0.01  # 1 point: batches padded differently can move a near-tie answer span
     pipeline_needs_remote_code = True  # transformers 5 has no question-answering pipeline: export() ships one
+    pipeline_batch_size = 32
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -195,12 +197,21 @@ class QuestionAnsweringTask(Task):
         config.save_pretrained(model_dir)
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
+        qa = self.load_pipeline(model_dir)
+        inputs = progress.bar(self.pipeline_inputs(raw.to_dict()), total=len(raw), desc="pipeline check", unit="rows")
+        answers = [self.prediction_record(o)["answer"] for o in self.run_pipeline(qa, inputs)]
+        return squad_metrics(answers, [a["text"] for a in raw["answers"]])
+
+    def load_pipeline(self, model_dir: Path):
         from transformers import pipeline
 
-        qa = pipeline(model=str(model_dir), trust_remote_code=True, device=_device())  # the code export() wrote
-        inputs = [{"question": q, "context": c} for q, c in zip(raw["question"], raw["context"])]
-        outputs = qa(inputs, batch_size=32)
-        return squad_metrics([o["answer"] for o in outputs], [a["text"] for a in raw["answers"]])
+        return pipeline(model=str(model_dir), trust_remote_code=True, device=device())  # the code export() wrote
+
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        return [{"question": q, "context": c} for q, c in zip(rows["question"], rows["context"])]
+
+    def prediction_record(self, output: dict) -> dict[str, Any]:
+        return jsonable(output)  # answer, score, start, end (characters of the context)
 
 
 def _check_answers(where: str, context: str, answers: Any, moved: list[str]) -> dict[str, list]:
@@ -245,8 +256,3 @@ def answer_tokens(offsets: list, answers: dict[str, list]) -> tuple[int, int]:
     end = next(i for i in reversed(context) if offsets[i][0] < end_char)
     return start, end
 
-
-def _device() -> int:
-    import torch
-
-    return 0 if torch.cuda.is_available() else -1

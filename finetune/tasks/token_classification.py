@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
-from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification, pipeline
+from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
+from finetune import progress
 from finetune.data import file_format
 from finetune.errors import FinetuneError
 from finetune.metrics import entity_metrics
-from finetune.tasks.base import MetricsFn, Task, _load
+from finetune.tasks.base import MetricsFn, Task, _load, exported_labels, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class TokenClassificationTask(Task):
     # The trainer scores each word by its first sub-token; the pipeline's "simple" aggregation groups all
     # sub-tokens, so a continuation piece predicted differently can split or cut an entity (see verify).
     verify_tolerance = 0.01
+    pipeline_options = {"aggregation_strategy": "simple"}  # entities, not per-sub-token tags
 
     labels: list[str]
     file_formats = CONLL_FORMATS  # data=<name with one of these suffixes> is a file, never a Hub id
@@ -170,13 +172,10 @@ class TokenClassificationTask(Task):
         """Tag the test sentences (tokens joined by spaces, as a user would) with the pipeline's "simple"
         aggregation, map each entity's character span back to the words whose first sub-token it covers,
         and score like the trainer: the same words (those within max_seq_length), seqeval entity F1."""
-        import torch
-
-        ner = pipeline(self.pipeline_task, model=str(model_dir), aggregation_strategy="simple",
-                       device=0 if torch.cuda.is_available() else -1)
+        ner = self.load_pipeline(model_dir)
         sentences = [list(words) for words in raw["tokens"]]
-        texts = [" ".join(words) for words in sentences]
-        outputs = ner(texts, batch_size=64)
+        texts = self.pipeline_inputs({"tokens": sentences})
+        outputs = self.run_pipeline(ner, progress.bar(texts, total=len(texts), desc="pipeline check", unit="rows"))
         enc = ner.tokenizer(texts, truncation=True, return_offsets_mapping=True, return_special_tokens_mask=True)
         y_true, y_pred = [], []
         for words, tags, entities, offsets, special in zip(sentences, raw["tags"], outputs, enc["offset_mapping"],
@@ -186,6 +185,16 @@ class TokenClassificationTask(Task):
             y_true.append([self.labels[tags[i]] for i in seen])
             y_pred.append(entities_to_tags([anchors[i] for i in seen], entities))
         return entity_metrics(y_true, y_pred)
+
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        """Text as it is; a list of words joined by spaces."""
+        return [words if isinstance(words, str) else " ".join(map(str, words)) for words in rows["tokens"]]
+
+    def prediction_record(self, output: list[dict]) -> dict[str, Any]:
+        return {"entities": jsonable(output)}  # entity_group, score, word, start, end (characters of the text)
+
+    def from_export(self, model_dir: Path, data_cfg) -> None:
+        data_cfg.label_names = exported_labels(model_dir)  # the model's tags, in its id order
 
 
 # --- CoNLL files ------------------------------------------------------------------------------

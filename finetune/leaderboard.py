@@ -1,0 +1,287 @@
+"""The leaderboard of a sweep: `python -m finetune.leaderboard <sweep dir>`, also written when a sweep ends.
+
+It reads what the trials wrote (<trial>/trial.json, metrics.json, .hydra/) and writes into the sweep directory
+leaderboard.md and leaderboard.csv (one row per trial: its overrides, validation / test / pipeline-check scores,
+runtime, training samples/s, status), leaderboard.png (the validation metric against each swept parameter, and
+for an Optuna search the best value over trials) and `best`, a link to the best trial's model directory.
+Trials are ranked on the validation split only: the test split plays no part in choosing the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from finetune.sweep import TRIAL_FILE
+
+
+@dataclass
+class Board:
+    sweep_dir: Path
+    rows: list[dict]  # ranked: finished trials best first, then failed and unfinished ones
+    objective: str  # e.g. validation_accuracy
+    direction: str  # maximize | minimize
+    swept: list[str]  # parameters whose value differs between trials
+    fixed: list[str]  # overrides every trial shares
+    log_scale: set[str] = field(default_factory=set)
+    optuna: bool = False
+
+    @property
+    def best(self) -> dict | None:
+        return next((r for r in self.rows if r["status"] == "ok"), None)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] != "ok"]
+
+    def columns(self) -> list[str]:
+        metric = self.objective.removeprefix("validation_")
+        return ["rank", "trial", *self.swept, self.objective, f"test_{metric}", f"pipeline_test_{metric}",
+                "runtime_s", "train_samples_per_s", "status"]
+
+    def cells(self, row: dict, width: int | None = None) -> list[str]:
+        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('error') or ''}".rstrip(": ")
+        if width and len(status) > width:
+            status = status[: width - 3] + "..."
+        return [str(row["rank"] or "-"), str(row["trial"]), *(_param(row, p) for p in self.swept),
+                _fmt(row["validation"]), _fmt(row["test"]), _fmt(row["pipeline"]), _fmt(row["runtime_s"], 1),
+                _fmt(row["samples_per_s"], 1), status]
+
+    def notes(self) -> list[str]:
+        best = self.best
+        lines = [f"sweep: {self.sweep_dir}",
+                 f"ranked by {self.objective} ({self.direction}); selection uses the validation split only, "
+                 f"the test columns are for reporting"]
+        if self.fixed:
+            lines.append("every trial: " + " ".join(self.fixed))
+        lines.append(f"best: trial {best['trial']} -> {best['dir'] / 'model'}" if best else "best: none (no trial finished)")
+        if self.failed:
+            lines.append(f"failed or unfinished: {len(self.failed)} of {len(self.rows)} trials")
+        return lines
+
+    def table(self) -> str:
+        rows = [self.columns(), *(self.cells(r, width=70) for r in self.rows)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join([*self.notes(), "", *text])
+
+    def markdown(self) -> str:
+        head = self.columns()
+        lines = ["# Sweep leaderboard", "", *(f"- {n}" for n in self.notes()), "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in self.cells(r)) + " |" for r in self.rows]
+        if (self.sweep_dir / "leaderboard.png").exists():
+            lines += ["", "![validation metric against the swept parameters](leaderboard.png)"]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        head = self.columns()
+        writer.writerow([*head[:-1], "status", "error", "overrides", "run_dir"])
+        for r in self.rows:
+            cells = self.cells(r)
+            writer.writerow([*cells[:-1], r["status"], r.get("error") or "", " ".join(r["overrides"]), r["dir"]])
+        return out.getvalue()
+
+    def write(self, sweep_dir: Path | None = None) -> None:
+        sweep_dir = sweep_dir or self.sweep_dir
+        self.plot(sweep_dir / "leaderboard.png")
+        _write_text(sweep_dir / "leaderboard.md", self.markdown())
+        _write_text(sweep_dir / "leaderboard.csv", self.csv())
+        link = sweep_dir / "best"
+        best = self.best
+        if best and (best["dir"] / "model").is_dir():
+            tmp = sweep_dir / ".best.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(best["dir"] / "model", sweep_dir), tmp)
+            os.replace(tmp, link)  # atomic: the link never points nowhere
+        elif link.is_symlink():
+            link.unlink()
+
+    def plot(self, path: Path) -> None:
+        """The validation metric against each swept parameter; for Optuna, also the best value over trials."""
+        done = [r for r in self.rows if r["status"] == "ok"]
+        panels = len(self.swept) + self.optuna
+        if not done or not panels:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = min(panels, 3)
+        fig, axes = plt.subplots((panels + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((panels + cols - 1) // cols)),
+                                 squeeze=False)
+        for ax, name in zip(axes.flat, self.swept):
+            points = [(r["values"][name], r["validation"]) for r in done if name in r["values"]]
+            numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in points)
+            xs = [x if numeric else str(x) for x, _ in points]
+            ax.scatter(xs, [y for _, y in points], color="tab:blue")
+            if numeric and name in self.log_scale:
+                ax.set_xscale("log")
+            ax.set_xlabel(name + (" (log)" if numeric and name in self.log_scale else ""))
+            ax.set_ylabel(self.objective)
+        if self.optuna:
+            ax = axes.flat[len(self.swept)]
+            ordered = sorted(done, key=lambda r: r["trial"])
+            pick = max if self.direction == "maximize" else min
+            best = [pick(r["validation"] for r in ordered[: i + 1]) for i in range(len(ordered))]
+            ax.plot([r["trial"] for r in ordered], [r["validation"] for r in ordered], "o", color="tab:blue",
+                    alpha=0.5, label="trial")
+            ax.step([r["trial"] for r in ordered], best, where="post", color="tab:green", label="best so far")
+            ax.set_xlabel("trial")
+            ax.set_ylabel(self.objective)
+            ax.legend()
+        for ax in list(axes.flat)[panels:]:
+            ax.axis("off")
+        fig.suptitle(f"{self.sweep_dir.name}: {self.objective} ({self.direction})")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def build(sweep_dir: Path) -> Board | None:
+    """The leaderboard of the trials under sweep_dir, or None when it holds none."""
+    trials = [d for d in sorted(Path(sweep_dir).iterdir()) if d.is_dir() and
+              ((d / TRIAL_FILE).is_file() or (d / ".hydra" / "overrides.yaml").is_file())] if Path(sweep_dir).is_dir() else []
+    if not trials:
+        return None
+    rows = [_row(d) for d in trials]
+    objective = next((r["objective"] for r in rows if r["objective"]), "validation_score")
+    direction = next((r["direction"] for r in rows if r["direction"]), "maximize")
+    test_key = "test_" + objective.removeprefix("validation_")
+    for r in rows:
+        r["validation"] = r["validation"] if r["validation"] is not None else r["metrics"].get(objective)
+        r["test"], r["pipeline"] = r["metrics"].get(test_key), r["metrics"].get("pipeline_" + test_key)
+    sign = -1 if direction == "maximize" else 1
+    rows.sort(key=lambda r: (r["status"] != "ok", sign * r["validation"] if r["status"] == "ok" else 0,
+                             str(r["trial"]).zfill(9)))
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank if r["status"] == "ok" else None
+    keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    swept = [k for k in keys if len({r["params"].get(k) for r in rows}) > 1]
+    fixed = [f"{k}={rows[0]['params'][k]}" for k in keys if k not in swept]
+    sweeper = _sweeper_config(Path(sweep_dir), trials)
+    return Board(Path(sweep_dir), rows, objective, direction, swept, fixed,
+                 log_scale=_log_scale(sweeper, rows, swept), optuna="optuna" in str(sweeper.get("_target_", "")))
+
+
+def _row(trial_dir: Path) -> dict:
+    record = _read_json(trial_dir / TRIAL_FILE)
+    overrides = record.get("overrides")
+    if overrides is None:  # killed before it wrote its record: Hydra's copy of the trial's overrides
+        overrides = yaml.safe_load((trial_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    params, values = {}, {}
+    for text in overrides:
+        key, value, parsed = _parse_override(text)
+        params[key], values[key] = value, parsed
+    status = record.get("status", "running")
+    return {"trial": record.get("trial", _number(trial_dir.name)), "dir": trial_dir, "overrides": list(overrides),
+            "params": params, "values": values, "status": "unfinished" if status == "running" else status,
+            "error": record.get("error") or ("never finished: killed, or still running" if status == "running" else None),
+            "objective": record.get("objective"), "direction": record.get("direction"),
+            "validation": record.get("value"), "metrics": _read_json(trial_dir / "metrics.json"),
+            "runtime_s": _read_json(trial_dir / "metrics.json").get("total_runtime_s", record.get("runtime_s")),
+            "samples_per_s": _read_json(trial_dir / "metrics.json").get("train_samples_per_second")}
+
+
+def _parse_override(text: str) -> tuple[str, str, object]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_override(text)
+        return override.get_key_element().lstrip("+~"), override.get_value_element_as_str(), override.value()
+    except Exception:  # not Hydra override syntax: show it as written
+        key, _, value = text.partition("=")
+        return key, value, value
+
+
+def _sweeper_config(sweep_dir: Path, trials: list[Path]) -> dict:
+    """hydra.sweeper and the command's overrides, from the sweep's multirun.yaml (grid) or a trial's .hydra/."""
+    for path in [sweep_dir / "multirun.yaml", *(t / ".hydra" / "hydra.yaml" for t in trials)]:
+        if path.is_file():
+            hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
+            return {**(hydra.get("sweeper") or {}), "command": (hydra.get("overrides") or {}).get("task") or []}
+    return {}
+
+
+def _log_scale(sweeper: dict, rows: list[dict], swept: list[str]) -> set[str]:
+    """Parameters drawn on a log axis: tagged `log` in the search space or on the command line
+    (tag(log, interval(...))), or positive numbers spanning a factor of 10 or more."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, tagged = OverridesParser.create(), set()
+    declared = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()] + list(sweeper.get("command", []))
+    for text in declared:
+        try:
+            override = parser.parse_override(text)
+        except Exception:
+            continue
+        if override.is_sweep_override() and "log" in getattr(override.value(), "tags", ()):
+            tagged.add(override.get_key_element().lstrip("+~"))
+    for name in swept:
+        xs = [r["values"].get(name) for r in rows if name in r["values"]]
+        if xs and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in xs) \
+                and max(xs) / min(xs) >= 10:
+            tagged.add(name)
+    return tagged
+
+
+def _param(row: dict, name: str) -> str:
+    value = row["values"].get(name)
+    return f"{value:.4g}" if isinstance(value, float) else row["params"].get(name, "")  # exact: the overrides column
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _number(name: str) -> int | str:
+    return int(name) if name.isdigit() else name
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.leaderboard", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. runs/sentiment/sweep_<time>")
+    args = parser.parse_args(argv)
+    board = build(args.sweep_dir)
+    if board is None:
+        print(f"error: no trials in {args.sweep_dir}; pass a sweep directory (runs/<task>/sweep_<time>)",
+              file=sys.stderr)
+        return 2
+    print(board.table())
+    board.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

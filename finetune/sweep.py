@@ -1,0 +1,118 @@
+"""Sweeps (`python -m finetune -m ...`): one trial per run directory under one sweep directory.
+
+Each trial runs the normal walk (finetune.run) and hands the sweeper its objective: the task's main metric on
+the validation split. It writes `trial.json` into its run directory when it starts ("running") and when it ends
+("ok" with the objective, or "failed" with a one-line error), so the leaderboard, which can only read what the
+trials wrote, tells finished, failed and killed trials apart. A failed trial -- bad input, an exception such as
+running out of memory, a non-finite loss or objective -- does not stop the sweep: the task function returns
+None, which Hydra's grid sweeper ignores and the Optuna sweeper records as a failed trial (a NaN would crash it).
+At the end, the leaderboard callback ranks the trials and the CLI exits 1 when any trial failed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import FinetuneError
+from finetune.report import write_json
+
+log = logging.getLogger("finetune")
+
+TRIAL_FILE = "trial.json"
+failed_trials: list[str] = []  # trial dirs of the sweep that just ended: set by the callback, read by the CLI
+
+
+def direction(task_name: str) -> str:
+    """Whether a sweeper maximizes or minimizes the task's main metric (accuracy: maximize, perplexity: minimize)."""
+    from finetune.tasks import task_class
+
+    return "maximize" if task_class(task_name).greater_is_better else "minimize"
+
+
+# configs/hydra/sweeper/finetune_optuna.yaml: `direction: ${task_direction:${task.name}}`. Registered on import:
+# the launching process and every worker process (joblib, submitit) import this module before resolving it.
+OmegaConf.register_new_resolver("task_direction", direction, replace=True)
+
+
+def run_trial(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Run one trial and return its objective, or None when it failed (recorded in <run_dir>/trial.json)."""
+    from finetune.run import run
+    from finetune.tasks import task_class
+
+    hydra = HydraConfig.get()
+    record: dict = {"trial": hydra.job.num, "status": "running", "overrides": list(hydra.overrides.task)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / TRIAL_FILE, record)
+    start = time.perf_counter()
+    try:
+        task = task_class(cfg.task.name)
+        record.update(objective=f"validation_{task.main_metric}", direction=direction(cfg.task.name))
+        _check_sweeper_direction(hydra.sweeper, record["direction"], record["objective"])
+        metrics = run(cfg, run_dir)
+        value = metrics.get(record["objective"])
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FinetuneError(f"the objective {record['objective']} is {value}: the trial diverged or scored "
+                                "nothing; lower trainer.learning_rate or check the data")
+        import torch
+
+        record.update(status="ok", value=float(value), torch_threads=torch.get_num_threads())
+        return float(value)
+    except Exception as e:  # recorded, and the sweep goes on; Ctrl-C (KeyboardInterrupt) still stops it
+        record.update(status="failed", error=one_line(e))
+        # the traceback of an unexpected error goes to the trial's finetune.log, not only its one line
+        log.error("trial %s failed: %s", record["trial"], record["error"],
+                  exc_info=cfg.get("debug", False) or not isinstance(e, FinetuneError))
+        return None
+    finally:
+        record["runtime_s"] = round(time.perf_counter() - start, 1)
+        write_json(run_dir / TRIAL_FILE, record)
+        _free_memory()
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, FinetuneError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_sweeper_direction(sweeper: DictConfig, expected: str, objective: str) -> None:
+    configured = sweeper.get("direction") if "direction" in sweeper else None
+    if configured is None:  # the grid sweeper does not optimize
+        return
+    got = str(configured).rsplit(".", 1)[-1]  # "maximize" or Direction.maximize
+    if got != expected:
+        raise FinetuneError(f"hydra.sweeper.direction={got}, but this task's objective {objective} must be "
+                            f"{expected}d; drop the override (finetune_optuna takes the direction from the task)")
+
+
+def _free_memory() -> None:
+    """Trials of the basic launcher share one process: let the next one start without the last one's tensors."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class LeaderboardCallback(Callback):
+    """hydra.callbacks.leaderboard (configs/config.yaml): ranks the trials when a sweep ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from finetune import leaderboard
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        board = leaderboard.build(sweep_dir)
+        if board is None:
+            return
+        print(board.table(), flush=True)
+        board.write(sweep_dir)
+        failed_trials[:] = [str(row["dir"]) for row in board.failed]

@@ -1,0 +1,143 @@
+"""Tracking and progress: both engines write the same scalars to TensorBoard event files in the run directory,
+MLflow as an option (a local store), report_to=[] writes nothing; a terminal gets progress bars and each log
+line once, a log file gets a line every logging_steps with samples/s and the ETA."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from helpers import compose_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ENGINES = ["hf", "accelerate"]
+FAST = ["trainer.num_train_epochs=2", "trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16",
+        "trainer.logging_steps=2", "trainer.warmup_ratio=0.0"]
+SCALARS = {"train/loss", "train/learning_rate", "train/grad_norm", "train/samples_per_second", "train/epoch",
+           "eval/loss", "eval/accuracy", "eval/f1_macro", "eval/samples_per_second"}
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory):
+    import pandas as pd
+
+    from conftest import make_sentences
+
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
+    return path
+
+
+def train(tiny_bert, csv, out, *overrides):
+    import transformers
+
+    from finetune import data
+    from finetune.engines import make_engine
+    from finetune.tasks import get_task
+
+    cfg = compose_cfg("task=sentiment", f"model={tiny_bert}", f"data={csv}", "data.text_column=review",
+                      "data.label_column=sentiment", f"runs_dir={out.parent}", *FAST, *overrides)
+    transformers.set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
+    features = task.tokenize(data.load(cfg.data, task), tokenizer)
+    engine = make_engine(cfg, task, task.load_model(str(tiny_bert), cfg.model), tokenizer, features, out)
+    engine.train()
+    engine.evaluate("test")
+    return engine
+
+
+def scalars(folder) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents")]
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_bert, csv, tmp_path_factory):
+    """Each engine trained with the default trainer.report_to ([tensorboard])."""
+    runs = {}
+    for engine in ENGINES:
+        out = tmp_path_factory.mktemp(engine) / "run"
+        runs[engine] = (train(tiny_bert, csv, out, f"trainer={engine}"), out)
+    return runs
+
+
+def test_both_engines_write_the_same_scalars(tracked):
+    tags = {}
+    for name, (engine, out) in tracked.items():
+        assert [p.name for p in out.iterdir() if p.name == "tensorboard"] == ["tensorboard"]
+        found = scalars(out / "tensorboard")
+        tags[name] = set(found)
+        assert SCALARS <= set(found), (name, sorted(found))
+        losses = [e["loss"] for e in engine.log_history if "loss" in e]
+        assert [v for _, v in found["train/loss"]] == pytest.approx(losses, abs=1e-4)  # the logged values
+        assert [s for s, _ in found["train/loss"]] == [e["step"] for e in engine.log_history if "loss" in e]
+        assert [s for s, _ in found["eval/accuracy"]] == [5, 10]  # 96 rows -> 76 train rows: 5 steps an epoch
+        assert all(v > 0 for _, v in found["train/samples_per_second"])
+        assert not any(t.startswith("test/") for t in found)  # trackers record the training and close with it
+    assert tags["hf"] & SCALARS == tags["accelerate"] & SCALARS
+
+
+def test_report_to_empty_writes_no_events(tiny_bert, csv, tmp_path):
+    train(tiny_bert, csv, tmp_path / "run", "trainer=accelerate", "trainer.report_to=[]")
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_unknown_tracker_is_an_input_error(tiny_bert, csv, tmp_path):
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"unknown tracker wandb in trainer.report_to: choose from tensorboard, "
+                                            r"mlflow, or \[\] for none"):
+        train(tiny_bert, csv, tmp_path / "run", "trainer.report_to=[wandb]")
+
+
+def test_mlflow_local_store(tiny_bert, csv, tmp_path, monkeypatch):
+    import mlflow  # the [mlflow] extra (also in [test])
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    runs = {}
+    for engine in ENGINES:
+        train(tiny_bert, csv, tmp_path / engine, f"trainer={engine}", "trainer.report_to=[mlflow]")
+    assert (tmp_path / "mlflow.db").is_file()  # <runs_dir>/mlflow.db, no server
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("finetune")
+    for run in client.search_runs([experiment.experiment_id]):
+        runs[run.info.run_name] = run
+    assert set(runs) == set(ENGINES)  # one MLflow run per training, named after its run directory
+    for run in runs.values():
+        assert {"loss", "eval_accuracy", "learning_rate", "grad_norm"} <= set(run.data.metrics), run.data.metrics
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_terminal_gets_bars_and_each_log_once(engine, tiny_bert, csv, tmp_path, monkeypatch, capsys, caplog):
+    from finetune import progress
+
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        train(tiny_bert, csv, tmp_path / "run", f"trainer={engine}", "trainer.report_to=[]")
+    err = capsys.readouterr().err
+    assert re.search(r"10/10 \[\d\d:\d\d<\d\d:\d\d", err), err[-2000:]  # the training bar, with its ETA
+    assert "{'loss'" not in err and "'eval_loss'" not in err  # the Trainer's printed dicts are gone
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    train_lines = [l for l in lines if re.match(r"step \d+/10: loss=", l)]
+    assert len(train_lines) == len(set(train_lines)) == 6  # steps 1, 2, 4, 6, 8, 10: each once
+
+
+def test_log_file_gets_eta_and_throughput_every_logging_step(pushed_run):
+    """A run whose stderr is not a terminal (the CLI under pytest): no bars, a line per logging step."""
+    log = (pushed_run.run_dir / "finetune.log").read_text()
+    lines = re.findall(r"step (\d+)/(\d+): loss=[\d.]+, .*samples_per_second=[\d.]+, .*eta \d+:\d\d:\d\d", log)
+    steps = [int(s) for s, _ in lines]
+    assert steps[:3] == [1, 5, 10] and len(set(t for _, t in lines)) == 1  # trainer.logging_steps=5
+    assert "%|" not in pushed_run.proc.stderr  # no progress bars in a log
+    events = scalars(pushed_run.run_dir / "tensorboard")
+    assert SCALARS <= set(events)
