@@ -231,13 +231,26 @@ def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path
     assert samples[0]["source"] == ROWS[270][0] and samples[0]["references"] == [ROWS[270][1]]
     assert "## Samples (test split)" in (model_dir / "README.md").read_text()
 
+    # finetune.predict and finetune.evaluate go through the same exported pipeline
+    from finetune import predict
+    from finetune.evaluate import evaluate
+    from test_predict import read_jsonl, run_main
+
+    write_jsonl(tmp_path / "in.jsonl", [{"source": s} for s, _ in ROWS[270:]])
+    assert run_main(predict, [str(model_dir), str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+                              "--batch-size", "4"]) == 0
+    expected = translator([s for s, _ in ROWS[270:]])
+    assert read_jsonl(tmp_path / "p.jsonl") == expected
+    result = evaluate(model_dir, [f"data={tmp_path / 'data'}"], tmp_path / "eval.json")
+    assert result["split"] == "test" and result["bleu"] == pytest.approx(metrics["pipeline_test_bleu"])
+
 
 def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentence_lists(models, tmp_path):
     rows = [{"source": s.split(" on "), "target": [t, t.split()[0]]} for s, t in ROWS]
     data = write_jsonl(tmp_path / "tldr.jsonl", rows)
     metrics, model_dir = train(tmp_path, "task=summarization", f"model={models['bart']}", f"data={data}",
                                "trainer=accelerate", "trainer.max_steps=300", "trainer.eval_strategy=steps",
-                               "trainer.eval_steps=100", "trainer.learning_rate=3e-3")
+                               "trainer.eval_steps=100", "trainer.learning_rate=3e-3", "task.max_source_length=64")
     check_learned_and_verified(metrics, "rougeL", "rougeL", 0.05)
     assert {"test_rouge1", "test_rouge2", "test_rougeLsum"} <= set(metrics) and "test_bleu" not in metrics
     from transformers import pipeline

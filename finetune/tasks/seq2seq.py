@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
-from finetune.tasks.base import MetricsFn, Task, _load
+from finetune.tasks.base import MetricsFn, Task, _load, device, position_limit
 from finetune.tasks.causal_lm import CausalLMTask, perplexity
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ class Seq2SeqTask(Task):
     output_key: str  # the pipeline's output field
     scores_kinds: tuple[str, ...]  # what evaluation reports of metrics.generation_metrics (rouge, bleu)
     columns = {"source": "source_column", "target": "target_column"}
-    input_columns = ("source", "translation")
+    input_columns = ("source",)
     report_base_metrics = True  # the pretrained (zero-shot) model's scores on the same test split
     pipeline_needs_remote_code = True  # transformers 5 has no translation / summarization pipeline: export() ships one
     task_params_key = "summarization"  # where a T5-style checkpoint keeps its input prefix (task_specific_params)
+    max_length_key = "task.max_source_length"
+    pipeline_batch_size = BATCH
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -112,7 +115,7 @@ class Seq2SeqTask(Task):
     def _columns(self, ds: Dataset, split: str, data_cfg) -> tuple[list, list]:
         """The sources and targets of a split's rows."""
         if {"source", "target"} <= set(ds.column_names):
-            return ds["source"], ds["target"]
+            return ds["source"][:], ds["target"][:]
         found = ", ".join(sorted(set(ds.column_names) - {data_cfg.group_column})) or "none"
         raise FinetuneError(f"the {split} data needs a source and a target column (data.source_column="
                             f"{data_cfg.source_column}, data.target_column={data_cfg.target_column}) but has {found} "
@@ -215,6 +218,12 @@ class Seq2SeqTask(Task):
         if self.forced_bos is not None:
             settings["forced_bos_token_id"] = self.forced_bos
         model.generation_config.update(**settings)  # evaluation uses it, and the export saves it
+        limit = position_limit(model)
+        need = self.lm.cfg.block_size if self.decoder_only else max(self.cfg.max_source_length,
+                                                                     self.cfg.max_target_length)
+        if limit is not None and need > limit:
+            raise FinetuneError(f"examples of up to {need} tokens do not fit the {limit} positions of model "
+                                f"'{model_cfg.name_or_path}'; lower task.max_source_length / task.max_target_length")
         return model
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
@@ -226,7 +235,7 @@ class Seq2SeqTask(Task):
     def _pairs(self, ds: Dataset, split: str) -> tuple[list[str], list[str]]:
         """(source, target) training pairs: each reference of a training row, or the first (data.references)."""
         each = self.train_on_each and split == "train"
-        pairs = [(s, r) for s, refs in zip(ds["source"], ds["references"]) for r in (refs if each else refs[:1])]
+        pairs = [(s, r) for s, refs in zip(ds["source"][:], ds["references"][:]) for r in (refs if each else refs[:1])]
         return [s for s, _ in pairs], [r for _, r in pairs]
 
     def _encode_pairs(self, ds: Dataset, tokenizer, split: str) -> Dataset:
@@ -282,13 +291,13 @@ class Seq2SeqTask(Task):
         raw = self.raw[split]
         if split not in self._inputs:
             self._inputs[split] = [s2s.encode(self.tokenizer, s, self.settings, self.decoder_only)
-                                   for s in raw["source"]]
+                                   for s in raw["source"][:]]
         model.eval()
         start = time.perf_counter()
         rows = s2s.generate(model, self.tokenizer, self._inputs[split], BATCH)
         seconds = time.perf_counter() - start
         texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
-        out = self.scores(texts, list(raw["references"]))
+        out = self.scores(texts, raw["references"][:])
         out["generation_new_tokens_per_second"] = sum(len(r) for r in rows) / max(seconds, 1e-9)
         log.info("%s: generated %d texts in %.1fs", split, len(texts), seconds)
         if split == "test":
@@ -334,17 +343,34 @@ base.generation_config = GenerationConfig.from_pretrained("path/to/this/director
         config.save_pretrained(model_dir)
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
-        pipe = pipeline(model=str(model_dir), trust_remote_code=True, device=_device())  # the code export() wrote
-        texts = [o[self.output_key] for o in pipe(list(raw["source"]), batch_size=BATCH)]
-        scores = self.scores(texts, list(raw["references"]))
-        if self.decoder_only:
+        pipe = self.load_pipeline(model_dir)  # the code export() wrote
+        texts = [o[self.output_key] for o in pipe(raw["source"][:], batch_size=BATCH)]
+        scores = self.scores(texts, raw["references"][:])
+        if pipe.decoder_only:
             scores["text_generation_prompts_matched"] = float(self._check_text_generation(model_dir, pipe, raw))
         return scores
+
+    def recorded_columns(self) -> list[str]:
+        return ["source_column"]  # what finetune.predict reads
+
+    def pipeline_inputs(self, rows: dict[str, list]) -> list:
+        return [" ".join(s) if isinstance(s, list) else s for s in rows["source"]]
+
+    def prediction_record(self, output: Any) -> dict[str, Any]:
+        return output
+
+    def run_pipeline(self, pipe, inputs, batch_size: int | None = None):
+        """The pipeline on chunks of 8 batches: each chunk is generated in length-sorted batches, and no more than
+        a chunk of the inputs is held."""
+        size = batch_size or self.pipeline_batch_size
+        inputs = iter(inputs)
+        while chunk := list(islice(inputs, size * 8)):
+            yield from pipe(chunk, batch_size=size)
 
     def _check_text_generation(self, model_dir: Path, pipe, raw: Dataset) -> int:
         """A decoder-only export also works as a plain text-generation model: on a few test prompts, the
         text-generation pipeline must write what the task pipeline writes."""
-        generator = pipeline("text-generation", model=str(model_dir), device=_device())
+        generator = pipeline("text-generation", model=str(model_dir), device=device())
         sources = list(raw["source"][:TEXT_GENERATION_CHECKS])
         expected = [o[self.output_key] for o in pipe(sources, batch_size=1)]
         for i, source in enumerate(sources):
@@ -371,7 +397,3 @@ class SummarizationTask(Seq2SeqTask):
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:200]
-
-
-def _device() -> int:
-    return 0 if torch.cuda.is_available() else -1

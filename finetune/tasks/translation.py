@@ -33,6 +33,7 @@ class TranslationTask(Seq2SeqTask):
     verify_tolerance = 0.5  # BLEU points (0..100)
     columns = {**Seq2SeqTask.columns, "translation": "translation_column"}
     optional_columns = frozenset(columns)
+    input_columns = ("source", "translation")
 
     @property
     def data_hint(self) -> str:
@@ -78,7 +79,7 @@ class TranslationTask(Seq2SeqTask):
         if "translation" not in ds.column_names or {"source", "target"} <= set(ds.column_names):
             return super()._columns(ds, split, data_cfg)
         src, tgt = self.cfg.source_lang, self.cfg.target_lang
-        rows = ds["translation"]
+        rows = ds["translation"][:]
         for t in rows:
             if not isinstance(t, dict) or t.get(src) is None or t.get(tgt) is None:
                 keys = ", ".join(k for k, v in t.items() if v is not None) if isinstance(t, dict) else type(t).__name__
