@@ -209,12 +209,19 @@ def check_learned_and_verified(metrics, main, score, margin):
     assert metrics[f"pipeline_test_{main}"] == pytest.approx(metrics[f"test_{main}"], abs=1e-9)
 
 
-def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path):
+def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path, caplog):
+    import logging
+
     from transformers import pipeline
 
-    metrics, model_dir = train(tmp_path, "task=translation", f"model={models['t5']}",
-                               f"data={write_parallel(tmp_path / 'data')}")
+    with caplog.at_level(logging.INFO, logger="finetune.tasks.seq2seq"):
+        metrics, model_dir = train(tmp_path, "task=translation", f"model={models['t5']}",
+                                   f"data={write_parallel(tmp_path / 'data')}")
     check_learned_and_verified(metrics, "bleu", "chrf", 5)
+    # the base model's test scores first, then one validation generation per epoch (best-model selection), the
+    # restored best model's validation and test scores
+    generated = [r.getMessage().split(":")[0] for r in caplog.records if "generated" in r.getMessage()]
+    assert generated == ["test", *["validation"] * 4, "validation", "test"]
     assert {"test_bleu", "test_chrf", "test_gen_len", "validation_bleu", "test_generation_new_tokens_per_second"} \
         <= set(metrics)
     config = json.loads((model_dir / "config.json").read_text())

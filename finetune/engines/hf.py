@@ -160,7 +160,10 @@ class HFEngine:
 
     def evaluate(self, split: str) -> dict[str, float]:
         self.trainer.compute_metrics = self._metrics(split)
-        return self.trainer.evaluate(self.features[split], metric_key_prefix=split)
+        try:
+            return self.trainer.evaluate(self.features[split], metric_key_prefix=split)
+        finally:  # evaluations during training score the validation split
+            self.trainer.compute_metrics = self._metrics("validation")
 
     def _metrics(self, split: str):
         """The task's metrics of the split's predictions, and those it takes from the model itself."""
