@@ -84,7 +84,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     base = {}
     if task.report_base_metrics:  # the pretrained model's score on the same test data, for comparison
         base = {f"base_{k}": v for k, v in engine.evaluate("test").items() if _is_score(k)}
-        base.update({f"base_test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
+        generated = task.model_metrics(engine.model, tokenizer, raw["test"], base=True)
+        base.update({f"base_test_{k}": v for k, v in generated.items()})
         log.info("base model: %s", ", ".join(f"{k}={v:.4g}" for k, v in base.items()))
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
     metrics.update(engine.evaluate("validation"))

@@ -127,9 +127,10 @@ class Task:
         without prefix. Both engines add them to the split's metrics, so the main metric can be one of them."""
         return {}
 
-    def model_metrics(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, raw: Dataset
-                      ) -> dict[str, float]:
-        """Metrics that need the model itself after training (e.g. scoring generated text); keys without prefix."""
+    def model_metrics(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, raw: Dataset,
+                      base: bool = False) -> dict[str, float]:
+        """Metrics that need the model itself (e.g. scoring generated text); keys without prefix. base=True: the
+        pretrained model before training, scored for comparison only."""
         return {}
 
     def samples(self) -> list[dict[str, Any]]:

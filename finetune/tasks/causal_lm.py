@@ -173,7 +173,7 @@ class CausalLMTask(Task):
 
         return fn
 
-    def model_metrics(self, model, tokenizer, raw: Dataset) -> dict[str, float]:
+    def model_metrics(self, model, tokenizer, raw: Dataset, base: bool = False) -> dict[str, float]:
         """Generate on the test prompts: scores against the references (prompt/completion, chat), sample
         continuations, and the trainer-side greedy outputs the exported pipeline must reproduce."""
         prompts, references = self._prompts(raw, tokenizer)
@@ -184,6 +184,8 @@ class CausalLMTask(Task):
         out = generation_metrics(texts, references) if references else {}
         out["generation_new_tokens_per_second"] = new_tokens / seconds
         log.info("generated %d new tokens for %d test prompts in %.1fs", new_tokens, len(prompts), seconds)
+        if base:  # the samples and the outputs the export must reproduce are the trained model's
+            return out
         greedy = self.generation_config(tokenizer, greedy=True)
         self._greedy, self._samples = [], []
         for i, prompt in enumerate(prompts[: self.cfg.eval_prompts]):
