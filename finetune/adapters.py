@@ -167,9 +167,7 @@ weights of this directory, so it loads without peft. The adapter alone (LoRA wei
 
 ```python
 from peft import PeftModel
-from transformers import AutoConfig, {task.auto_model.__name__}
-config = AutoConfig.from_pretrained("path/to/this/directory")  # labels
-base = {task.auto_model.__name__}.from_pretrained("{base}", config=config)
+{task.adapter_base_code(cfg, base)}
 model = PeftModel.from_pretrained(base, "path/to/this/directory/adapter")
 ```
 """

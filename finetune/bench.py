@@ -13,6 +13,10 @@ peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training s
               its own 10 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
   generation_lora  the same with peft=lora
   mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity, lower is better)
+  translation task=translation: SmolLM2 fine-tuned on Multi30k en->de (../shared/data), 8 sentence pairs a step, its
+              own 10 steps; BLEU and new tokens/s of batched greedy generation on 64 held-out sentences
+  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 4 pairs a step, its own
+              10 steps; ROUGE-L and generation speed on 32 held-out abstracts
 
 and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
 (4 + 2 x trainable fraction) x non-embedding parameters (plus an LM head's output layer, whose matmul runs
@@ -39,9 +43,13 @@ from pathlib import Path
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 WNUT = "{shared}/wnut17"
 SQUAD = "{shared}/squad_v1.1/train.json"
+MULTI30K = "{shared}/multi30k_en_de"
+SCITLDR = "{shared}/scitldr"
 
 _GEN = ["trainer.max_steps=10", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
         "trainer.eval_steps=10", "task.eval_prompts=8"]
+_S2S = ["trainer.max_steps=10", "trainer.gradient_accumulation_steps=1", "trainer.eval_steps=10",
+        "data.max_eval_samples=16"]
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
@@ -52,6 +60,11 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
             None, "task=ner, WNUT-17 train / emerging.dev as test, dynamic padding"),
     "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 4 x 512 tokens, 10 steps"),
     "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
+    "translation": (["task=translation", f"data.source={MULTI30K}", *_S2S, "trainer.per_device_train_batch_size=8",
+                     "data.max_test_samples=64"],
+                    None, "task=translation, SmolLM2 on Multi30k en->de, 8 pairs, 10 steps"),
+    "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.per_device_train_batch_size=4",
+                       "data.max_test_samples=32"], None, "task=summarization, SmolLM2 on SciTLDR, 4 pairs, 10 steps"),
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
             "task.doc_stride=64", "data.max_test_samples=300"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions"),

@@ -69,10 +69,33 @@ class MaskedLMTaskConfig(TaskConfig):
 
 
 @dataclass
+class Seq2SeqTaskConfig(TaskConfig):
+    max_source_length: int = 128  # source tokens kept (the rest is cut, in training, evaluation and the pipeline)
+    max_target_length: int = 128  # target tokens trained on
+    prefix: Optional[str] = None  # encoder-decoder input prefix (T5 style); None: the checkpoint's own, if any
+    # decoder-only models: the prompt, in which {source}, {source_lang}, {target_lang} are replaced; rendered as a
+    # user turn with the tokenizer's chat template when it has one and chat_template is true
+    prompt_template: str = "{source}"
+    chat_template: bool = True
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass
+class TranslationTaskConfig(Seq2SeqTaskConfig):
+    source_lang: str = "en"  # the data's language keys: train.en / train.de files, {"translation": {"en", "de"}} rows
+    target_lang: str = "de"
+    source_lang_code: Optional[str] = None  # the tokenizer's language code (mBART en_XX, NLLB eng_Latn); None: found
+    target_lang_code: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = MISSING  # "bundled:<asset>", a Hub id, or a local directory
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # a warm-started encoder-decoder (EncoderDecoderModel, e.g. BERT2BERT) from two checkpoints sharing a vocabulary
+    encoder: Optional[str] = None
+    decoder: Optional[str] = None
     # model-card facts about the base checkpoint
     base_model: Optional[str] = None  # Hub id for the card; defaults to name_or_path when that is a Hub id
     license: Optional[str] = None
@@ -213,11 +236,24 @@ class GenerationData(DataConfig):
     messages_column: str = "messages"  # chat: a list of {role, content}; the loss is on the assistant turns only
 
 
+@dataclass
+class Seq2SeqData(DataConfig):
+    source_column: str = "source"  # text, or a list of sentences (joined with spaces)
+    target_column: str = "target"  # text, or a list of references
+    references: str = "first"  # several references per example: train on the first, or on each (metrics use all)
+
+
+@dataclass
+class TranslationData(Seq2SeqData):
+    translation_column: str = "translation"  # Hub rows {"translation": {"<source_lang>": ..., "<target_lang>": ...}}
+
+
 # one schema per task and per data shape; configs/task/<name>.yaml selects its two in its defaults list
 TASK_SCHEMAS = {"classification": ClassificationTaskConfig, "token_classification": TokenClassificationTaskConfig,
-                "qa": QATaskConfig, "causal_lm": CausalLMTaskConfig, "masked_lm": MaskedLMTaskConfig}
+                "qa": QATaskConfig, "causal_lm": CausalLMTaskConfig, "masked_lm": MaskedLMTaskConfig,
+                "translation": TranslationTaskConfig, "summarization": Seq2SeqTaskConfig}
 DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData,
-                "generation": GenerationData, "text": TextData}
+                "generation": GenerationData, "text": TextData, "seq2seq": Seq2SeqData, "translation": TranslationData}
 
 
 def register_configs() -> None:

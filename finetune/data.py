@@ -85,7 +85,7 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
     if not files and not cfg.source:
         raise FinetuneError(
             "no data given: pass data=<file, directory or Hub dataset id>, or data.train_file=... "
-            "(the task has no bundled default data)"
+            f"(the task has no bundled default data){task.data_hint}"
         )
     if not files:
         source = assets.resolve(cfg.source)

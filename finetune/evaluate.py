@@ -61,6 +61,7 @@ def compose(record: dict[str, Any], overrides: list[str]):
     values it was trained with) and its data column names, under the user's data overrides."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
 
     from finetune.__main__ import rewrite_overrides
     from finetune.config import CONFIG_DIR, register_configs
@@ -77,7 +78,7 @@ def compose(record: dict[str, Any], overrides: list[str]):
     given = {o.partition("=")[0] for o in overrides}
     for key, value in record["task"].items():
         if key in cfg.task:
-            cfg.task[key] = value
+            OmegaConf.update(cfg.task, key, value, merge=True)  # merged: nested settings (task.generation) too
     for key, value in record["data"].items():
         if f"data.{key}" not in given and key in cfg.data:
             cfg.data[key] = value

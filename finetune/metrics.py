@@ -83,27 +83,34 @@ def squad_metrics(predictions: list[str], references: list[list[str]]) -> dict[s
     return out
 
 
-def generation_metrics(predictions: list[str], references: list[str | list[str]]) -> dict[str, float]:
+def generation_metrics(predictions: list[str], references: list[str | list[str]],
+                       scores: tuple[str, ...] = ("rouge", "bleu")) -> dict[str, float]:
     """ROUGE-1/2/L/Lsum F-measure with stemming (rouge-score), chrF and BLEU (sacrebleu), as fractions 0..1 except
     BLEU and chrF (0..100, as sacrebleu reports them), and the mean generated length in words. A reference may
-    be a list of references: ROUGE takes the best one, sacrebleu uses all of them."""
+    be a list of references: ROUGE takes the best one, sacrebleu uses all of them. `scores`: rouge, bleu or both."""
+    import logging
+
     import sacrebleu
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." every time
     refs = [r if isinstance(r, list) else [r] for r in references]
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    kinds = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-    rouge = {k: [] for k in kinds}
-    for prediction, options in zip(predictions, refs, strict=True):
-        # rougeLsum splits summaries into sentences at newlines
-        scores = [scorer.score("\n".join(r.split(". ")), "\n".join(prediction.split(". "))) for r in options]
-        for k in kinds:
-            rouge[k].append(max(s[k].fmeasure for s in scores))
-    width = max(len(r) for r in refs)
-    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
-    out = {k: float(np.mean(v)) for k, v in rouge.items()}
-    out["chrf"] = float(sacrebleu.corpus_chrf(predictions, streams).score)
-    out["bleu"] = float(sacrebleu.corpus_bleu(predictions, streams).score)
+    out = {}
+    if "rouge" in scores:
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+        kinds = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+        rouge = {k: [] for k in kinds}
+        for prediction, options in zip(predictions, refs, strict=True):
+            # rougeLsum splits summaries into sentences at newlines
+            scored = [scorer.score("\n".join(r.split(". ")), "\n".join(prediction.split(". "))) for r in options]
+            for k in kinds:
+                rouge[k].append(max(s[k].fmeasure for s in scored))
+        out.update({k: float(np.mean(v)) for k, v in rouge.items()})
+    if "bleu" in scores:
+        width = max(len(r) for r in refs)
+        streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
+        out["chrf"] = float(sacrebleu.corpus_chrf(predictions, streams).score)
+        out["bleu"] = float(sacrebleu.corpus_bleu(predictions, streams).score)
     out["gen_len"] = float(np.mean([len(p.split()) for p in predictions]))
     return out
 

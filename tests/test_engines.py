@@ -13,6 +13,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+from finetune.tasks.base import Task
 from helpers import compose_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,8 +139,9 @@ def test_same_seed_same_metrics(engine, tiny_bert, csv, tmp_path):
     assert other_seed["test_loss"] != first["test_loss"]  # the metrics do depend on the seed
 
 
-class _ProbeTask:
-    """A minimal task with per-token or two-headed outputs; keeps what compute_metrics receives."""
+class _ProbeTask(Task):
+    """A minimal task with per-token or two-headed outputs; keeps what compute_metrics receives (the other hooks:
+    Task's defaults)."""
 
     main_metric, greater_is_better = "accuracy", True
 

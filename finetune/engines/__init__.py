@@ -8,6 +8,9 @@ nothing about which task it trains.
     engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
         process (a collective: every process calls it); None when each process holds the whole model
 
+Every evaluation scores the split's predictions with task.compute_metrics and adds task.evaluate_model(model,
+split) (metrics of the model itself, e.g. of text it generates), so the main metric can be either kind.
+
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
 written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
 Both report the same scalars to the trackers of trainer.report_to, under the names the Trainer's callbacks use:

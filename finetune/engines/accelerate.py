@@ -260,9 +260,10 @@ class AccelerateEngine:
             preds = self._gather(preds, kept if isinstance(kept, tuple) else (kept,))
             if batch_labels:
                 labels = self._gather(labels, batch_labels)
-        model.train()
         metrics_fn = self.task.compute_metrics(split, self.features[split])
         scores = metrics_fn(EvalPrediction(predictions=_unwrap(preds), label_ids=_unwrap(labels)))
+        scores.update(self.task.evaluate_model(self.model, split))
+        model.train()
         runtime, n = time.time() - start, len(self.features[split])
         out = {f"{prefix}_loss": float(losses.mean())} if losses is not None else {}
         out.update({f"{prefix}_{k}": v for k, v in scores.items()})

@@ -141,7 +141,7 @@ class HFEngine:
             eval_dataset=features["validation"],
             data_collator=without_length(task.collator(tokenizer)),
             processing_class=tokenizer,
-            compute_metrics=task.compute_metrics("validation", features["validation"]),
+            compute_metrics=self._metrics("validation"),
             preprocess_logits_for_metrics=task.preprocess_logits,
             callbacks=callbacks,
         )
@@ -159,8 +159,16 @@ class HFEngine:
         return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
-        self.trainer.compute_metrics = self.task.compute_metrics(split, self.features[split])
-        return self.trainer.evaluate(self.features[split], metric_key_prefix=split)
+        self.trainer.compute_metrics = self._metrics(split)
+        try:
+            return self.trainer.evaluate(self.features[split], metric_key_prefix=split)
+        finally:  # evaluations during training score the validation split
+            self.trainer.compute_metrics = self._metrics("validation")
+
+    def _metrics(self, split: str):
+        """The task's metrics of the split's predictions, and those it takes from the model itself."""
+        scores = self.task.compute_metrics(split, self.features[split])
+        return lambda pred: {**scores(pred), **self.task.evaluate_model(self.trainer.model, split)}
 
     @property
     def model(self):

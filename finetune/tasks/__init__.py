@@ -12,6 +12,8 @@ TASKS = {
     "qa": "finetune.tasks.question_answering:QuestionAnsweringTask",
     "causal_lm": "finetune.tasks.causal_lm:CausalLMTask",
     "masked_lm": "finetune.tasks.masked_lm:MaskedLMTask",
+    "translation": "finetune.tasks.translation:TranslationTask",
+    "summarization": "finetune.tasks.seq2seq:SummarizationTask",
 }
 
 

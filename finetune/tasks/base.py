@@ -48,6 +48,7 @@ class Task:
     verify_metric: ClassVar[str | None] = None
     pipeline_needs_remote_code: ClassVar[bool] = False  # the exported dir ships its own pipeline code
     report_base_metrics: ClassVar[bool] = False  # also score the test split before training (base_test_*)
+    data_hint: ClassVar[str] = ""  # how to pass data, for a task without bundled default data
     # the exported pipeline: keyword arguments when loading it and of every call, and its batch size
     pipeline_options: ClassVar[dict[str, Any]] = {}
     pipeline_call: ClassVar[dict[str, Any]] = {}
@@ -104,6 +105,9 @@ class Task:
         return tokenizer
 
     def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
+        if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
+            raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
+                                "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
         model = _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
         limit = position_limit(model)
         if limit is not None and self.max_length > limit:
@@ -121,6 +125,11 @@ class Task:
         large outputs (a language model's vocabulary x tokens) reduce them here, on the device, batch by batch."""
         return logits
 
+    def evaluate_model(self, model: PreTrainedModel, split: str) -> dict[str, float]:
+        """Metrics that need the model itself at every evaluation of `split` (e.g. scores of generated text), keys
+        without prefix. Both engines add them to the split's metrics, so the main metric can be one of them."""
+        return {}
+
     def model_metrics(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, raw: Dataset,
                       base: bool = False) -> dict[str, float]:
         """Metrics that need the model itself (e.g. scoring generated text); keys without prefix. base=True: the
@@ -134,6 +143,13 @@ class Task:
     def card_section(self) -> str:
         """Markdown the task adds to the model card."""
         return ""
+
+    def adapter_base_code(self, cfg, base: str) -> str:
+        """Python that rebuilds the pretrained model a LoRA adapter applies to (the model card's LoRA section)."""
+        name = self.auto_model.__name__
+        return f"""from transformers import AutoConfig, {name}
+config = AutoConfig.from_pretrained("path/to/this/directory")  # labels
+base = {name}.from_pretrained("{base}", config=config)"""
 
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Generatio
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
+from finetune.pipelines.seq2seq import generate as batched_generate
 from finetune.tasks.base import MetricsFn, Task
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class CausalLMTask(Task):
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:
             sums = np.asarray(pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions)
-            return _perplexity(sums)
+            return perplexity(sums)
 
         return fn
 
@@ -255,7 +256,7 @@ class CausalLMTask(Task):
             with torch.inference_mode():
                 logits = pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             sums.append(self.preprocess_logits(logits, batch["labels"]).cpu().numpy())
-        scores = _perplexity(np.concatenate(sums))
+        scores = perplexity(np.concatenate(sums))
         greedy = self.generation_config(pipe.tokenizer, greedy=True).to_dict()
         kwargs = {k: greedy[k] for k in ("do_sample", "num_beams", "max_new_tokens", "repetition_penalty")}
         differ = [i for i, (prompt, expected) in enumerate(self._greedy)
@@ -269,24 +270,11 @@ class CausalLMTask(Task):
 
 
 def generate(model, tokenizer, prompts: list[Any], config: GenerationConfig, batch_size: int) -> tuple[list[str], int]:
-    """Batched generation: length-sorted, left-padded batches with the KV cache; texts in the prompts' order."""
+    """Batched generation (length-sorted, left-padded batches with the KV cache: the code the seq2seq export ships);
+    texts in the prompts' order, and the number of new tokens."""
     encoded = [_prompt_tensor(tokenizer, p)["input_ids"][0].tolist() for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts, new_tokens = [""] * len(prompts), 0
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding_side="left", return_tensors="pt")
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        with torch.inference_mode():
-            out = model.generate(**batch, generation_config=config)  # KV cache: config.use_cache
-        new = out[:, batch["input_ids"].shape[1] :]
-        for i, row in zip(chunk, new):
-            row = row.tolist()
-            if config.eos_token_id in row:
-                row = row[: row.index(config.eos_token_id)]
-            new_tokens += len(row)
-            texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return texts, new_tokens
+    rows = batched_generate(model, tokenizer, encoded, batch_size, generation_config=config)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows], sum(len(row) for row in rows)
 
 
 def _render(tokenizer, messages: list[dict], prompt: bool = False) -> list[int]:
@@ -306,7 +294,7 @@ def _features(ids: list[list[int]], labels: list[list[int]]) -> Dataset:
                               "length": [len(x) for x in ids]})
 
 
-def _perplexity(sums: np.ndarray) -> dict[str, float]:
+def perplexity(sums: np.ndarray) -> dict[str, float]:
     nll, tokens = float(sums[:, 0].sum()), float(sums[:, 1].sum())
     mean = nll / max(tokens, 1.0)
     return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "num_tokens": int(tokens)}
