@@ -141,7 +141,7 @@ class Task:
         return []
 
     def card_section(self) -> str:
-        """Markdown the task adds to the model card."""
+        """Task-specific markdown for the model card (samples, what the base checkpoint lacked); '' for none."""
         return ""
 
     def adapter_base_code(self, cfg, base: str) -> str:
@@ -153,10 +153,6 @@ base = {name}.from_pretrained("{base}", config=config)"""
 
     def export(self, model_dir: Path) -> None:
         """Add task files to the exported directory (e.g. a custom pipeline)."""
-
-    def card_section(self) -> str:
-        """Task-specific markdown for the model card (e.g. what the base checkpoint lacked); '' for none."""
-        return ""
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         """Re-load `model_dir` with transformers.pipeline, score `raw` through it, return the metrics.

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig, pipeline
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig
 
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
@@ -245,7 +245,7 @@ class CausalLMTask(Task):
         self.generation_config(AutoTokenizer.from_pretrained(model_dir)).save_pretrained(model_dir)
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
-        pipe = pipeline(self.pipeline_task, model=str(model_dir), device=_device())
+        pipe = self.load_pipeline(model_dir)
         features = self.tokenize(DatasetDict({"test": raw}), pipe.tokenizer)["test"]
         rows = features.select_columns(["input_ids", "attention_mask", "labels"])
         sums, collate = [], self.collator(pipe.tokenizer)
@@ -302,7 +302,3 @@ def perplexity(sums: np.ndarray) -> dict[str, float]:
 
 def _quote(text: str) -> str:
     return "`" + str(text).replace("`", "'").replace("\n", " ⏎ ") + "`"
-
-
-def _device() -> int:
-    return 0 if torch.cuda.is_available() else -1

@@ -175,11 +175,7 @@ class MaskedLMTask(Task):
         return predicted
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
-        from transformers import pipeline
-
-        from finetune.tasks.classification import _device
-
-        fill = pipeline(self.pipeline_task, model=str(model_dir), device=_device())
+        fill = self.load_pipeline(model_dir)
         probes, targets = self.probes(fill.tokenizer, list(raw["text"]))
         outputs = fill(probes, top_k=1, batch_size=PROBE_BATCH, tokenizer_kwargs={"truncation": True})
         outputs = [outputs] if len(probes) == 1 else outputs  # the pipeline unwraps a list of one
