@@ -246,6 +246,7 @@ class CausalLMTask(Task):
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         pipe = self.load_pipeline(model_dir)
+        side, pipe.tokenizer.padding_side = pipe.tokenizer.padding_side, "right"  # as in training (the pipeline: left)
         features = self.tokenize(DatasetDict({"test": raw}), pipe.tokenizer)["test"]
         rows = features.select_columns(["input_ids", "attention_mask", "labels"])
         sums, collate = [], self.collator(pipe.tokenizer)
@@ -257,6 +258,7 @@ class CausalLMTask(Task):
                 logits = pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             sums.append(self.preprocess_logits(logits, batch["labels"]).cpu().numpy())
         scores = perplexity(np.concatenate(sums))
+        pipe.tokenizer.padding_side = side
         greedy = self.generation_config(pipe.tokenizer, greedy=True).to_dict()
         kwargs = {k: greedy[k] for k in ("do_sample", "num_beams", "max_new_tokens", "repetition_penalty")}
         differ = [i for i, (prompt, expected) in enumerate(self._greedy)
