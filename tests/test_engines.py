@@ -183,7 +183,7 @@ class _ProbeTask(Task):
 
 @pytest.mark.parametrize("kind", ["token", "qa"])
 def test_per_token_and_multi_head_predictions_match_the_trainer(kind, tiny_bert, tmp_path):
-    """Batches of different lengths: per-token logits padded with -100 and concatenated in dataset order,
+    """Batches of different lengths: per-token logits padded with -100 and put back in dataset order,
     several heads passed as a tuple; the accelerate engine must hand compute_metrics what the Trainer does."""
     from transformers import AutoTokenizer
 
@@ -204,10 +204,13 @@ def test_per_token_and_multi_head_predictions_match_the_trainer(kind, tiny_bert,
     lengths = task.features(tokenizer)["test"]["length"]
     if kind == "token":
         assert acc.predictions.shape == (24, max(lengths), 3)
-        batch_ends = [max(lengths[i:i + 5]) for i in range(0, 24, 5)]
-        assert min(batch_ends) < max(lengths)  # some batch is shorter than the longest: its tail is padding
-        for i, end in zip(range(0, 24, 5), batch_ends):
-            assert (acc.predictions[i:i + 5, end:] == -100).all() and (acc.predictions[i:i + 5, :end] != -100).all()
+        # evaluated longest first in batches of 5, handed back in dataset order: each row is padded to its batch's end
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        batch_end = {int(i): max(lengths[j] for j in order[b:b + 5]) for b in range(0, 24, 5) for i in order[b:b + 5]}
+        assert len(set(batch_end.values())) > 1  # some batch is shorter than the longest: its tail is padding
+        for i, end in batch_end.items():
+            assert (acc.predictions[i, end:] == -100).all() and (acc.predictions[i, :end] != -100).all()
+            assert list(acc.label_ids[i, :lengths[i]]) == [t % 3 for t in range(lengths[i])]  # row i is example i
         np.testing.assert_allclose(acc.predictions, hf.predictions, atol=1e-5)
         np.testing.assert_array_equal(acc.label_ids, hf.label_ids)
     else:

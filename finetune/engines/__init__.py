@@ -8,7 +8,8 @@ nothing about which task it trains.
     engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
         process (a collective: every process calls it); None when each process holds the whole model
 
-Every evaluation scores the split's predictions with task.compute_metrics and adds task.evaluate_model(model,
+Evaluation runs each split longest example first (see eval_order), in inference mode, and every evaluation
+scores the split's predictions (put back in dataset order) with task.compute_metrics and adds task.evaluate_model(model,
 split) (metrics of the model itself, e.g. of text it generates), so the main metric can be either kind.
 
 Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
@@ -172,6 +173,30 @@ def without_length(collator: Callable) -> Callable:
         return collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
     return collate
+
+
+def eval_order(dataset):
+    """A split in evaluation order -- longest first, so each batch pads to lengths alike and memory peaks at the
+    first batch -- and the permutation that puts its predictions back in dataset order (None: kept as it was)."""
+    import numpy as np
+
+    if "length" not in dataset.column_names:
+        return dataset, None
+    order = np.argsort(-np.asarray(dataset["length"]), kind="stable")
+    return dataset.select(order), np.argsort(order)
+
+
+def restore_order(pred, inverse):
+    """An EvalPrediction of a split evaluated in eval_order, in the split's own order (what the metrics expect)."""
+    from transformers import EvalPrediction
+
+    if inverse is None:
+        return pred
+
+    def put(x):
+        return None if x is None else type(x)(put(a) for a in x) if isinstance(x, (tuple, list)) else x[inverse]
+
+    return EvalPrediction(predictions=put(pred.predictions), label_ids=put(pred.label_ids))
 
 
 def train_sampler(train_features, batch_size: int, seed: int, group_by_length: bool):

@@ -33,8 +33,8 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
 from finetune import progress
-from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, gathered_state_dict, mixed_precision,
-                              setup_tracking, train_sampler, without_length)
+from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order, gathered_state_dict,
+                              mixed_precision, restore_order, setup_tracking, train_sampler, without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -82,6 +82,7 @@ class AccelerateEngine:
                                        num_training_steps=self.max_steps)
         acc.register_for_checkpointing(self.scheduler)
         self.eval_loaders: dict[str, DataLoader] = {}
+        self.eval_sets = {split: eval_order(ds) for split, ds in features.items() if split != "train"}
         self.tracking = False  # trackers are open (while training)
         self.meter = progress.Meter(t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes)
         self.step_seconds = 0.0
@@ -240,7 +241,7 @@ class AccelerateEngine:
         return {**metrics, "epoch": self.state["epoch"]}
 
     def _evaluate(self, split: str, prefix: str) -> dict[str, float]:
-        """Predict the split on all processes, gather in dataset order, score with the task's metrics."""
+        """Predict the split on all processes (in eval_order), gather, score in dataset order with the task's metrics."""
         acc, model = self.accelerator, self._model
         start = time.time()
         losses = preds = labels = None
@@ -248,7 +249,7 @@ class AccelerateEngine:
         loader = self._eval_loader(split)
         for batch in progress.bar(loader, total=len(loader), desc=f"evaluating {split}", leave=False,
                                   enabled=acc.is_main_process and progress.is_terminal()):
-            with torch.no_grad():
+            with torch.inference_mode():
                 outputs = model(**batch)
             if outputs.get("loss") is not None:
                 size = len(next(iter(batch.values())))
@@ -261,7 +262,8 @@ class AccelerateEngine:
             if batch_labels:
                 labels = self._gather(labels, batch_labels)
         metrics_fn = self.task.compute_metrics(split, self.features[split])
-        scores = metrics_fn(EvalPrediction(predictions=_unwrap(preds), label_ids=_unwrap(labels)))
+        scores = metrics_fn(restore_order(EvalPrediction(predictions=_unwrap(preds), label_ids=_unwrap(labels)),
+                                          self.eval_sets[split][1]))
         scores.update(self.task.evaluate_model(self.model, split))
         model.train()
         runtime, n = time.time() - start, len(self.features[split])
@@ -279,7 +281,7 @@ class AccelerateEngine:
 
     def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.eval_loaders:
-            loader = self._loader(self.features[split], self.args.per_device_eval_batch_size)
+            loader = self._loader(self.eval_sets[split][0], self.args.per_device_eval_batch_size)
             self.eval_loaders[split] = self.accelerator.prepare(loader)
         return self.eval_loaders[split]
 

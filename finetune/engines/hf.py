@@ -12,15 +12,15 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import progress
-from finetune.engines import (CHECKPOINTS, TENSORBOARD, gathered_state_dict, mixed_precision, setup_tracking,
-                              train_sampler, without_length)
+from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, mixed_precision,
+                              restore_order, setup_tracking, train_sampler, without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
 
 
 class _Trainer(Trainer):
-    """The Trainer with the engines' shared training order (it evaluates in dataset order by default)."""
+    """The Trainer with the engines' shared training order; evaluation runs in inference mode."""
 
     def __init__(self, *args, sampler, meter: Meter, **kwargs):
         self.epoch_sampler, self.meter = sampler, meter
@@ -35,6 +35,10 @@ class _Trainer(Trainer):
             if rate is not None:
                 logs["samples_per_second"] = rate
         super().log(logs, start_time)
+
+    def prediction_step(self, *args, **kwargs):
+        with torch.inference_mode():
+            return super().prediction_step(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with self.meter.paused():
@@ -88,6 +92,7 @@ class HFEngine:
         t = cfg.trainer
         precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
+        self.eval_sets = {split: eval_order(ds) for split, ds in features.items() if split != "train"}
         setup_tracking(cfg)
         args = TrainingArguments(
             output_dir=str(output_dir / CHECKPOINTS),
@@ -138,7 +143,7 @@ class HFEngine:
             sampler=sampler,
             meter=meter,
             train_dataset=features["train"],
-            eval_dataset=features["validation"],
+            eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),
             processing_class=tokenizer,
             compute_metrics=self._metrics("validation"),
@@ -161,14 +166,14 @@ class HFEngine:
     def evaluate(self, split: str) -> dict[str, float]:
         self.trainer.compute_metrics = self._metrics(split)
         try:
-            return self.trainer.evaluate(self.features[split], metric_key_prefix=split)
+            return self.trainer.evaluate(self.eval_sets[split][0], metric_key_prefix=split)
         finally:  # evaluations during training score the validation split
             self.trainer.compute_metrics = self._metrics("validation")
 
     def _metrics(self, split: str):
         """The task's metrics of the split's predictions, and those it takes from the model itself."""
-        scores = self.task.compute_metrics(split, self.features[split])
-        return lambda pred: {**scores(pred), **self.task.evaluate_model(self.trainer.model, split)}
+        scores, inverse = self.task.compute_metrics(split, self.features[split]), self.eval_sets[split][1]
+        return lambda pred: {**scores(restore_order(pred, inverse)), **self.task.evaluate_model(self.trainer.model, split)}
 
     @property
     def model(self):

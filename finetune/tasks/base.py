@@ -7,6 +7,7 @@ and the run only ever talk to this interface.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from finetune.config import DataConfig, ModelConfig, TaskConfig
 
 log = logging.getLogger(__name__)
+SORT_WINDOW = 16  # batches of pipeline inputs read ahead and ordered by length
 MetricsFn = Callable[["EvalPrediction"], dict[str, float]]
 
 
@@ -180,14 +182,27 @@ base = {name}.from_pretrained("{base}", config=config)"""
         raise NotImplementedError
 
     def run_pipeline(self, pipe: Any, inputs: Iterable, batch_size: int | None = None) -> Iterator:
-        """The pipeline's outputs, one per input and in order, computed batch by batch as the inputs are read
-        (a generator in, a generator out: no more than a batch is held, whatever the number of inputs)."""
-        return pipe((x for x in inputs), batch_size=batch_size or self.pipeline_batch_size, **self.pipeline_call)
+        """The pipeline's outputs, one per input and in order, computed as the inputs are read (a generator in, a
+        generator out: no more than SORT_WINDOW batches are held, whatever the number of inputs). Within each window
+        the longest inputs run first, so each batch pads to lengths alike; the outputs come back in input order."""
+        size = batch_size or self.pipeline_batch_size
+        rest = iter(inputs)
+        while window := list(itertools.islice(rest, size * SORT_WINDOW)):
+            order = sorted(range(len(window)), key=lambda i: -_size(window[i]))
+            outputs: list[Any] = [None] * len(window)
+            for i, output in zip(order, pipe([window[i] for i in order], batch_size=size, **self.pipeline_call)):
+                outputs[i] = output
+            yield from outputs
 
     def from_export(self, model_dir: Path, data_cfg: DataConfig) -> None:
         """Before finetune.evaluate prepares labelled data for the exported model in `model_dir`: adopt what
         training derived from its data (e.g. the labels, in the model's id order), so the data is encoded the
         way the model predicts."""
+
+
+def _size(x: Any) -> int:
+    """An input's length in characters (a proxy of its token count for ordering): a text, or a dict of texts."""
+    return len(x) if isinstance(x, str) else sum(map(_size, x.values())) if isinstance(x, dict) else len(str(x))
 
 
 def exported_labels(model_dir: Path) -> list[str]:

@@ -152,12 +152,13 @@ class TokenClassificationTask(Task):
         return tokenizer
 
     # --- evaluation and export ----------------------------------------------------------------
-    def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
-        import numpy as np
+    def preprocess_logits(self, logits, labels):
+        """Each token's tag id, not its logits over every tag."""
+        return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
 
+    def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:
-            logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-            preds = np.argmax(logits, axis=-1)
+            preds = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
             y_true, y_pred = [], []
             for p, gold in zip(preds, pred.label_ids):
                 scored = gold != -100  # each word's first sub-token
