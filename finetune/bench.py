@@ -24,7 +24,9 @@ even when its weights are the input embeddings) x real (non-pad) tokens per seco
 fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
 measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_seconds): forward, backward and optimizer
-update of every step, not evaluation or checkpointing.
+update of every step, not evaluation or checkpointing. Beside it: evaluation speed (examples of the test
+split per second, metrics included, and its ratio to training's), and export + verify: the seconds a run
+spends after its last evaluation writing model/ and re-scoring the test split through the exported pipeline.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     from finetune import adapters, assets, data
     from finetune.config import CONFIG_DIR, register_configs
     from finetune.engines import make_engine
+    from finetune.export import export, verify
     from finetune.tasks import get_task
     from hydra import compose, initialize_config_dir
 
@@ -121,11 +124,17 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         engine.train()
         metrics = engine.evaluate("test")
         metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
+        start = time.perf_counter()  # what a run does after its last evaluation: export, then the pipeline check
+        verify(task, export(engine.model, tokenizer, task, cfg, metrics, Path(tmp) / "model"), raw["test"], metrics,
+               cfg.verify_tolerance)
+        export_seconds = time.perf_counter() - start
     seconds = engine.step_seconds
     samples = cfg.trainer.max_steps * cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
     return {
         "row": name,
         "samples_per_s": samples / seconds,
+        "eval_samples_per_s": metrics["test_samples_per_second"],
+        "export_verify_s": export_seconds,
         "real_tokens_per_s": samples * mean_len / seconds,
         "model_flops_per_s": flops_per_token * samples * mean_len / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -181,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(lines[-1][6:]))
 
     print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM (on bundled Rotten Tomatoes unless said)\n")
-    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU | generated tokens/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU | eval samples/s (x train) "
+          "| export + verify s | generated tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
-              f"{r['model_flops_per_s'] / peak:.1%} | {gen} |")
+              f"{r['model_flops_per_s'] / peak:.1%} | {r['eval_samples_per_s']:.1f} "
+              f"({r['eval_samples_per_s'] / r['samples_per_s']:.1f}x) | {r['export_verify_s']:.1f} | {gen} |")
     base = {r["row"]: r for r in results}
     for row, reference in (("default", "run_glue"), ("accelerate", "default"), ("lora", "default")):
         if row in base and reference in base and base[row]["metric"] == base[reference]["metric"]:

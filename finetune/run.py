@@ -88,7 +88,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         base.update({f"base_test_{k}": v for k, v in generated.items()})
         log.info("base model: %s", ", ".join(f"{k}={v:.4g}" for k, v in base.items()))
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
-    metrics.update(engine.evaluate("validation"))
+    metrics.update(engine.best_validation() or engine.evaluate("validation"))
     _check_finite_loss(metrics, cfg.trainer.learning_rate)
     metrics.update(engine.evaluate("test"))
     metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})

@@ -82,6 +82,10 @@ def test_engine_interface(trained):
     assert trained.engine.step_seconds > 0
     validation = trained.engine.evaluate("validation")
     assert validation["validation_accuracy"] >= 0.85 and 0 < validation["validation_loss"] < 0.6, validation
+    # the run takes the restored best model's validation scores from the evaluation that chose it: the same numbers
+    logged = trained.engine.best_validation()
+    assert logged["validation_loss"] == pytest.approx(validation["validation_loss"], rel=1e-5)
+    assert logged["validation_accuracy"] == validation["validation_accuracy"]
 
 
 def test_log_history_is_trainer_format(trained, tmp_path):

@@ -219,9 +219,9 @@ def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path
                                    f"data={write_parallel(tmp_path / 'data')}")
     check_learned_and_verified(metrics, "bleu", "chrf", 5)
     # the base model's test scores first, then one validation generation per epoch (best-model selection), the
-    # restored best model's validation and test scores
+    # restored best model's test scores; its validation scores are those of the evaluation that chose it
     generated = [r.getMessage().split(":")[0] for r in caplog.records if "generated" in r.getMessage()]
-    assert generated == ["test", *["validation"] * 4, "validation", "test"]
+    assert generated == ["test", *["validation"] * 4, "test"]
     assert {"test_bleu", "test_chrf", "test_gen_len", "validation_bleu", "test_generation_new_tokens_per_second"} \
         <= set(metrics)
     config = json.loads((model_dir / "config.json").read_text())

@@ -4,6 +4,8 @@ nothing about which task it trains.
     engine = make_engine(cfg, task, model, tokenizer, features, output_dir)
     engine.train(resume_from=None) -> train metrics;  engine.evaluate("test") -> {"test_<metric>": ..., "test_loss": ...}
     engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts),
+    engine.best_validation(): the validation metrics ("validation_*") of the evaluation that chose engine.model,
+        from the log history (None when the model it holds was never evaluated): no second pass over validation
     engine.step_seconds (time spent in optimizer steps: forward, backward, update; for benchmarks)
     engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
         process (a collective: every process calls it); None when each process holds the whole model
@@ -197,6 +199,15 @@ def restore_order(pred, inverse):
         return None if x is None else type(x)(put(a) for a in x) if isinstance(x, (tuple, list)) else x[inverse]
 
     return EvalPrediction(predictions=put(pred.predictions), label_ids=put(pred.label_ids))
+
+
+def logged_validation(log_history: list[dict], step: int | None) -> dict[str, float] | None:
+    """The validation metrics logged at `step` (the evaluations during training are logged as eval_*)."""
+    for entry in log_history:
+        if step is not None and entry.get("step") == step and any(k.startswith("eval_") for k in entry):
+            return {**{f"validation_{k[5:]}": v for k, v in entry.items() if k.startswith("eval_")},
+                    "epoch": entry["epoch"]}
+    return None
 
 
 def train_sampler(train_features, batch_size: int, seed: int, group_by_length: bool):

@@ -34,7 +34,8 @@ from transformers.utils import find_labels
 
 from finetune import progress
 from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order, gathered_state_dict,
-                              mixed_precision, restore_order, setup_tracking, train_sampler, without_length)
+                              logged_validation, mixed_precision, restore_order, setup_tracking, train_sampler,
+                              without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -86,6 +87,7 @@ class AccelerateEngine:
         self.tracking = False  # trackers are open (while training)
         self.meter = progress.Meter(t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes)
         self.step_seconds = 0.0
+        self.best_step: int | None = None  # the step of the checkpoint restored after training
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
         self.state = {"global_step": 0, "epoch": 0.0, "loss_sum": 0.0, "unlogged_losses": [], "best_metric": None,
                       "best_checkpoint": None, "patience_counter": 0, "log_history": []}
@@ -219,8 +221,10 @@ class AccelerateEngine:
     def _finish(self, runtime: float, steps: int) -> dict[str, float]:
         acc, s, t = self.accelerator, self.state, self.args
         best = s["best_checkpoint"] and self.checkpoints / s["best_checkpoint"]
+        self.best_step = None
         if best and best.is_dir():
             self._load(best)  # the best weights (optimizer and RNG state no longer matter)
+            self.best_step = int(best.name.split("-")[-1])
             self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
         self._flush_losses()
         samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
@@ -326,6 +330,9 @@ class AccelerateEngine:
             log.info(msg, *args)
 
     # --- engine interface -------------------------------------------------------------------------
+    def best_validation(self) -> dict[str, float] | None:
+        return logged_validation(self.log_history, self.best_step)
+
     @property
     def model(self):
         return self.accelerator.unwrap_model(self._model)

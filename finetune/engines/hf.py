@@ -12,8 +12,8 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import progress
-from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, mixed_precision,
-                              restore_order, setup_tracking, train_sampler, without_length)
+from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, logged_validation,
+                              mixed_precision, restore_order, setup_tracking, train_sampler, without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
@@ -174,6 +174,9 @@ class HFEngine:
         """The task's metrics of the split's predictions, and those it takes from the model itself."""
         scores, inverse = self.task.compute_metrics(split, self.features[split]), self.eval_sets[split][1]
         return lambda pred: {**scores(restore_order(pred, inverse)), **self.task.evaluate_model(self.trainer.model, split)}
+
+    def best_validation(self) -> dict[str, float] | None:
+        return logged_validation(self.log_history, self.trainer.state.best_global_step)
 
     @property
     def model(self):
