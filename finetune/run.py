@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import adapters, assets, data, hub, progress, report, resume
-from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine
+from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine, own_precision
 from finetune.errors import FinetuneError
 from finetune.export import export, verify
 from finetune.tasks import get_task
@@ -91,7 +91,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     metrics.update(engine.best_validation() or engine.evaluate("validation"))
     _check_finite_loss(metrics, cfg.trainer.learning_rate)
     metrics.update(engine.evaluate("test"))
-    metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
+    trained = own_precision(engine.model)  # after a bf16 run on a GPU, generate in the weights' precision, as model/ will
+    metrics.update({f"test_{k}": v for k, v in task.model_metrics(trained, tokenizer, raw["test"]).items()})
     metrics.update(base)
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)

@@ -113,7 +113,7 @@ def test_best_checkpoint_restored_and_checkpoints_bounded(trained):
     assert {f"checkpoint-{best}", "checkpoint-96"} <= {c.name for c in checkpoints}
     saved = load_file(trained.out / "checkpoints" / f"checkpoint-{best}" / "model.safetensors")
     live = trained.engine.model.state_dict()
-    assert best != 96 and all(torch.equal(live[k], v) for k, v in saved.items())
+    assert best != 96 and all(torch.equal(live[k].cpu(), v) for k, v in saved.items())
 
 
 def test_checkpoints_hold_no_hub_token(trained):

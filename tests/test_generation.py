@@ -243,3 +243,22 @@ def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama)
     assert expected.keys() == got.keys() and "test_perplexity" in got
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_generation_after_mixed_precision_training_runs_in_the_exported_precision(tiny_llama):
+    """accelerate wraps a prepared model's forward in autocast for bf16 training; the greedy outputs the exported
+    (fp32) pipeline must reproduce are generated without it, or on a GPU they differ from the pipeline's."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from finetune.engines import own_precision
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.inference_mode():
+        assert wrapped(ids).logits.dtype == torch.float32  # cast back to fp32, but computed in bf16:
+        assert not torch.equal(wrapped(ids).logits, plain(ids).logits)
+        assert torch.equal(own_precision(wrapped).eval()(ids).logits, plain(ids).logits)

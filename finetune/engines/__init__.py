@@ -201,6 +201,14 @@ def restore_order(pred, inverse):
     return EvalPrediction(predictions=put(pred.predictions), label_ids=put(pred.label_ids))
 
 
+def own_precision(model):
+    """The model without the mixed-precision (autocast) forward that accelerate gave it for training, in place:
+    what must match the exported model (e.g. the greedy outputs the pipeline must reproduce) runs as the export does."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
 def logged_validation(log_history: list[dict], step: int | None) -> dict[str, float] | None:
     """The validation metrics logged at `step` (the evaluations during training are logged as eval_*)."""
     for entry in log_history:
