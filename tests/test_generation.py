@@ -250,13 +250,18 @@ def test_generation_after_mixed_precision_training_runs_in_the_exported_precisio
     (fp32) pipeline must reproduce are generated without it, or on a GPU they differ from the pipeline's."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM
 
     from finetune.engines import own_precision
 
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state earlier tests set (fp32)
+    try:
+        wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
     with torch.inference_mode():
         assert wrapped(ids).logits.dtype == torch.float32  # cast back to fp32, but computed in bf16:
