@@ -23,8 +23,9 @@ and prints samples/s, peak RSS, the test metric after those steps, and model-FLO
 even when its weights are the input embeddings) x real (non-pad) tokens per second -- 6N for full
 fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
 measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
-Time is what the engines measure themselves (engine.step_seconds): forward, backward and optimizer
-update of every step, not evaluation or checkpointing. Beside it: evaluation speed (examples of the test
+Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
+update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
+checkpointing; a row evaluates only its test split, after training. Beside it: evaluation speed (examples of the test
 split per second, metrics included, and its ratio to training's), and export + verify: the seconds a run
 spends after its last evaluation writing model/ and re-scoring the test split through the exported pipeline.
 """
@@ -49,9 +50,8 @@ MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
 
 _GEN = ["trainer.max_steps=10", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
-        "trainer.eval_steps=10", "task.eval_prompts=8"]
-_S2S = ["trainer.max_steps=10", "trainer.gradient_accumulation_steps=1", "trainer.eval_steps=10",
-        "data.max_eval_samples=16"]
+        "task.eval_prompts=8"]
+_S2S = ["trainer.max_steps=10", "trainer.gradient_accumulation_steps=1", "data.max_eval_samples=16"]
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
@@ -101,8 +101,9 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     overrides, pad_to, _ = ROWS[name]
     overrides = [o.replace("{shared}", str(SHARED_DATA)) for o in overrides]
     overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
-                 "trainer.eval_strategy=steps", f"trainer.eval_steps={steps}", "trainer.save_total_limit=1",
                  *overrides, *extra]  # a row's own overrides (steps, batch size) win
+    # no evaluation (nor checkpoint) during training: the step after the last never comes
+    overrides += ["trainer.eval_strategy=steps", "trainer.eval_steps=1000000"]
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=overrides)
@@ -128,8 +129,11 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         verify(task, export(engine.model, tokenizer, task, cfg, metrics, Path(tmp) / "model"), raw["test"], metrics,
                cfg.verify_tolerance)
         export_seconds = time.perf_counter() - start
-    seconds = engine.step_seconds
-    samples = cfg.trainer.max_steps * cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
+    if len(engine.step_times) < 2:
+        raise SystemExit(f"bench row {name} needs at least 2 optimizer steps (the first is a warm-up)")
+    seconds = sum(engine.step_times[1:])
+    t = cfg.trainer
+    samples = (len(engine.step_times) - 1) * t.per_device_train_batch_size * t.gradient_accumulation_steps
     return {
         "row": name,
         "samples_per_s": samples / seconds,
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("BENCH " + json.dumps(run_row(args.one, args.steps, args.batch_size, args.overrides)), flush=True)
         return 0
 
+    bench_start = time.perf_counter()
     peak = matmul_peak_flops()
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
     results = []
@@ -181,24 +186,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name}: {ROWS[name][2]} ...", flush=True)
         cmd = [sys.executable, "-m", "finetune.bench", "--one", name, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), *args.overrides]
+        row_start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
         if proc.returncode != 0 or not lines:
             print(proc.stderr[-3000:], file=sys.stderr)
             print(f"error: bench row {name} failed", file=sys.stderr)
             return 1
-        results.append(json.loads(lines[-1][6:]))
+        results.append({**json.loads(lines[-1][6:]), "row_seconds": time.perf_counter() - row_start})
 
     print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM (on bundled Rotten Tomatoes unless said)\n")
     print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU | eval samples/s (x train) "
-          "| export + verify s | generated tokens/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| export + verify s | generated tokens/s | row s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
               f"{r['model_flops_per_s'] / peak:.1%} | {r['eval_samples_per_s']:.1f} "
-              f"({r['eval_samples_per_s'] / r['samples_per_s']:.1f}x) | {r['export_verify_s']:.1f} | {gen} |")
+              f"({r['eval_samples_per_s'] / r['samples_per_s']:.1f}x) | {r['export_verify_s']:.1f} | {gen} | "
+              f"{r['row_seconds']:.0f} |")
+    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s")
     base = {r["row"]: r for r in results}
     for row, reference in (("default", "run_glue"), ("accelerate", "default"), ("lora", "default")):
         if row in base and reference in base and base[row]["metric"] == base[reference]["metric"]:

@@ -93,6 +93,9 @@ class ModelConfig:
     name_or_path: str = MISSING  # "bundled:<asset>", a Hub id, or a local directory
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # attention-probability dropout while training; None: the checkpoint's own (BERT: 0.1). 0 lets PyTorch's fused
+    # attention kernel run, which keeps no attention matrices for backward (faster, less memory on long inputs)
+    attention_dropout: Optional[float] = None
     # a warm-started encoder-decoder (EncoderDecoderModel, e.g. BERT2BERT) from two checkpoints sharing a vocabulary
     encoder: Optional[str] = None
     decoder: Optional[str] = None

@@ -41,6 +41,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     start = time.time()
     hub.check(cfg.hub)  # a push that cannot work (no token, bad repo id) must fail now, not after training
+    hub.check_card_names(cfg)
     state = PartialState()
     main = state.is_main_process
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes

@@ -185,6 +185,8 @@ def job_cases(files: Path, model: Path) -> dict[str, tuple[list[str], str]]:
                           "task.doc_stride=40 must be between 0 and half of task.max_seq_length=64"),
         "qa-context-column": ([*qa, f"data={files / 'qa.jsonl'}", "data.context_column=passage"],
                               "column 'passage' (data.context_column) not found"),
+        "card-dataset-name": ([*reviews, "data.dataset_name='my reviews (v2)'"],
+                              "data.dataset_name='my reviews (v2)' is not a Hub id, which the model card needs"),
         "resume-not-a-run": ([*reviews, f"resume={files}"], f"resume={files}: not a run directory"),
         "resume-nothing": ([*reviews, "resume=true"], "nothing to resume: no unfinished run of this config"),
     }

@@ -179,6 +179,24 @@ def test_warm_started_encoder_decoder_generates_from_cls_and_stops_at_sep(models
     assert model.config.decoder.add_cross_attention and model.config.decoder.is_decoder
 
 
+def test_attention_dropout_reaches_every_family_that_has_one(models):
+    """model.attention_dropout sets the checkpoint's own key (0 lets PyTorch's fused attention kernel run)."""
+    from finetune.errors import FinetuneError
+
+    task, _, _, cfg = features("bert2bert", f"model.encoder={models['bert']}", f"model.decoder={models['bert']}",
+                               "model.attention_dropout=0")
+    model = task.load_model(cfg.model.name_or_path, cfg.model)
+    assert model.config.encoder.attention_probs_dropout_prob == model.config.decoder.attention_probs_dropout_prob == 0
+    task, _, _, cfg = features(models["llama"], "model.attention_dropout=0.25")
+    assert task.load_model(models["llama"], cfg.model).config.attention_dropout == 0.25
+    task, _, _, cfg = features(models["t5"], "model.attention_dropout=0")
+    with pytest.raises(FinetuneError, match=r"\(t5\) has no attention dropout setting; leave model.attention_dropout=null"):
+        task.load_model(models["t5"], cfg.model)
+    task, _, _, cfg = features(models["bart"], "model.attention_dropout=1.5")
+    with pytest.raises(FinetuneError, match="model.attention_dropout must be at least 0 and below 1"):
+        task.load_model(models["bart"], cfg.model)
+
+
 def test_decoder_only_loss_is_on_the_target_and_its_end_of_turn_only(models):
     task, tok, row, _ = features(models["llama"], "task.prompt_template='translate {source}'")
     trained = [tok.convert_ids_to_tokens(i) for i, label in zip(row["input_ids"], row["labels"]) if label != -100]

@@ -6,7 +6,7 @@ nothing about which task it trains.
     engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts),
     engine.best_validation(): the validation metrics ("validation_*") of the evaluation that chose engine.model,
         from the log history (None when the model it holds was never evaluated): no second pass over validation
-    engine.step_seconds (time spent in optimizer steps: forward, backward, update; for benchmarks)
+    engine.step_times (seconds of each optimizer step: forward, backward, update; for benchmarks)
     engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
         process (a collective: every process calls it); None when each process holds the whole model
 

@@ -86,7 +86,7 @@ class AccelerateEngine:
         self.eval_sets = {split: eval_order(ds) for split, ds in features.items() if split != "train"}
         self.tracking = False  # trackers are open (while training)
         self.meter = progress.Meter(t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes)
-        self.step_seconds = 0.0
+        self.step_times: list[float] = []
         self.best_step: int | None = None  # the step of the checkpoint restored after training
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
         self.state = {"global_step": 0, "epoch": 0.0, "loss_sum": 0.0, "unlogged_losses": [], "best_metric": None,
@@ -137,7 +137,7 @@ class AccelerateEngine:
                         self.optimizer.zero_grad()
                 if not acc.sync_gradients:
                     continue
-                self.step_seconds += time.perf_counter() - step_start
+                self.step_times.append(time.perf_counter() - step_start)
                 self._pending.append(torch.stack(micro_losses).mean())
                 s["global_step"] += 1
                 bar.update()

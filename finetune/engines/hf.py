@@ -74,7 +74,7 @@ class _EpochClock(TrainerCallback):
     """Seeds the sampler's epoch and times the optimizer steps (forward, backward, update)."""
 
     def __init__(self, sampler):
-        self.sampler, self.seconds, self._start = sampler, 0.0, 0.0
+        self.sampler, self.times, self._start = sampler, [], 0.0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # the Trainer's own set_epoch does not reach the sampler of a resumed multi-process epoch
@@ -84,7 +84,7 @@ class _EpochClock(TrainerCallback):
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.seconds += time.perf_counter() - self._start
+        self.times.append(time.perf_counter() - self._start)
 
 
 class HFEngine:
@@ -187,8 +187,8 @@ class HFEngine:
         return self.trainer.state.log_history
 
     @property
-    def step_seconds(self) -> float:
-        return self.clock.seconds
+    def step_times(self) -> list[float]:
+        return self.clock.times
 
     def full_state_dict(self) -> dict | None:
         return gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)

@@ -253,6 +253,8 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
         offline = assets.hub_unreachable()
         if offline:
             kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
+    if model_cfg.attention_dropout is not None and hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
+        kwargs.update(attention_dropout(path, model_cfg, **kwargs))
     try:
         return auto_cls.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
@@ -265,3 +267,23 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
             raise FinetuneError(f"model '{name}' is not a local directory and the Hub ({assets.hub_endpoint()}) is "
                                 f"unreachable ({offline}), nor is it in the Hub cache; {hint}") from e
         raise FinetuneError(f"could not load model '{name}' ({first}); {hint}") from e
+
+
+# the names checkpoints give their attention-probability dropout: BERT-likes, BART/Llama-likes, GPT-2
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def attention_dropout(path: str, model_cfg: ModelConfig, **kwargs: Any) -> dict[str, float]:
+    """model.attention_dropout as the config keys of the checkpoint at `path` (from_pretrained's keyword arguments).
+    PyTorch's fused attention kernel runs only without dropout: with it, every attention matrix is kept for backward."""
+    from transformers import AutoConfig
+
+    if not 0 <= model_cfg.attention_dropout < 1:
+        raise FinetuneError(f"model.attention_dropout must be at least 0 and below 1 (got {model_cfg.attention_dropout})")
+    config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                                        local_files_only=kwargs.get("local_files_only", False))
+    keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)]
+    if not keys:
+        raise FinetuneError(f"model.attention_dropout={model_cfg.attention_dropout}: model '{model_cfg.name_or_path}' "
+                            f"({config.model_type}) has no attention dropout setting; leave model.attention_dropout=null")
+    return {k: float(model_cfg.attention_dropout) for k in keys}

@@ -36,7 +36,7 @@ from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
-from finetune.tasks.base import MetricsFn, Task, _load, device, position_limit
+from finetune.tasks.base import MetricsFn, Task, _load, attention_dropout, device, position_limit
 from finetune.tasks.causal_lm import CausalLMTask, perplexity
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,12 @@ class Seq2SeqTask(Task):
     def load_model(self, path: str, model_cfg):
         tokenizer = self.tokenizer
         if self.family == "warm_start":
+            sides = {"encoder": assets.resolve(model_cfg.encoder), "decoder": assets.resolve(model_cfg.decoder)}
+            dropout = {} if model_cfg.attention_dropout is None else {  # both halves' config keys, prefixed
+                f"{side}_{k}": v for side, p in sides.items() for k, v in attention_dropout(p, model_cfg).items()}
             try:
-                model = EncoderDecoderModel.from_encoder_decoder_pretrained(assets.resolve(model_cfg.encoder),
-                                                                            assets.resolve(model_cfg.decoder))
+                model = EncoderDecoderModel.from_encoder_decoder_pretrained(sides["encoder"], sides["decoder"],
+                                                                            **dropout)
             except (OSError, ValueError, KeyError) as e:
                 raise FinetuneError(f"cannot warm-start an encoder-decoder from model.encoder={model_cfg.encoder} and "
                                     f"model.decoder={model_cfg.decoder} ({str(e).strip().splitlines()[0]}); use "
