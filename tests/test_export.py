@@ -65,7 +65,7 @@ def test_classification_round_trip_through_pipeline(tmp_path, tiny_bert):
     """The task's own verify() re-scores through transformers.pipeline exactly like the Trainer's argmax."""
     import numpy as np
     from datasets import ClassLabel, Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     cfg = compose_cfg(f"model={tiny_bert}")
     task = get_task(cfg.task)
