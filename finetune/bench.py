@@ -1,24 +1,27 @@
 """python -m finetune.bench — throughput and quality of the project's setups, side by side.
 
-Each row trains the bundled MiniLM for the same number of optimizer steps, in its own subprocess (so
-peak RSS is its own), on this machine; on the bundled Rotten Tomatoes training split unless it says:
+Each row trains in its own process (forked from one that imported the libraries once, so peak RSS is the
+row's own), on this machine; the bundled MiniLM on the bundled Rotten Tomatoes training split unless it says.
+Rows train --steps optimizer steps of --batch-size unless they set their own (sized so that the whole bench takes
+at most 10 minutes on a 2-core CPU):
 
   default     the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   accelerate  the same setup on the plain accelerate loop (trainer=accelerate)
-  run_glue    a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches
+  run_glue    a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches; 20 steps
   lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
-  ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent)
-  qa          task=qa on SQuAD v1.1 articles (../shared/data, as ner)
+  ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent); 40 steps
+  qa          task=qa on SQuAD v1.1 articles, 256-token windows (../shared/data, as ner); 15 steps
+  mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity); 40 steps
   generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 4 x 512-token blocks a step,
-              its own 10 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
+              4 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
   generation_lora  the same with peft=lora
-  mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity, lower is better)
-  translation task=translation: SmolLM2 fine-tuned on Multi30k en->de (../shared/data), 8 sentence pairs a step, its
-              own 10 steps; BLEU and new tokens/s of batched greedy generation on 64 held-out sentences
-  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 4 pairs a step, its own
-              10 steps; ROUGE-L and generation speed on 32 held-out abstracts
+  translation task=translation: SmolLM2 fine-tuned on Multi30k en->de (../shared/data), 8 sentence pairs a step,
+              8 steps; BLEU and new tokens/s of batched greedy generation on 64 held-out sentences
+  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 4 pairs a step, 6 steps;
+              ROUGE-L and generation speed on 16 held-out abstracts
 
-and prints samples/s, peak RSS, the test metric after those steps, and model-FLOPs utilisation (MFU):
+and prints samples/s, peak RSS, the test metric after those steps (comparable between rows of the same steps
+only: rows this short are speed figures, not trained models), and model-FLOPs utilisation (MFU):
 (4 + 2 x trainable fraction) x non-embedding parameters (plus an LM head's output layer, whose matmul runs
 even when its weights are the input embeddings) x real (non-pad) tokens per second -- 6N for full
 fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
@@ -26,20 +29,23 @@ measured in the same invocation. Padding is work the hardware does but the model
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
 checkpointing; a row evaluates only its test split, after training. Beside it: evaluation speed (examples of the test
-split per second, metrics included, and its ratio to training's), and export + verify: the seconds a run
-spends after its last evaluation writing model/ and re-scoring the test split through the exported pipeline.
+split per second, metrics included, and its ratio to training's), and, for the default row, export + verify: the
+seconds a run spends after its last evaluation writing model/ and re-scoring the test split through the exported
+pipeline. Each row's wall time and the whole bench's are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import multiprocessing
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
@@ -49,28 +55,31 @@ SQUAD = "{shared}/squad_v1.1/train.json"
 MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
 
-_GEN = ["trainer.max_steps=10", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
+_GEN = ["trainer.max_steps=4", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
         "task.eval_prompts=8"]
-_S2S = ["trainer.max_steps=10", "trainer.gradient_accumulation_steps=1", "data.max_eval_samples=16"]
+_S2S = ["trainer.gradient_accumulation_steps=1", "data.max_train_samples=512", "data.max_eval_samples=16"]
+EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
     "accelerate": (["trainer=accelerate"], None, "dynamic padding, length-grouped (trainer=accelerate)"),
-    "run_glue": (["trainer.group_by_length=false"], 128, "pad to 128, random order (HF run_glue.py defaults)"),
+    "run_glue": (["trainer.group_by_length=false", "trainer.max_steps=20"], 128,
+                 "pad to 128, random order (HF run_glue.py defaults), 20 steps"),
     "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
-    "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll"],
-            None, "task=ner, WNUT-17 train / emerging.dev as test, dynamic padding"),
-    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 4 x 512 tokens, 10 steps"),
-    "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
-    "translation": (["task=translation", f"data.source={MULTI30K}", *_S2S, "trainer.per_device_train_batch_size=8",
-                     "data.max_test_samples=64"],
-                    None, "task=translation, SmolLM2 on Multi30k en->de, 8 pairs, 10 steps"),
-    "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.per_device_train_batch_size=4",
-                       "data.max_test_samples=32"], None, "task=summarization, SmolLM2 on SciTLDR, 4 pairs, 10 steps"),
+    "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll",
+             "trainer.max_steps=40"], None, "task=ner, WNUT-17 train / emerging.dev as test, 40 steps"),
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
-            "task.doc_stride=64", "data.max_test_samples=300"],
-           None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions"),
-    "mlm": (["task=mlm"], None, "task=mlm, 15% of tokens masked, dynamic padding, length-grouped"),
+            "task.doc_stride=64", "data.max_test_samples=300", "trainer.max_steps=15"],
+           None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions, 15 steps"),
+    "mlm": (["task=mlm", "trainer.max_steps=40"], None, "task=mlm, 15% of tokens masked, length-grouped, 40 steps"),
+    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 4 x 512 tokens, 4 steps"),
+    "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
+    "translation": (["task=translation", f"data.source={MULTI30K}", *_S2S, "trainer.max_steps=8",
+                     "trainer.per_device_train_batch_size=8", "data.max_test_samples=64"],
+                    None, "task=translation, SmolLM2 on Multi30k en->de, 8 pairs, 8 steps"),
+    "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=6",
+                       "trainer.per_device_train_batch_size=4", "data.max_test_samples=16"],
+                      None, "task=summarization, SmolLM2 on SciTLDR, 4 pairs, 6 steps"),
 }
 
 
@@ -126,9 +135,10 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         metrics = engine.evaluate("test")
         metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
         start = time.perf_counter()  # what a run does after its last evaluation: export, then the pipeline check
-        verify(task, export(engine.model, tokenizer, task, cfg, metrics, Path(tmp) / "model"), raw["test"], metrics,
-               cfg.verify_tolerance)
-        export_seconds = time.perf_counter() - start
+        if name in EXPORTED:
+            verify(task, export(engine.model, tokenizer, task, cfg, metrics, Path(tmp) / "model"), raw["test"],
+                   metrics, cfg.verify_tolerance)
+        export_seconds = time.perf_counter() - start if name in EXPORTED else None
     if len(engine.step_times) < 2:
         raise SystemExit(f"bench row {name} needs at least 2 optimizer steps (the first is a warm-up)")
     seconds = sum(engine.step_times[1:])
@@ -146,6 +156,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "test_" + task.main_metric: metrics["test_" + task.main_metric],
         "generation_tokens_per_s": metrics.get("test_generation_new_tokens_per_second"),
         "train_seconds": seconds,
+        "steps": len(engine.step_times),
     }
 
 
@@ -163,20 +174,48 @@ def _flops_per_token(model) -> float:
     return (4 + 2 * min(trainable / params, 1)) * params
 
 
+def _in_child(log: str, fn, *args):
+    """Run fn in this forked child with its output (logs, warnings) going to `log`; the table stays readable."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        return fn(*args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per row (default 120)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of rows without their own (80)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS), help="rows (one may repeat)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = parser.parse_args(argv)
-    if args.one:
-        print("BENCH " + json.dumps(run_row(args.one, args.steps, args.batch_size, args.overrides)), flush=True)
-        return 0
+    from finetune.__main__ import rewrite_overrides
+    from finetune.errors import FinetuneError
+
+    try:
+        args.overrides = rewrite_overrides(args.overrides)  # as the CLI reads them: data=<file>, model=<dir>
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     bench_start = time.perf_counter()
-    peak = matmul_peak_flops()
+    # the libraries are imported once, here; each row runs in a fresh fork (no thread pool is started before it)
+    for module in ("peft", "finetune.data", "finetune.engines.accelerate", "finetune.engines.hf", "finetune.export",
+                   "finetune.tasks"):
+        importlib.import_module(module)
+
+    fork = multiprocessing.get_context("fork")
+    log = tempfile.NamedTemporaryFile(prefix="finetune-bench-", suffix=".log", delete=False).name
+
+    def in_child(fn, *fn_args):
+        with ProcessPoolExecutor(1, mp_context=fork) as pool:
+            return pool.submit(_in_child, log, fn, *fn_args).result()
+
+    peak = in_child(matmul_peak_flops)
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
     results = []
     for name in args.rows:
@@ -184,36 +223,43 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {name}: its data is not in {SHARED_DATA}", flush=True)
             continue
         print(f"running {name}: {ROWS[name][2]} ...", flush=True)
-        cmd = [sys.executable, "-m", "finetune.bench", "--one", name, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), *args.overrides]
         row_start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            print(f"error: bench row {name} failed", file=sys.stderr)
+        try:
+            result = in_child(run_row, name, args.steps, args.batch_size, args.overrides)
+        except Exception as e:
+            print(Path(log).read_text()[-3000:], file=sys.stderr)
+            print(f"error: bench row {name} failed ({type(e).__name__}: {e}); its output is in {log}", file=sys.stderr)
             return 1
-        results.append({**json.loads(lines[-1][6:]), "row_seconds": time.perf_counter() - row_start})
+        results.append({**result, "row_seconds": time.perf_counter() - row_start})
 
-    print(f"\n{args.steps} steps x batch {args.batch_size}, bundled MiniLM (on bundled Rotten Tomatoes unless said)\n")
+    print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
+          "unless said\n")
     print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU | eval samples/s (x train) "
           "| export + verify s | generated tokens/s | row s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
+        export_s = "-" if r["export_verify_s"] is None else f"{r['export_verify_s']:.1f}"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
               f"{r['model_flops_per_s'] / peak:.1%} | {r['eval_samples_per_s']:.1f} "
-              f"({r['eval_samples_per_s'] / r['samples_per_s']:.1f}x) | {r['export_verify_s']:.1f} | {gen} | "
+              f"({r['eval_samples_per_s'] / r['samples_per_s']:.1f}x) | {export_s} | {gen} | "
               f"{r['row_seconds']:.0f} |")
-    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s")
+    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s\n")
+    for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is
+        rates = [r["samples_per_s"] for r in results if r["row"] == name]
+        if len(rates) > 1:
+            print(f"{name} x{len(rates)}: samples/s {' / '.join(f'{x:.1f}' for x in rates)}, spread "
+                  f"{(max(rates) - min(rates)) / (sum(rates) / len(rates)):.1%} of the mean")
     base = {r["row"]: r for r in results}
     for row, reference in (("default", "run_glue"), ("accelerate", "default"), ("lora", "default")):
-        if row in base and reference in base and base[row]["metric"] == base[reference]["metric"]:
-            metric = "test_" + base[row]["metric"]
-            ratio = base[row]["samples_per_s"] / base[reference]["samples_per_s"]
-            delta = base[row][metric] - base[reference][metric]
-            print(f"\n{row} / {reference} samples/s: {ratio:.2f}x; {metric} {delta * 100:+.1f} points")
+        if row in base and reference in base:
+            a, b = base[row], base[reference]
+            line = f"{row} / {reference} samples/s: {a['samples_per_s'] / b['samples_per_s']:.2f}x"
+            if a["steps"] == b["steps"] and a["metric"] == b["metric"]:  # the metric compares after equal steps only
+                metric = "test_" + a["metric"]
+                line += f"; {metric} {(a[metric] - b[metric]) * 100:+.1f} points"
+            print(line)
     return 0
 
 

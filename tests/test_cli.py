@@ -107,3 +107,26 @@ def test_cfg_job_prints_resolved_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["trainer"]["learning_rate"] == 2e-5 and cfg["model"]["name_or_path"] == "bundled:minilm"
+
+
+def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
+    """python -m finetune.bench on the tiny model: each row in its own process, a repeated row's spread, the table."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = ["--rows", "default", "lora", "default", "--steps", "4", "--batch-size", "8", f"model={tiny_bert}",
+            f"data={sentiment_csv}", "data.text_column=review", "data.label_column=sentiment"]
+    proc = subprocess.run([sys.executable, "-m", "finetune.bench", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| default") or
+            line.startswith("| lora")]
+    assert [r[0] for r in rows] == ["| default", "| lora", "| default"]
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)  # samples/s, peak RSS
+    assert rows[0][8] != "-" and rows[1][8] == "-"  # export + verify: the default row only
+    assert "default x2: samples/s " in proc.stdout and "lora / default samples/s: " in proc.stdout
+    assert "whole bench: " in proc.stdout and "Traceback" not in proc.stdout
+

@@ -283,7 +283,7 @@ def attention_dropout(path: str, model_cfg: ModelConfig, **kwargs: Any) -> dict[
     config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                                         local_files_only=kwargs.get("local_files_only", False))
     keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)]
-    if not keys:
-        raise FinetuneError(f"model.attention_dropout={model_cfg.attention_dropout}: model '{model_cfg.name_or_path}' "
-                            f"({config.model_type}) has no attention dropout setting; leave model.attention_dropout=null")
+    if not keys:  # a warning, not an error: a task's default (task=qa) must not stop a model without the setting
+        log.warning("model.attention_dropout=%s is not applied: model '%s' (%s) has no attention dropout setting",
+                    model_cfg.attention_dropout, model_cfg.name_or_path, config.model_type)
     return {k: float(model_cfg.attention_dropout) for k in keys}
