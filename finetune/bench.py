@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import multiprocessing
 import os
+import pickle
 import resource
 import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
@@ -175,15 +174,33 @@ def _flops_per_token(model) -> float:
 
 
 def _in_child(log: str, fn, *args):
-    """Run fn in this forked child with its output (logs, warnings) going to `log`; the table stays readable."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    try:
-        return fn(*args)
-    except BaseException:
-        traceback.print_exc()
-        raise
+    """fn(*args) in a forked copy of this process, its output (logs, warnings) going to `log`. A plain fork: the child
+    stays multiprocessing's MainProcess, as a fresh process would be (the MLM collator seeds itself only there)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run, send back the pickled result (or the exception), leave without cleanup
+        os.close(read)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:
+            out = (True, fn(*args))
+        except BaseException as e:
+            traceback.print_exc()
+            out = (False, f"{type(e).__name__}: {e}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with os.fdopen(write, "wb") as pipe:
+            pickle.dump(out, pipe)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    ok, value = pickle.loads(data) if data else (False, "the row's process died")
+    if not ok:
+        raise RuntimeError(value)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,14 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                    "finetune.tasks"):
         importlib.import_module(module)
 
-    fork = multiprocessing.get_context("fork")
     log = tempfile.NamedTemporaryFile(prefix="finetune-bench-", suffix=".log", delete=False).name
-
-    def in_child(fn, *fn_args):
-        with ProcessPoolExecutor(1, mp_context=fork) as pool:
-            return pool.submit(_in_child, log, fn, *fn_args).result()
-
-    peak = in_child(matmul_peak_flops)
+    peak = _in_child(log, matmul_peak_flops)
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
     results = []
     for name in args.rows:
@@ -225,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name}: {ROWS[name][2]} ...", flush=True)
         row_start = time.perf_counter()
         try:
-            result = in_child(run_row, name, args.steps, args.batch_size, args.overrides)
-        except Exception as e:
+            result = _in_child(log, run_row, name, args.steps, args.batch_size, args.overrides)
+        except RuntimeError as e:
             print(Path(log).read_text()[-3000:], file=sys.stderr)
-            print(f"error: bench row {name} failed ({type(e).__name__}: {e}); its output is in {log}", file=sys.stderr)
+            print(f"error: bench row {name} failed ({e}); its output is in {log}", file=sys.stderr)
             return 1
         results.append({**result, "row_seconds": time.perf_counter() - row_start})
 
