@@ -3,7 +3,7 @@
 Each row trains in its own process (forked from one that imported the libraries once, so peak RSS is the
 row's own), on this machine; the bundled MiniLM on the bundled Rotten Tomatoes training split unless it says.
 Rows train --steps optimizer steps of --batch-size unless they set their own (short: speed figures; the whole
-bench takes about 17 minutes on a 2-core CPU):
+bench takes about 18 minutes on a 2-core CPU):
 
   default     the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   accelerate  the same setup on the plain accelerate loop (trainer=accelerate)
