@@ -133,11 +133,12 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         engine.train()
         metrics = engine.evaluate("test")
         metrics.update({f"test_{k}": v for k, v in task.model_metrics(engine.model, tokenizer, raw["test"]).items()})
-        start = time.perf_counter()  # what a run does after its last evaluation: export, then the pipeline check
-        if name in EXPORTED:
+        export_seconds = None
+        if name in EXPORTED:  # what a run does after its last evaluation: export, then the pipeline check
+            start = time.perf_counter()
             verify(task, export(engine.model, tokenizer, task, cfg, metrics, Path(tmp) / "model"), raw["test"],
                    metrics, cfg.verify_tolerance)
-        export_seconds = time.perf_counter() - start if name in EXPORTED else None
+            export_seconds = time.perf_counter() - start
     if len(engine.step_times) < 2:
         raise SystemExit(f"bench row {name} needs at least 2 optimizer steps (the first is a warm-up)")
     seconds = sum(engine.step_times[1:])

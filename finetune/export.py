@@ -174,6 +174,19 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
     return ModelCard(content)
 
 
+def check_card_names(cfg) -> None:
+    """data.dataset_name and model.base_model go on the model card as Hub ids: a bad one fails now, not at export."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for key, value in (("data.dataset_name", cfg.data.dataset_name), ("model.base_model", cfg.model.base_model)):
+        try:
+            if value:
+                validate_repo_id(str(value))
+        except HFValidationError as e:
+            raise FinetuneError(f"{key}='{value}' is not a Hub id, which the model card needs ({e}); use a name "
+                                "of letters, digits, '-', '_' and '.' (or <owner>/<name>), or leave it unset") from e
+
+
 def check_card(card) -> None:
     """Refuse a card whose metadata the Hub would reject, checked locally with huggingface_hub's card classes:
     RepoCard.validate() would send it to the Hub (a hard-coded endpoint), which a run must not need."""

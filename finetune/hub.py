@@ -30,19 +30,6 @@ logging.getLogger("httpx2").setLevel(logging.WARNING)  # huggingface_hub's HTTP 
 RUN_FILES = ("metrics.json", "learning_curve.png")  # pushed beside the model's files
 
 
-def check_card_names(cfg) -> None:
-    """data.dataset_name and model.base_model go on the model card as Hub ids: a bad one fails now, not at export."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    for key, value in (("data.dataset_name", cfg.data.dataset_name), ("model.base_model", cfg.model.base_model)):
-        try:
-            if value:
-                validate_repo_id(str(value))
-        except HFValidationError as e:
-            raise FinetuneError(f"{key}='{value}' is not a Hub id, which the model card needs ({e}); use a name "
-                                "of letters, digits, '-', '_' and '.' (or <owner>/<name>), or leave it unset") from e
-
-
 def check(hub_cfg) -> None:
     """What would make the push fail whatever the training does, checked before it starts."""
     if not hub_cfg.push:

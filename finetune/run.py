@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import adapters, assets, data, hub, progress, report, resume
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine, own_precision
 from finetune.errors import FinetuneError
-from finetune.export import export, verify
+from finetune.export import check_card_names, export, verify
 from finetune.tasks import get_task
 
 log = logging.getLogger("finetune")
@@ -41,7 +41,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     start = time.time()
     hub.check(cfg.hub)  # a push that cannot work (no token, bad repo id) must fail now, not after training
-    hub.check_card_names(cfg)
+    check_card_names(cfg)  # the model card's Hub ids, before training rather than at export
     state = PartialState()
     main = state.is_main_process
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes

@@ -254,7 +254,7 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
         if offline:
             kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
     if model_cfg.attention_dropout is not None and hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
-        kwargs.update(attention_dropout(path, model_cfg, **kwargs))
+        kwargs.update(attention_dropout(path, model_cfg, kwargs.get("local_files_only", False)))
     try:
         return auto_cls.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
@@ -273,7 +273,7 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
-def attention_dropout(path: str, model_cfg: ModelConfig, **kwargs: Any) -> dict[str, float]:
+def attention_dropout(path: str, model_cfg: ModelConfig, local_files_only: bool = False) -> dict[str, float]:
     """model.attention_dropout as the config keys of the checkpoint at `path` (from_pretrained's keyword arguments).
     PyTorch's fused attention kernel runs only without dropout: with it, every attention matrix is kept for backward."""
     from transformers import AutoConfig
@@ -281,7 +281,7 @@ def attention_dropout(path: str, model_cfg: ModelConfig, **kwargs: Any) -> dict[
     if not 0 <= model_cfg.attention_dropout < 1:
         raise FinetuneError(f"model.attention_dropout must be at least 0 and below 1 (got {model_cfg.attention_dropout})")
     config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                                        local_files_only=kwargs.get("local_files_only", False))
+                                        local_files_only=local_files_only)
     keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)]
     if not keys:  # a warning, not an error: a task's default (task=qa) must not stop a model without the setting
         log.warning("model.attention_dropout=%s is not applied: model '%s' (%s) has no attention dropout setting",
