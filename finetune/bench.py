@@ -111,7 +111,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
                  *overrides, *extra]  # a row's own overrides (steps, batch size) win
     # no evaluation (nor checkpoint) during training: the step after the last never comes
-    overrides += ["trainer.eval_strategy=steps", "trainer.eval_steps=1000000"]
+    overrides += ["trainer.eval_strategy=no"]
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=overrides)

@@ -169,7 +169,7 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     group_by_length: bool = True
-    eval_strategy: str = "epoch"  # epoch | steps
+    eval_strategy: str = "epoch"  # epoch | steps | no (no evaluation or checkpoint while training)
     eval_steps: Optional[int] = None
     logging_steps: int = 25
     save_total_limit: int = 2  # checkpoints kept while training (plus the best one)

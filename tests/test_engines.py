@@ -133,6 +133,17 @@ def test_early_stopping_after_patience(engine, tiny_bert, csv, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_last_step_is_evaluated_and_eval_strategy_no(engine, tiny_bert, csv, tmp_path):
+    args = [f"trainer={engine}", "trainer.max_steps=7", "trainer.per_device_train_batch_size=8"]
+    runner, _ = train(tiny_bert, csv, tmp_path / "steps", *args, "trainer.eval_strategy=steps", "trainer.eval_steps=3")
+    assert [e["step"] for e in runner.log_history if "eval_loss" in e] == [3, 6, 7]  # the last step too, as the Trainer
+    runner, metrics = train(tiny_bert, csv, tmp_path / "no", *args, "trainer.eval_strategy=no")
+    assert not [e for e in runner.log_history if "eval_loss" in e] and runner.best_validation() is None
+    assert not list((tmp_path / "no").rglob("checkpoint-*")) and len(runner.step_times) == 7
+    assert "test_accuracy" in metrics
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_same_seed_same_metrics(engine, tiny_bert, csv, tmp_path):
     args = [f"trainer={engine}", *LEARNING, "trainer.num_train_epochs=4"]
     first = train(tiny_bert, csv, tmp_path / "a", *args)[1]

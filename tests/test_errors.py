@@ -92,6 +92,7 @@ CONFIG_CASES = [
     (["trainer.mixed_precision=fp8"], "trainer.mixed_precision must be auto, no, fp16 or bf16 (got 'fp8')"),
     (["trainer.engine=torch"], "unknown trainer.engine 'torch': choose one of accelerate, hf"),
     (["trainer.eval_strategy=steps"], "trainer.eval_strategy=steps needs trainer.eval_steps=<positive"),
+    (["trainer.early_stopping_patience=2", "trainer.eval_strategy=no"], "trainer.early_stopping_patience counts evaluations"),
     (["trainer.learning_rate=fast"], "trainer.learning_rate must be a number (got 'fast')"),
     (["trainer.per_device_train_batch_size=1.5"], "trainer.per_device_train_batch_size must be an integer (got '1.5')"),
     (["trainer.eval_steps=often"], "trainer.eval_steps must be an integer or null (got 'often')"),

@@ -70,12 +70,15 @@ def check_trainer_config(t) -> None:
     for key in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
         if getattr(t, key) < 0:
             raise FinetuneError(f"trainer.{key} must be at least 0 (got {getattr(t, key)})")
-    if t.eval_strategy not in ("epoch", "steps"):
-        raise FinetuneError(f"trainer.eval_strategy must be epoch or steps (got '{t.eval_strategy}')")
+    if t.eval_strategy not in ("epoch", "steps", "no"):
+        raise FinetuneError(f"trainer.eval_strategy must be epoch, steps or no (got '{t.eval_strategy}')")
     if t.eval_strategy == "steps" and not (t.eval_steps and t.eval_steps > 0):
         raise FinetuneError("trainer.eval_strategy=steps needs trainer.eval_steps=<positive number of steps>")
     if (t.early_stopping_patience or 0) < 0 or t.early_stopping_threshold < 0:
         raise FinetuneError("trainer.early_stopping_patience and trainer.early_stopping_threshold must be >= 0")
+    if t.early_stopping_patience and t.eval_strategy == "no":
+        raise FinetuneError("trainer.early_stopping_patience counts evaluations: it needs trainer.eval_strategy=epoch "
+                            "or steps (not no)")
     if t.mixed_precision not in _PRECISIONS:
         raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
                             f"(got '{t.mixed_precision}')")

@@ -144,7 +144,8 @@ class AccelerateEngine:
                 s["epoch"] = epoch + (skipped + i + 1) / len(self.train_loader)
                 if s["global_step"] % t.logging_steps == 0 or s["global_step"] == 1:
                     self._log_train(grad_norm, learning_rate)
-                if t.eval_strategy == "steps" and s["global_step"] % t.eval_steps == 0:
+                # as the Trainer: every eval_steps, and the last step
+                if t.eval_strategy == "steps" and (s["global_step"] % t.eval_steps == 0 or s["global_step"] >= self.max_steps):
                     self._evaluate_and_save()
                 if self._done():
                     break

@@ -111,7 +111,7 @@ class HFEngine:
             save_strategy=t.eval_strategy,
             save_steps=t.eval_steps,
             save_total_limit=t.save_total_limit,
-            load_best_model_at_end=True,
+            load_best_model_at_end=t.eval_strategy != "no",
             metric_for_best_model=task.main_metric,
             greater_is_better=task.greater_is_better,
             logging_steps=t.logging_steps,
