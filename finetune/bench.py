@@ -23,15 +23,16 @@ bench takes about 18 minutes on a 2-core CPU):
 and prints samples/s, peak RSS, the test metric after those steps (comparable between rows of the same steps
 only: rows this short are speed figures, not trained models), and model-FLOPs utilisation (MFU):
 (4 + 2 x trainable fraction) x non-embedding parameters (plus an LM head's output layer, whose matmul runs
-even when its weights are the input embeddings) x real (non-pad) tokens per second -- 6N for full
-fine-tuning, about 4N for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak
-measured in the same invocation. Padding is work the hardware does but the model does not need, so it lowers MFU.
+even when its weights are the input embeddings) x real (non-pad) tokens per second of the batches trained (the
+engines' training order replayed: length-grouped batches come longest first) -- 6N for full fine-tuning, about 4N
+for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak measured in the same invocation.
+Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
 checkpointing; a row evaluates only its test split, after training. Beside it: evaluation speed (examples of the test
-split per second, metrics included, and its ratio to training's), and, for the default row, export + verify: the
-seconds a run spends after its last evaluation writing model/ and re-scoring the test split through the exported
-pipeline. Each row's wall time and the whole bench's are printed too.
+split per second, metrics included, and its ratio to training's per token), and, for the default row, export +
+verify: the seconds a run spends after its last evaluation writing model/ and re-scoring the test split through the
+exported pipeline. Each row's wall time and the whole bench's are printed too.
 """
 
 from __future__ import annotations
@@ -123,7 +124,6 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     path = assets.resolve(cfg.model.name_or_path)
     tokenizer = task.load_tokenizer(path, cfg.model)
     features = task.tokenize(raw, tokenizer)
-    mean_len = sum(features["train"]["length"]) / len(features["train"])
     if pad_to:
         features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
     model = adapters.wrap(task.load_model(path, cfg.model), cfg.peft, task)
@@ -146,14 +146,18 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         raise SystemExit(f"bench row {name} needs at least 2 optimizer steps (the first is a warm-up)")
     seconds = sum(engine.step_times[1:])
     t = cfg.trainer
-    samples = (len(engine.step_times) - 1) * t.per_device_train_batch_size * t.gradient_accumulation_steps
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    samples = (len(engine.step_times) - 1) * per_step
+    tokens = _trained_tokens(features["train"], per_step, len(engine.step_times), cfg.seed, t.group_by_length)
     return {
         "row": name,
         "samples_per_s": samples / seconds,
         "eval_samples_per_s": metrics["test_samples_per_second"],
+        # per token: a short row trains the longest batches first, while the test split has every length
+        "eval_tokens_per_s": metrics["test_samples_per_second"] * _mean(features["test"]["length"]),
         "export_verify_s": export_seconds,
-        "real_tokens_per_s": samples * mean_len / seconds,
-        "model_flops_per_s": flops_per_token * samples * mean_len / seconds,
+        "real_tokens_per_s": tokens / seconds,
+        "model_flops_per_s": flops_per_token * tokens / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "metric": task.main_metric,
         "test_" + task.main_metric: metrics["test_" + task.main_metric],
@@ -161,6 +165,26 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "train_seconds": seconds,
         "steps": len(engine.step_times),
     }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _trained_tokens(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> int:
+    """Real (non-pad) tokens of the examples the engines trained in steps 2..steps: the engines' own training order
+    replayed (length-grouped batches come longest first, so a short run's batches are not the split's average)."""
+    from finetune.engines import train_sampler
+
+    sampler, batches, epoch = train_sampler(train, per_step, seed, group_by_length), [], 0
+    while len(batches) < steps:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches += [order[i:i + per_step] for i in range(0, len(order), per_step)]
+        epoch += 1
+    lengths = list(train["length"])
+    return sum(lengths[i] for batch in batches[1:steps] for i in batch)
 
 
 def _flops_per_token(model) -> float:
@@ -249,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
           "unless said\n")
-    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU | eval samples/s (x train) "
+    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU "
+          "| eval samples/s (x train per token) "
           "| export + verify s | generated tokens/s | row s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -258,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
               f"{r['model_flops_per_s'] / peak:.1%} | {r['eval_samples_per_s']:.1f} "
-              f"({r['eval_samples_per_s'] / r['samples_per_s']:.1f}x) | {export_s} | {gen} | "
+              f"({r['eval_tokens_per_s'] / r['real_tokens_per_s']:.1f}x) | {export_s} | {gen} | "
               f"{r['row_seconds']:.0f} |")
     print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s\n")
     for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is

@@ -130,3 +130,36 @@ def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
     assert "default x2: samples/s " in proc.stdout and "lora / default samples/s: " in proc.stdout
     assert "whole bench: " in proc.stdout and "Traceback" not in proc.stdout
 
+
+
+@pytest.mark.parametrize("engine", ["hf", "accelerate"])
+def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment_csv, tmp_path, one_thread):
+    """MFU and tokens/s count the real tokens of the batches trained (the first, a warm-up, left out), not the
+    split's mean length: length-grouped batches come longest first."""
+    import transformers
+
+    from finetune import bench, data
+    from finetune.engines import make_engine
+    from finetune.tasks import get_task
+    from helpers import compose_cfg
+
+    cfg = compose_cfg(f"trainer={engine}", f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review",
+                      "data.label_column=sentiment", "trainer.max_steps=3", "trainer.per_device_train_batch_size=4",
+                      "trainer.eval_strategy=no")
+    transformers.set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
+    features = task.tokenize(data.load(cfg.data, task), tokenizer)
+    seen = []
+    collator = task.collator
+
+    def spy(tok):  # the real tokens of every batch the engine trains on
+        collate = collator(tok)
+        return lambda rows: seen.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
+
+    task.collator = spy
+    engine_ = make_engine(cfg, task, task.load_model(str(tiny_bert), cfg.model), tokenizer, features, tmp_path)
+    engine_.train()
+    mean = sum(features["train"]["length"]) / len(features["train"])
+    counted = bench._trained_tokens(features["train"], 4, 3, cfg.seed, True)
+    assert counted == sum(seen[1:3]) and counted != round(mean * 8)
