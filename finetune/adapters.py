@@ -5,7 +5,7 @@
     adapters.save_adapter(model, model_dir / "adapter", base_model)   # the adapter alone, for sharing
     model = adapters.merge(model)                    # a plain transformers model: model/ loads without peft
 
-Pretrained linear layers get low-rank adapters (peft.target_modules, default every linear layer). Modules the
+Pretrained linear layers get low-rank adapters (peft.target_modules: by default the feed-forward layers). Modules the
 checkpoint does not provide -- the task head, or any layer newly initialized at load time -- are trained in
 full and saved with the adapter (peft's modules_to_save), so a reloaded head can never be random.
 """
@@ -37,7 +37,7 @@ def wrap(model, peft_cfg, task) -> Any:
         raise FinetuneError(f"peft.r must be >= 1, peft.alpha > 0 and 0 <= peft.dropout < 1 (got r={peft_cfg.r}, "
                             f"alpha={peft_cfg.alpha}, dropout={peft_cfg.dropout})")
     targets = peft_cfg.target_modules
-    targets = targets if isinstance(targets, str) else list(targets)
+    targets = feed_forward_layers(model) if targets == "ffn" else targets if isinstance(targets, str) else list(targets)
     explicit = peft_cfg.modules_to_save is not None
     to_save = list(peft_cfg.modules_to_save) if explicit else trainable_modules(model)
     config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
@@ -64,6 +64,23 @@ def wrap(model, peft_cfg, task) -> Any:
     log.info("LoRA r=%d alpha=%g dropout=%g on %s; trained in full and saved with the adapter: %s",
              peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, targets, ", ".join(sorted(to_save)) or "nothing")
     return wrapped
+
+
+def feed_forward_layers(model) -> list[str]:
+    """The linear layers of the transformer blocks' feed-forward networks: inside a numbered block, outside attention
+    (BERT intermediate/output.dense, Llama mlp.*_proj, GPT-2 mlp.c_fc/c_proj, T5 DenseReluDense.wi/wo, BART fc1/fc2)."""
+    import re
+
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    # peft has no such selector; matching names keeps it one rule for every architecture
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+             and re.search(r"\.\d+\.", n) and not re.search(r"attn|attention", n, re.IGNORECASE)]
+    if not names:
+        raise FinetuneError("peft.target_modules=ffn finds no feed-forward layer in this model's blocks; use "
+                            "all-linear or a list of its linear layers' names")
+    return names
 
 
 def trainable_modules(model) -> list[str]:
@@ -143,7 +160,8 @@ def describe(config) -> str:
     dropout = getattr(config, "lora_dropout", getattr(config, "dropout", None))
     targets = config.target_modules
     if isinstance(targets, str):
-        where = "all linear layers" if targets == "all-linear" else f"modules matching {targets}"
+        where = {"all-linear": "all linear layers", "ffn": "the feed-forward layers"}.get(targets,
+                                                                                        f"modules matching {targets}")
     else:  # peft stores all-linear as the full module names: name their kinds
         where = f"{len(targets)} modules ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})"
     return f"LoRA (rank r={r}, alpha={alpha}, dropout={dropout}) on {where}"

@@ -112,7 +112,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     overrides = [o.replace("{shared}", str(SHARED_DATA)) for o in overrides]
     overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
                  *overrides, *extra]  # a row's own overrides (steps, batch size) win
-    # no evaluation (nor checkpoint) during training: the step after the last never comes
+    # no validation pass or checkpoint while training: a run does them, but they are not training speed
     overrides += ["trainer.eval_strategy=no"]
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):

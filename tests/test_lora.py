@@ -30,7 +30,7 @@ def _task_and_model(tiny_bert, *overrides):
 def test_peft_config_sets_its_learning_rate_and_the_command_line_wins():
     assert compose_cfg().trainer.learning_rate == pytest.approx(1e-4)
     cfg = compose_cfg("peft=lora")
-    assert cfg.peft.method == "lora" and cfg.peft.target_modules == "all-linear"
+    assert cfg.peft.method == "lora" and cfg.peft.target_modules == "ffn"
     assert cfg.trainer.learning_rate == pytest.approx(1e-3)
     assert compose_cfg("peft=lora", "trainer.learning_rate=3e-4").trainer.learning_rate == pytest.approx(3e-4)
     assert list(compose_cfg("peft=lora", "peft.target_modules=[query,value]").peft.target_modules) == ["query", "value"]
@@ -41,9 +41,10 @@ def test_wrap_trains_only_lora_and_the_head(tiny_bert):
     full = adapters.parameter_counts(model)
     assert full["trainable_params"] == full["total_params"] == sum(p.numel() for p in model.parameters())
     r = cfg.peft.r
-    # all-linear: every nn.Linear of the encoder and pooler gets A (r x in) and B (out x r); the head is trained in full
+    # ffn: each block's intermediate.dense and output.dense (not attention's output.dense, nor the pooler) gets
+    # A (r x in) and B (out x r); the head is trained in full
     lora = sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not n.startswith("classifier"))
+               if n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n)
     head = sum(p.numel() for p in model.classifier.parameters())
     wrapped = adapters.wrap(model, cfg.peft, task)
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
@@ -241,3 +242,36 @@ def test_cli_run_with_lora(tiny_bert, tmp_path):
     assert saved["peft"]["method"] == "lora" and saved["trainer"]["learning_rate"] == pytest.approx(5e-3)
     assert "trainable parameters: %d of %d" % (metrics["trainable_params"], metrics["total_params"]) in \
         (run / "finetune.log").read_text()
+
+
+def test_feed_forward_layers_of_each_architecture():
+    """peft.target_modules=ffn: the feed-forward linear layers of every block, never attention, pooler or head."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              BartConfig, BertConfig, GPT2Config, LlamaConfig, T5Config)
+
+    small = dict(vocab_size=64)
+    cases = [
+        (AutoModelForSequenceClassification, BertConfig(**small, hidden_size=16, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=32),
+         {"bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"}),
+        (AutoModelForCausalLM, LlamaConfig(**small, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=32),
+         {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"}),
+        (AutoModelForCausalLM, GPT2Config(**small, n_embd=16, n_layer=2, n_head=2),
+         {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}),
+        (AutoModelForSeq2SeqLM, T5Config(**small, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2),
+         {"encoder.block.0.layer.1.DenseReluDense.wi", "encoder.block.0.layer.1.DenseReluDense.wo",
+          "decoder.block.0.layer.2.DenseReluDense.wi", "decoder.block.0.layer.2.DenseReluDense.wo"}),
+        (AutoModelForSeq2SeqLM, BartConfig(**small, d_model=16, encoder_layers=2, decoder_layers=2,
+                                           encoder_attention_heads=2, decoder_attention_heads=2,
+                                           encoder_ffn_dim=32, decoder_ffn_dim=32),
+         {"model.encoder.layers.0.fc1", "model.encoder.layers.0.fc2", "model.decoder.layers.0.fc1",
+          "model.decoder.layers.0.fc2"}),
+    ]
+    for auto, config, first_block in cases:
+        names = adapters.feed_forward_layers(auto.from_config(config))
+        block0 = {n for n in names if ".0." in n}
+        assert block0 == first_block, (config.model_type, names)
+        assert len(names) == 2 * len(first_block)  # the same layers in the second block; nothing else
+    with pytest.raises(FinetuneError, match="peft.target_modules=ffn finds no feed-forward layer"):
+        adapters.feed_forward_layers(torch.nn.ModuleDict({"head": torch.nn.Linear(2, 2)}))
