@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,21 @@ def describe(config) -> str:
     else:  # peft stores all-linear as the full module names: name their kinds
         where = f"{len(targets)} modules ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})"
     return f"LoRA (rank r={r}, alpha={alpha}, dropout={dropout}) on {where}"
+
+
+@contextmanager
+def merged_for_inference(model, sharded: bool = False):
+    """Evaluation with the adapters folded into the frozen weights: one matmul a layer instead of three. Unfolded
+    afterwards (peft's merge_adapter / unmerge_adapter, as TRL does around generation; the weights come back within
+    fp32 rounding). Sharded (FSDP) weights are left alone."""
+    if sharded or not is_adapted(model):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
 
 
 def merge(model):

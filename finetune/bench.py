@@ -3,7 +3,7 @@
 Each row trains in its own process (forked from one that imported the libraries once, so peak RSS is the
 row's own), on this machine; the bundled MiniLM on the bundled Rotten Tomatoes training split unless it says.
 Rows train --steps optimizer steps of --batch-size unless they set their own (short: speed figures; the whole
-bench takes about 18 minutes on a 2-core CPU):
+bench took 8 minutes on a 2-core CPU):
 
   default     the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   accelerate  the same setup on the plain accelerate loop (trainer=accelerate)
@@ -25,7 +25,8 @@ only: rows this short are speed figures, not trained models), and model-FLOPs ut
 (4 + 2 x trainable fraction) x non-embedding parameters (plus an LM head's output layer, whose matmul runs
 even when its weights are the input embeddings) x real (non-pad) tokens per second of the batches trained (the
 engines' training order replayed: length-grouped batches come longest first) -- 6N for full fine-tuning, about 4N
-for LoRA, which computes no gradients for frozen weights -- over an fp32 matmul peak measured in the same invocation.
+for LoRA, which computes no gradients for frozen weights -- plus attention's matmuls, 12 x layers x width x T^2 for
+a sequence of T real tokens (as PaLM's MFU), over an fp32 matmul peak measured in the same invocation.
 Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
@@ -148,7 +149,10 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     t = cfg.trainer
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     samples = (len(engine.step_times) - 1) * per_step
-    tokens = _trained_tokens(features["train"], per_step, len(engine.step_times), cfg.seed, t.group_by_length)
+    tokens, squares = _trained_tokens(features["train"], per_step, len(engine.step_times), cfg.seed, t.group_by_length)
+    # attention's matmuls (QK^T, weights x V), forward and backward: 12 x layers x width x T^2 a sequence (PaLM's MFU)
+    text = model.config.get_text_config()
+    attention_flops = 12 * text.num_hidden_layers * text.hidden_size * squares
     return {
         "row": name,
         "samples_per_s": samples / seconds,
@@ -157,7 +161,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "eval_tokens_per_s": metrics["test_samples_per_second"] * _mean(features["test"]["length"]),
         "export_verify_s": export_seconds,
         "real_tokens_per_s": tokens / seconds,
-        "model_flops_per_s": flops_per_token * tokens / seconds,
+        "model_flops_per_s": (flops_per_token * tokens + attention_flops) / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "metric": task.main_metric,
         "test_" + task.main_metric: metrics["test_" + task.main_metric],
@@ -172,9 +176,10 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _trained_tokens(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> int:
-    """Real (non-pad) tokens of the examples the engines trained in steps 2..steps: the engines' own training order
-    replayed (length-grouped batches come longest first, so a short run's batches are not the split's average)."""
+def _trained_tokens(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> tuple[int, int]:
+    """Real (non-pad) tokens of the examples the engines trained in steps 2..steps, and the sum of their lengths
+    squared: the engines' own training order replayed (length-grouped batches come longest first, so a short run's
+    batches are not the split's average)."""
     from finetune.engines import train_sampler
 
     sampler, batches, epoch = train_sampler(train, per_step, seed, group_by_length), [], 0
@@ -184,7 +189,8 @@ def _trained_tokens(train, per_step: int, steps: int, seed: int, group_by_length
         batches += [order[i:i + per_step] for i in range(0, len(order), per_step)]
         epoch += 1
     lengths = list(train["length"])
-    return sum(lengths[i] for batch in batches[1:steps] for i in batch)
+    trained = [lengths[i] for batch in batches[1:steps] for i in batch]
+    return sum(trained), sum(n * n for n in trained)
 
 
 def _flops_per_token(model) -> float:

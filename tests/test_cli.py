@@ -155,11 +155,12 @@ def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment
 
     def spy(tok):  # the real tokens of every batch the engine trains on
         collate = collator(tok)
-        return lambda rows: seen.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
+        return lambda rows: seen.append([len(r["input_ids"]) for r in rows]) or collate(rows)
 
     task.collator = spy
     engine_ = make_engine(cfg, task, task.load_model(str(tiny_bert), cfg.model), tokenizer, features, tmp_path)
     engine_.train()
     mean = sum(features["train"]["length"]) / len(features["train"])
-    counted = bench._trained_tokens(features["train"], 4, 3, cfg.seed, True)
-    assert counted == sum(seen[1:3]) and counted != round(mean * 8)
+    counted, squares = bench._trained_tokens(features["train"], 4, 3, cfg.seed, True)
+    trained = [n for batch in seen[1:3] for n in batch]
+    assert counted == sum(trained) and squares == sum(n * n for n in trained) and counted != round(mean * 8)

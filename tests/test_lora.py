@@ -275,3 +275,25 @@ def test_feed_forward_layers_of_each_architecture():
         assert len(names) == 2 * len(first_block)  # the same layers in the second block; nothing else
     with pytest.raises(FinetuneError, match="peft.target_modules=ffn finds no feed-forward layer"):
         adapters.feed_forward_layers(torch.nn.ModuleDict({"head": torch.nn.Linear(2, 2)}))
+
+
+def test_evaluation_folds_the_adapters_in_and_out(tiny_bert):
+    cfg, task, model = _task_and_model(tiny_bert)
+    wrapped = adapters.wrap(model, cfg.peft, task).eval()
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # a trained adapter: it changes the output
+    layers = [m for m in wrapped.modules() if hasattr(m, "merged")]
+    before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+    ids = torch.randint(5, 40, (2, 12))
+    with torch.no_grad():
+        unmerged = wrapped(input_ids=ids).logits
+        with adapters.merged_for_inference(wrapped):
+            assert layers and all(m.merged for m in layers)
+            folded = wrapped(input_ids=ids).logits
+    assert torch.allclose(folded, unmerged, atol=1e-5)
+    assert not any(m.merged for m in layers)
+    assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in wrapped.named_parameters())
+    with adapters.merged_for_inference(wrapped, sharded=True):
+        assert not any(m.merged for m in layers)  # FSDP shards: left alone

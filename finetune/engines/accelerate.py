@@ -32,7 +32,7 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune import progress
+from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order, gathered_state_dict,
                               logged_validation, mixed_precision, restore_order, setup_tracking, train_sampler,
                               without_length)
@@ -246,6 +246,10 @@ class AccelerateEngine:
         return {**metrics, "epoch": self.state["epoch"]}
 
     def _evaluate(self, split: str, prefix: str) -> dict[str, float]:
+        with adapters.merged_for_inference(self.model, sharded=self.fsdp):
+            return self._evaluate_now(split, prefix)
+
+    def _evaluate_now(self, split: str, prefix: str) -> dict[str, float]:
         """Predict the split on all processes (in eval_order), gather, score in dataset order with the task's metrics."""
         acc, model = self.accelerator, self._model
         start = time.time()

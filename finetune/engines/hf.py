@@ -11,7 +11,7 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
                           TrainingArguments)
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
-from finetune import progress
+from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, logged_validation,
                               mixed_precision, restore_order, setup_tracking, train_sampler, without_length)
 from finetune.progress import Meter
@@ -41,7 +41,7 @@ class _Trainer(Trainer):
             return super().prediction_step(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
-        with self.meter.paused():
+        with self.meter.paused(), adapters.merged_for_inference(self.model):
             return super().evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, *args, **kwargs):
