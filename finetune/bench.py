@@ -148,8 +148,8 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     seconds = sum(engine.step_times[1:])
     t = cfg.trainer
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    samples = (len(engine.step_times) - 1) * per_step
-    tokens, squares = _trained_tokens(features["train"], per_step, len(engine.step_times), cfg.seed, t.group_by_length)
+    trained = _trained_lengths(features["train"], per_step, len(engine.step_times), cfg.seed, t.group_by_length)
+    samples, tokens, squares = len(trained), sum(trained), sum(n * n for n in trained)
     # attention's matmuls (QK^T, weights x V), forward and backward: 12 x layers x width x T^2 a sequence (PaLM's MFU)
     text = model.config.get_text_config()
     attention_flops = 12 * text.num_hidden_layers * text.hidden_size * squares
@@ -176,10 +176,9 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _trained_tokens(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> tuple[int, int]:
-    """Real (non-pad) tokens of the examples the engines trained in steps 2..steps, and the sum of their lengths
-    squared: the engines' own training order replayed (length-grouped batches come longest first, so a short run's
-    batches are not the split's average)."""
+def _trained_lengths(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> list[int]:
+    """Real (non-pad) lengths of the examples the engines trained in steps 2..steps: the engines' own training order
+    replayed (length-grouped batches come longest first, so a short run's batches are not the split's average)."""
     from finetune.engines import train_sampler
 
     sampler, batches, epoch = train_sampler(train, per_step, seed, group_by_length), [], 0
@@ -189,8 +188,7 @@ def _trained_tokens(train, per_step: int, steps: int, seed: int, group_by_length
         batches += [order[i:i + per_step] for i in range(0, len(order), per_step)]
         epoch += 1
     lengths = list(train["length"])
-    trained = [lengths[i] for batch in batches[1:steps] for i in batch]
-    return sum(trained), sum(n * n for n in trained)
+    return [lengths[i] for batch in batches[1:steps] for i in batch]
 
 
 def _flops_per_token(model) -> float:

@@ -189,7 +189,7 @@ class PeftConfig:
     r: int = 16  # LoRA rank
     alpha: float = 32.0  # LoRA scaling alpha (updates are scaled by alpha / r)
     dropout: float = 0.0
-    target_modules: Any = "ffn"  # ffn (feed-forward layers), all-linear, or module names (suffixes), e.g. [query, value]
+    target_modules: Any = "ffn"  # ffn (feed-forward layers), all-linear, or module names (suffixes): [query, value]
     modules_to_save: Optional[list[str]] = None  # trained in full and saved; None: the task head + new modules
 
 

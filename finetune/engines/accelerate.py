@@ -144,8 +144,8 @@ class AccelerateEngine:
                 s["epoch"] = epoch + (skipped + i + 1) / len(self.train_loader)
                 if s["global_step"] % t.logging_steps == 0 or s["global_step"] == 1:
                     self._log_train(grad_norm, learning_rate)
-                # as the Trainer: every eval_steps, and the last step
-                if t.eval_strategy == "steps" and (s["global_step"] % t.eval_steps == 0 or s["global_step"] >= self.max_steps):
+                last = s["global_step"] >= self.max_steps  # evaluated too, as the Trainer does
+                if t.eval_strategy == "steps" and (s["global_step"] % t.eval_steps == 0 or last):
                     self._evaluate_and_save()
                 if self._done():
                     break
