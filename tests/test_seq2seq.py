@@ -179,14 +179,24 @@ def test_warm_started_encoder_decoder_generates_from_cls_and_stops_at_sep(models
     assert model.config.decoder.add_cross_attention and model.config.decoder.is_decoder
 
 
-def test_attention_dropout_reaches_every_family_that_has_one(models, caplog):
-    """model.attention_dropout sets the checkpoint's own key (0 lets PyTorch's fused attention kernel run)."""
+def test_dropouts_reach_every_family_that_has_them(models, caplog):
+    """model.attention_dropout / hidden_dropout set the checkpoint's own keys (0 attention dropout lets PyTorch's fused
+    attention kernel run)."""
     from finetune.errors import FinetuneError
 
     task, _, _, cfg = features("bert2bert", f"model.encoder={models['bert']}", f"model.decoder={models['bert']}",
-                               "model.attention_dropout=0")
+                               "model.attention_dropout=0", "model.hidden_dropout=0.05")
     model = task.load_model(cfg.model.name_or_path, cfg.model)
     assert model.config.encoder.attention_probs_dropout_prob == model.config.decoder.attention_probs_dropout_prob == 0
+    assert model.config.encoder.hidden_dropout_prob == model.config.decoder.hidden_dropout_prob == 0.05
+    task, _, _, cfg = features(models["bart"], "model.hidden_dropout=0")
+    config = task.load_model(models["bart"], cfg.model).config
+    assert (config.dropout, config.attention_dropout) == (0, 0.0)  # the other stays the checkpoint's own
+    task, _, _, cfg = features(models["t5"], "model.hidden_dropout=0.2")
+    assert task.load_model(models["t5"], cfg.model).config.dropout_rate == 0.2
+    task, _, _, cfg = features(models["llama"], "model.hidden_dropout=0")
+    task.load_model(models["llama"], cfg.model)
+    assert "model.hidden_dropout=0.0 is not applied" in caplog.text and "(llama) has no hidden dropout" in caplog.text
     task, _, _, cfg = features(models["llama"], "model.attention_dropout=0.25")
     assert task.load_model(models["llama"], cfg.model).config.attention_dropout == 0.25
     task, _, _, cfg = features(models["t5"], "model.attention_dropout=0")
@@ -194,6 +204,9 @@ def test_attention_dropout_reaches_every_family_that_has_one(models, caplog):
     assert "model.attention_dropout=0.0 is not applied" in caplog.text and "(t5) has no attention dropout" in caplog.text
     task, _, _, cfg = features(models["bart"], "model.attention_dropout=1.5")
     with pytest.raises(FinetuneError, match="model.attention_dropout must be at least 0 and below 1"):
+        task.load_model(models["bart"], cfg.model)
+    task, _, _, cfg = features(models["bart"], "model.hidden_dropout=-0.1")
+    with pytest.raises(FinetuneError, match="model.hidden_dropout must be at least 0 and below 1"):
         task.load_model(models["bart"], cfg.model)
 
 

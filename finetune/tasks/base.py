@@ -253,8 +253,8 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
         offline = assets.hub_unreachable()
         if offline:
             kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
-    if model_cfg.attention_dropout is not None and hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
-        kwargs.update(attention_dropout(path, model_cfg, kwargs.get("local_files_only", False)))
+    if hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
+        kwargs.update(dropouts(path, model_cfg, kwargs.get("local_files_only", False)))
     try:
         return auto_cls.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
@@ -269,21 +269,32 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
         raise FinetuneError(f"could not load model '{name}' ({first}); {hint}") from e
 
 
-# the names checkpoints give their attention-probability dropout: BERT-likes, BART/Llama-likes, GPT-2
-ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+# the names checkpoints give their dropouts. Attention probabilities: BERT-likes, BART/Llama-likes, GPT-2. Hidden
+# states: BERT-likes, BART-likes/DistilBERT, GPT-2 (residual and embeddings), T5, BLOOM/Falcon
+DROPOUT_KEYS = {
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"),
+    "hidden_dropout": ("hidden_dropout_prob", "dropout", "resid_pdrop", "embd_pdrop", "dropout_rate", "hidden_dropout"),
+}
 
 
-def attention_dropout(path: str, model_cfg: ModelConfig, local_files_only: bool = False) -> dict[str, float]:
-    """model.attention_dropout as the config keys of the checkpoint at `path` (from_pretrained's keyword arguments).
-    PyTorch's fused attention kernel runs only without dropout: with it, every attention matrix is kept for backward."""
+def dropouts(path: str, model_cfg: ModelConfig, local_files_only: bool = False) -> dict[str, float]:
+    """model.attention_dropout and model.hidden_dropout as the config keys of the checkpoint at `path`
+    (from_pretrained's keyword arguments); {} when both are null (the checkpoint's own)."""
     from transformers import AutoConfig
 
-    if not 0 <= model_cfg.attention_dropout < 1:
-        raise FinetuneError(f"model.attention_dropout must be at least 0 and below 1 (got {model_cfg.attention_dropout})")
+    wanted = {name: getattr(model_cfg, name) for name in DROPOUT_KEYS if getattr(model_cfg, name) is not None}
+    for name, p in wanted.items():
+        if not 0 <= p < 1:
+            raise FinetuneError(f"model.{name} must be at least 0 and below 1 (got {p})")
+    if not wanted:
+        return {}
     config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                                         local_files_only=local_files_only)
-    keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)]
-    if not keys:  # a warning, not an error: a task's default (task=qa) must not stop a model without the setting
-        log.warning("model.attention_dropout=%s is not applied: model '%s' (%s) has no attention dropout setting",
-                    model_cfg.attention_dropout, model_cfg.name_or_path, config.model_type)
-    return {k: float(model_cfg.attention_dropout) for k in keys}
+    kwargs = {}
+    for name, p in wanted.items():
+        keys = [k for k in DROPOUT_KEYS[name] if hasattr(config, k)]
+        if not keys:  # a warning, not an error: a task's default (task=qa) must not stop a model without the setting
+            log.warning("model.%s=%s is not applied: model '%s' (%s) has no %s setting", name, p,
+                        model_cfg.name_or_path, config.model_type, name.replace("_", " "))
+        kwargs.update({k: float(p) for k in keys})
+    return kwargs

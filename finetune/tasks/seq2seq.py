@@ -36,7 +36,7 @@ from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
-from finetune.tasks.base import MetricsFn, Task, _load, attention_dropout, device, position_limit
+from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, position_limit
 from finetune.tasks.causal_lm import CausalLMTask, perplexity
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,8 @@ class Seq2SeqTask(Task):
         tokenizer = self.tokenizer
         if self.family == "warm_start":
             sides = {"encoder": assets.resolve(model_cfg.encoder), "decoder": assets.resolve(model_cfg.decoder)}
-            dropout = {} if model_cfg.attention_dropout is None else {  # both halves' config keys, prefixed
-                f"{side}_{k}": v for side, p in sides.items() for k, v in attention_dropout(p, model_cfg).items()}
+            dropout = {f"{side}_{k}": v for side, p in sides.items()  # both halves' config keys, prefixed
+                       for k, v in dropouts(p, model_cfg).items()}
             try:
                 model = EncoderDecoderModel.from_encoder_decoder_pretrained(sides["encoder"], sides["decoder"],
                                                                             **dropout)
