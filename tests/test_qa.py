@@ -324,14 +324,18 @@ def test_exported_pipeline_matches_evaluation(tmp_path, tiny_encoder):
         pipeline(model=str(target))
 
 
-def test_qa_trains_without_attention_dropout(tiny_bert):
-    """Its windows are long: without attention dropout PyTorch's fused attention kernel runs (model.attention_dropout)."""
+def test_qa_trains_without_dropout(tiny_bert):
+    """Its windows are long: without attention dropout PyTorch's fused attention kernel runs (model.attention_dropout),
+    and without hidden dropout no masks are drawn (model.hidden_dropout)."""
     cfg = compose_cfg("task=qa", f"model={tiny_bert}", *WINDOW)
     task = get_task(cfg.task)
     task.load_tokenizer(str(tiny_bert), cfg.model)
-    assert task.load_model(str(tiny_bert), cfg.model).config.attention_probs_dropout_prob == 0
-    cfg = compose_cfg("task=qa", f"model={tiny_bert}", *WINDOW, "model.attention_dropout=null")  # the checkpoint's
-    assert task.load_model(str(tiny_bert), cfg.model).config.attention_probs_dropout_prob == 0.1
+    config = task.load_model(str(tiny_bert), cfg.model).config
+    assert config.attention_probs_dropout_prob == config.hidden_dropout_prob == 0
+    cfg = compose_cfg("task=qa", f"model={tiny_bert}", *WINDOW, "model.attention_dropout=null",
+                      "model.hidden_dropout=null")  # the checkpoint's own
+    config = task.load_model(str(tiny_bert), cfg.model).config
+    assert config.attention_probs_dropout_prob == config.hidden_dropout_prob == 0.1
 
 
 def test_pipeline_check_allows_one_point_for_qa(monkeypatch):
