@@ -26,7 +26,8 @@ only: rows this short are speed figures, not trained models), and model-FLOPs ut
 even when its weights are the input embeddings) x real (non-pad) tokens per second of the batches trained (the
 engines' training order replayed: length-grouped batches come longest first) -- 6N for full fine-tuning, about 4N
 for LoRA, which computes no gradients for frozen weights -- plus attention's matmuls, 12 x layers x width x T^2 for
-a sequence of T real tokens (as PaLM's MFU), over an fp32 matmul peak measured in the same invocation.
+a sequence of T real tokens (as PaLM's MFU), over the fp32 matmul peak measured just before and just after the row
+(their mean: the speed of this kind of machine drifts by 15% within minutes).
 Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     log = tempfile.NamedTemporaryFile(prefix="finetune-bench-", suffix=".log", delete=False).name
     peak = _in_child(log, matmul_peak_flops)
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
-    results = []
+    results, peaks = [], [peak]
     for name in args.rows:
         if any("{shared}" in o for o in ROWS[name][0]) and not SHARED_DATA.is_dir():
             print(f"skipping {name}: its data is not in {SHARED_DATA}", flush=True)
@@ -273,23 +274,26 @@ def main(argv: list[str] | None = None) -> int:
             print(Path(log).read_text()[-3000:], file=sys.stderr)
             print(f"error: bench row {name} failed ({e}); its output is in {log}", file=sys.stderr)
             return 1
-        results.append({**result, "row_seconds": time.perf_counter() - row_start})
+        row_seconds = time.perf_counter() - row_start
+        peaks.append(_in_child(log, matmul_peak_flops))  # the row's MFU is against the peaks on either side of it
+        results.append({**result, "row_seconds": row_seconds, "peak": sum(peaks[-2:]) / 2})
 
     print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
           "unless said\n")
     print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU "
           "| eval samples/s (x train per token) "
-          "| export + verify s | generated tokens/s | row s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| export + verify s | generated tokens/s | row s | matmul peak GFLOP/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         export_s = "-" if r["export_verify_s"] is None else f"{r['export_verify_s']:.1f}"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
-              f"{r['model_flops_per_s'] / peak:.1%} | {r['eval_samples_per_s']:.1f} "
+              f"{r['model_flops_per_s'] / r['peak']:.1%} | {r['eval_samples_per_s']:.1f} "
               f"({r['eval_tokens_per_s'] / r['real_tokens_per_s']:.1f}x) | {export_s} | {gen} | "
-              f"{r['row_seconds']:.0f} |")
-    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s\n")
+              f"{r['row_seconds']:.0f} | {r['peak'] / 1e9:.1f} |")
+    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s; matmul peak {min(peaks) / 1e9:.1f}-"
+          f"{max(peaks) / 1e9:.1f} GFLOP/s over the invocation\n")
     for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is
         rates = [r["samples_per_s"] for r in results if r["row"] == name]
         if len(rates) > 1:

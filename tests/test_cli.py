@@ -125,10 +125,12 @@ def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| default") or
             line.startswith("| lora")]
     assert [r[0] for r in rows] == ["| default", "| lora", "| default"]
-    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)  # samples/s, peak RSS
+    # samples/s, peak RSS, the matmul peak around the row (the last column)
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 and float(r[11].rstrip(" |")) > 0 for r in rows)
     assert rows[0][8] != "-" and rows[1][8] == "-"  # export + verify: the default row only
     assert "default x2: samples/s " in proc.stdout and "lora / default samples/s: " in proc.stdout
-    assert "whole bench: " in proc.stdout and "Traceback" not in proc.stdout
+    assert "whole bench: " in proc.stdout and " GFLOP/s over the invocation" in proc.stdout
+    assert "Traceback" not in proc.stdout
 
 
 
