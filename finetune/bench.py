@@ -100,10 +100,9 @@ def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
 
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
-    import torch
     from transformers import set_seed
 
-    from finetune import adapters, assets, data
+    from finetune import adapters, assets, cpu, data
     from finetune.config import CONFIG_DIR, register_configs
     from finetune.engines import make_engine
     from finetune.export import export, verify
@@ -119,7 +118,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=overrides)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cpu.tune()
     set_seed(cfg.seed)
     task = get_task(cfg.task)
     raw = data.load(cfg.data, task)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from finetune import cpu
 from finetune.errors import FinetuneError
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("evaluation.json"), help="metrics file to write")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cpu.tune()
     try:
         evaluate(args.model, args.overrides, args.output)
     except FinetuneError as e:

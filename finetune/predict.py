@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from finetune import cpu
 from finetune.errors import FinetuneError
 
 _OPEN = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         if missing := [fields[c] for c in required if c not in columns]:
             raise FinetuneError(f"no input column for {missing[0]}: pass --{missing[0].replace('_', '-')}=<column>")
         output = args.output or Path(f"{args.input.name.split('.')[0]}.predictions.jsonl")
+        cpu.tune()
         predict(task, model_dir, args.input, columns, output, args.batch_size)
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, data, hub, progress, report, resume
+from finetune import adapters, assets, cpu, data, hub, progress, report, resume
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine, own_precision
 from finetune.errors import FinetuneError
 from finetune.export import check_card_names, export, verify
@@ -34,7 +34,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     import datasets
     import huggingface_hub
-    import torch
     import transformers
 
     from accelerate import PartialState
@@ -44,8 +43,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     check_card_names(cfg)  # the model card's Hub ids, before training rather than at export
     state = PartialState()
     main = state.is_main_process
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between this machine's processes
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // processes_here)))
+    cpu.tune(processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # share the cores between this machine's processes
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         log.warning("accelerate launch started a single process: on a machine without GPUs add --multi_gpu "
                     "(or use torchrun --nproc_per_node N) to train with several")
