@@ -159,12 +159,7 @@ class CausalLMTask(Task):
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
         """Per example: the summed next-token NLL and the number of predicted tokens (not vocab x tokens logits)."""
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
-                                                reduction="none")
-        return torch.stack([nll.sum(1), (targets != -100).sum(1).float()], dim=1)
+        return nll_sums(logits[0] if isinstance(logits, tuple) else logits, labels[:, 1:])
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:
@@ -269,6 +264,15 @@ class CausalLMTask(Task):
                                     f"exported model in {model_dir} does not reproduce training")
         log.info("verified: pipeline greedy output equals the trainer's on %d test prompts", len(self._greedy))
         return {**scores, "greedy_prompts_matched": float(len(self._greedy))}
+
+
+def nll_sums(logits, targets):
+    """Per row of targets (-100: no target): the summed NLL of its targets and their number, as [rows, 2]. Only the
+    target positions' logits are scored: a prompt or padding is most of a batch's vocabulary x tokens logits."""
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    nll = torch.nn.functional.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")
+    sums = torch.zeros(len(targets), dtype=torch.float32, device=nll.device).index_add_(0, rows, nll)
+    return torch.stack([sums, torch.bincount(rows, minlength=len(targets)).float()], dim=1)
 
 
 def generate(model, tokenizer, prompts: list[Any], config: GenerationConfig, batch_size: int) -> tuple[list[str], int]:

@@ -24,7 +24,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset, DatasetDict
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           DataCollatorForSeq2Seq, EncoderDecoderModel, pipeline)
@@ -37,7 +36,7 @@ from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
 from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, position_limit
-from finetune.tasks.causal_lm import CausalLMTask, perplexity
+from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +275,7 @@ class Seq2SeqTask(Task):
         """Per example: the summed NLL of the reference tokens and their number (not vocab x tokens logits)."""
         if self.decoder_only:
             return self.lm.preprocess_logits(logits, labels)
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
-                                                reduction="none")
-        return torch.stack([nll.sum(1), (labels != -100).sum(1).float()], dim=1)
+        return nll_sums(logits[0] if isinstance(logits, tuple) else logits, labels)
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:  # the references' perplexity under the model (teacher forcing)
