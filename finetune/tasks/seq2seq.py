@@ -40,7 +40,8 @@ from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity
 
 log = logging.getLogger(__name__)
 
-BATCH = 16  # texts per generation batch, in evaluation and (by default) in the exported pipeline
+BATCH = 32  # texts per generation batch, in evaluation and (by default) in the exported pipeline (a decoding
+# step of 32 texts took 1.1-1.4x one of 16 on CPU: the weights are read once a step either way)
 SAMPLES = 5
 TEXT_GENERATION_CHECKS = 4  # test prompts re-generated through pipeline("text-generation") for decoder-only models
 
