@@ -184,6 +184,7 @@ def test_fill_mask_pipeline_predicts_what_the_model_does(tiny_bert, tmp_path, on
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     probes, _ = task.probes(tokenizer, TEXTS[:50])
+    assert len({len(tokenizer(p)["input_ids"]) for p in probes}) > 5  # fill() batches them by length, in another order
     predicted = task.fill(model, tokenizer, probes)
     assert len(set(predicted)) > 5
     scores = task.verify(tmp_path, Dataset.from_dict({"text": TEXTS[:50]}))

@@ -165,21 +165,29 @@ class MaskedLMTask(Task):
 
         device, training = next(model.parameters()).device, model.training
         model.eval()
-        predicted = []
-        with torch.no_grad():
-            for i in range(0, len(probes), PROBE_BATCH):
-                enc = tokenizer(probes[i:i + PROBE_BATCH], padding=True, truncation=True, return_tensors="pt")
+        encoded = tokenizer(probes, truncation=True)["input_ids"]
+        order = sorted(range(len(probes)), key=lambda i: len(encoded[i]))  # batches of alike lengths pad little
+        predicted = [0] * len(probes)
+        with torch.inference_mode():
+            for i in range(0, len(order), PROBE_BATCH):
+                rows = order[i:i + PROBE_BATCH]
+                enc = tokenizer.pad({"input_ids": [encoded[j] for j in rows]}, return_tensors="pt")
                 logits = model(**enc.to(device)).logits
-                predicted += logits[enc["input_ids"] == tokenizer.mask_token_id].argmax(-1).tolist()
+                for j, token in zip(rows, logits[enc["input_ids"] == tokenizer.mask_token_id].argmax(-1).tolist()):
+                    predicted[j] = token
         model.train(training)
         return predicted
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         fill = self.load_pipeline(model_dir)
         probes, targets = self.probes(fill.tokenizer, list(raw["text"]))
-        outputs = fill(probes, top_k=1, batch_size=PROBE_BATCH, tokenizer_kwargs={"truncation": True})
+        order = sorted(range(len(probes)), key=lambda i: len(probes[i]))  # batches of alike lengths pad little
+        outputs = fill([probes[i] for i in order], top_k=1, batch_size=PROBE_BATCH, tokenizer_kwargs={"truncation": True})
         outputs = [outputs] if len(probes) == 1 else outputs  # the pipeline unwraps a list of one
-        return {"fill_mask_accuracy": _accuracy([o[0]["token"] for o in outputs], targets),
+        predicted = [0] * len(probes)
+        for i, output in zip(order, outputs):
+            predicted[i] = output[0]["token"]
+        return {"fill_mask_accuracy": _accuracy(predicted, targets),
                 "fill_mask_probes": len(probes)}
 
     def card_section(self) -> str:
