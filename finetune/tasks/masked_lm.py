@@ -41,6 +41,8 @@ class MaskedLMTask(Task):
     report_base_metrics = True
     verify_metric = "fill_mask_accuracy"  # the pipeline scores single-mask probes, not the 80/10/10 test mask
     verify_tolerance = 0.01  # differently padded batches can flip a near-tie top-1 token
+    pipeline_batch_size = PROBE_BATCH
+    pipeline_call = {"top_k": 1, "tokenizer_kwargs": {"truncation": True}}  # the fill-mask check's top-1 token
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -181,12 +183,8 @@ class MaskedLMTask(Task):
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
         fill = self.load_pipeline(model_dir)
         probes, targets = self.probes(fill.tokenizer, list(raw["text"]))
-        order = sorted(range(len(probes)), key=lambda i: len(probes[i]))  # batches of alike lengths pad little
-        outputs = fill([probes[i] for i in order], top_k=1, batch_size=PROBE_BATCH, tokenizer_kwargs={"truncation": True})
-        outputs = [outputs] if len(probes) == 1 else outputs  # the pipeline unwraps a list of one
-        predicted = [0] * len(probes)
-        for i, output in zip(order, outputs):
-            predicted[i] = output[0]["token"]
+        # a window of one probe comes back unwrapped: that probe's top-k list, not a list of them
+        predicted = [(o[0] if isinstance(o, list) else o)["token"] for o in self.run_pipeline(fill, probes)]
         return {"fill_mask_accuracy": _accuracy(predicted, targets),
                 "fill_mask_probes": len(probes)}
 
