@@ -38,6 +38,13 @@ def _start(args, cwd: Path, log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
+def _newest_complete_step(runs_dir: Path) -> int:
+    from finetune.engines import last_checkpoint
+
+    found = [last_checkpoint(run) for run in runs_dir.glob("sentiment/*")]
+    return max((int(c.name.split("-")[1]) for c in found if c), default=0)
+
+
 def _scores(run_dir: Path) -> dict[str, float]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {k: v for k, v in metrics.items() if k.startswith(("validation_", "test_", "pipeline_"))
@@ -58,7 +65,7 @@ def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
     full = _start([*args, "runs_dir=full"], work, work / "full.log")
     killed = _start([*args, "runs_dir=killed"], work, work / "killed.log")
     deadline = time.time() + 400
-    while not list(work.glob("killed/sentiment/*/checkpoints/checkpoint-18/trainer_state.json")):
+    while _newest_complete_step(work / "killed") < 18:
         assert killed.poll() is None, (work / "killed.log").read_text()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
@@ -108,3 +115,16 @@ def test_resume_of_a_run_with_another_config_names_the_difference(tiny_bert, wor
     assert proc.returncode == 2
     assert "had a different config (trainer.learning_rate: 0.01 -> 0.003)" in proc.stderr
     assert run_dir.is_dir()  # a refused resume deletes nothing
+
+
+def test_a_checkpoint_whose_state_file_is_missing_empty_or_cut_short_is_not_resumed_from(tmp_path):
+    from finetune.engines import STATE_FILE, last_checkpoint
+
+    state = json.dumps({"global_step": 6, "log_history": []})
+    for step, text in [(6, state), (12, ""), (18, None), (24, state[:-5])]:  # a kill at three points of a save
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        if text is not None:
+            (tmp_path / "checkpoints" / f"checkpoint-{step}" / STATE_FILE).write_text(text)
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoints" / "checkpoint-6"
+    (tmp_path / "checkpoints" / "checkpoint-6" / STATE_FILE).write_text("")
+    assert last_checkpoint(tmp_path) is None

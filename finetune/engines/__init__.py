@@ -25,6 +25,7 @@ train/samples_per_second, train/epoch, eval/loss, eval/<metric>, ...), MLflow ru
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from importlib import import_module
 from pathlib import Path
@@ -34,7 +35,7 @@ from finetune.errors import FinetuneError
 
 ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: a checkpoint without it is incomplete
+STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: without it (or cut short) a checkpoint is incomplete
 _PRECISIONS = ("auto", "no", "fp16", "bf16")
 TENSORBOARD = "tensorboard"  # event files of the run, beside model/
 TRACKERS = ("tensorboard", "mlflow")
@@ -161,14 +162,22 @@ def accelerate_trackers(report_to, output_dir: Path) -> list:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint under output_dir/checkpoints (a run killed while saving leaves a partial one)."""
+    """The newest complete checkpoint under output_dir/checkpoints (a run killed while saving leaves a partial one:
+    the Trainer writes its state file last, in place, so a kill can leave it missing, empty or cut short)."""
     from transformers.trainer_utils import sort_checkpoints
 
     folder = Path(output_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
-    complete = [Path(p) for p in sort_checkpoints(str(folder)) if (Path(p) / STATE_FILE).is_file()]
+    complete = [Path(p) for p in sort_checkpoints(str(folder)) if _state_is_whole(Path(p) / STATE_FILE)]
     return complete[-1] if complete else None
+
+
+def _state_is_whole(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def without_length(collator: Callable) -> Callable:
