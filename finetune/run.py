@@ -37,6 +37,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     import transformers
 
     from accelerate import PartialState
+    from accelerate.utils import set_seed  # transformers' seeds the same generators, but imports peft (seconds)
 
     start = time.time()
     hub.check(cfg.hub)  # a push that cannot work (no token, bad repo id) must fail now, not after training
@@ -47,7 +48,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         log.warning("accelerate launch started a single process: on a machine without GPUs add --multi_gpu "
                     "(or use torchrun --nproc_per_node N) to train with several")
-    transformers.set_seed(cfg.seed)
+    set_seed(cfg.seed)
     transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
     transformers.utils.logging.enable_propagation()
     if not progress.is_terminal():  # bars are for people at a terminal; a log file gets log lines

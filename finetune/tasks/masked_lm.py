@@ -79,7 +79,7 @@ class MaskedLMTask(Task):
     def collator(self, tokenizer):
         import torch
 
-        return _Collator(self, tokenizer, torch.initial_seed())  # the run's seed (transformers.set_seed set it)
+        return _Collator(self, tokenizer, torch.initial_seed())  # the run's seed (run.py seeded torch with it)
 
     def _mask(self, tokenizer, features: list[dict[str, Any]], seed: int) -> dict[str, Any]:
         """Rows padded and masked by transformers' collator, drawn from `seed`."""
