@@ -27,11 +27,15 @@ def _task_and_model(tiny_bert, *overrides):
     return cfg, task, task.load_model(str(tiny_bert), cfg.model)
 
 
-def test_peft_config_sets_its_learning_rate_and_the_command_line_wins():
-    assert compose_cfg().trainer.learning_rate == pytest.approx(1e-4)
+def test_peft_config_sets_its_learning_rate_and_dropouts_and_the_command_line_wins():
+    cfg = compose_cfg()
+    assert cfg.trainer.learning_rate == pytest.approx(1e-4)
+    assert cfg.model.attention_dropout is None and cfg.model.hidden_dropout is None  # full fine-tuning: the model's
     cfg = compose_cfg("peft=lora")
     assert cfg.peft.method == "lora" and cfg.peft.target_modules == "ffn"
     assert cfg.trainer.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.attention_dropout == 0 and cfg.model.hidden_dropout is None
+    assert compose_cfg("peft=lora", "model.attention_dropout=0.1").model.attention_dropout == pytest.approx(0.1)
     assert compose_cfg("peft=lora", "trainer.learning_rate=3e-4").trainer.learning_rate == pytest.approx(3e-4)
     assert list(compose_cfg("peft=lora", "peft.target_modules=[query,value]").peft.target_modules) == ["query", "value"]
 
