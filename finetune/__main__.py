@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune import checks, resume, sweep
+from finetune import checks, resume, sources, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
 from finetune.engines import check_trainer_config
 from finetune.errors import FinetuneError
@@ -192,6 +192,7 @@ def main() -> None:
             cfg = checks.compose(argv)  # a bad key or value fails here, before anything is written
             debug = cfg.debug
             check_trainer_config(cfg.trainer)
+            sources.check(cfg)  # a missing path or an unreachable model fails in a second, not after the imports
             argv += pin_run_dir(argv, cfg)
         sys.argv[1:] = argv
         if not _is_main_process():

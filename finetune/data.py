@@ -18,8 +18,8 @@ from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
 from finetune import assets
-from finetune.config import did_you_mean
 from finetune.errors import FinetuneError
+from finetune.sources import BUILDERS, SPLITS, check_data_paths, data_error, file_format
 
 if TYPE_CHECKING:
     from finetune.config import DataConfig
@@ -27,21 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                   "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
-_COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
-_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
-
-
-def file_format(path: str | Path) -> str:
-    """The data format of a file, looking through a compression suffix: 'data.csv.bz2' -> '.csv'."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSION:
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
-
-
 def load(cfg: DataConfig, task: Task) -> DatasetDict:
     """Raw splits with canonical columns and encoded labels, held-out splits made, caps applied."""
     raw = _load_source(cfg, task)
@@ -87,6 +74,7 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
             "no data given: pass data=<file, directory or Hub dataset id>, or data.train_file=... "
             f"(the task has no bundled default data){task.data_hint}"
         )
+    check_data_paths(cfg, getattr(task, "file_formats", frozenset()))
     if not files:
         source = assets.resolve(cfg.source)
         path = Path(source).expanduser()
@@ -94,13 +82,8 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
             files = {"train": str(path)}
         elif path.is_dir():
             files = _split_files(path)
-        elif _looks_like_path(source, getattr(task, "file_formats", frozenset())):
-            raise FinetuneError(f"data file or directory not found: {source}; check the path")
         else:
             return _load_hub(source, cfg)
-    for split, f in files.items():
-        if not Path(f).expanduser().is_file():
-            raise FinetuneError(f"data.{split}_file not found: {f}; check the path")
     files = {s: str(Path(f).expanduser()) for s, f in files.items()}
     reader = getattr(task, "read_file", None)  # tasks with their own file formats (CoNLL, SQuAD)
     out = {}
@@ -108,10 +91,6 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
         ds = reader(f) if reader is not None else None
         out[split] = ds if ds is not None else _read_file(f, split)
     return DatasetDict(out)
-
-
-def _looks_like_path(source: str, task_formats: frozenset[str]) -> bool:
-    return assets.looks_like_path(source) or file_format(source) in {*_BUILDERS, *task_formats}
 
 
 def _split_files(directory: Path) -> dict[str, str]:
@@ -132,13 +111,13 @@ def _split_files(directory: Path) -> dict[str, str]:
 
 def _read_file(path: str, split: str) -> Dataset:
     fmt = file_format(path)
-    if fmt not in _BUILDERS:
+    if fmt not in BUILDERS:
         raise FinetuneError(f"cannot read {path}: unknown format '{fmt}'; use csv, tsv, json, jsonl or parquet")
     if Path(path).stat().st_size == 0:
         raise FinetuneError(f"the {split} split is empty: {path} is an empty file; give it data")
     kwargs = {"sep": "\t"} if fmt == ".tsv" else {}
     try:
-        return datasets.load_dataset(_BUILDERS[fmt], data_files={"train": path}, split="train", **kwargs)
+        return datasets.load_dataset(BUILDERS[fmt], data_files={"train": path}, split="train", **kwargs)
     except Exception as e:  # datasets raises many types for a bad file; all mean the same to the user
         if "corresponds to no data" in str(e):
             raise FinetuneError(f"the {split} split is empty: {path} has no rows; give it data") from e
@@ -150,19 +129,14 @@ def _read_file(path: str, split: str) -> Dataset:
 
 def _load_hub(name: str, cfg: DataConfig) -> DatasetDict:
     offline = assets.hub_unreachable()
-    hint = f"{did_you_mean('data', name)}pass data=<config name in configs/data, file, directory or Hub id>"
     before = datasets.config.HF_HUB_OFFLINE
     try:
         # unreachable: datasets' own offline mode reads its cache at once instead of retrying for a minute
         datasets.config.HF_HUB_OFFLINE = before or bool(offline)
         ds = datasets.load_dataset(name, cfg.hub_config)
     except Exception as e:
-        if offline:
-            raise FinetuneError(f"data '{name}' is not a local file or directory and the Hub ({assets.hub_endpoint()}) "
-                                f"is unreachable ({offline}), nor is it in the datasets cache; {hint}") from e
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(f"could not load data '{name}': not a local file or directory, nor a Hub dataset "
-                            f"({reason}); {hint}") from e
+        raise data_error(name, reason, offline) from e
     finally:
         datasets.config.HF_HUB_OFFLINE = before
     renamed = {_SPLIT_ALIASES.get(s.lower(), s): d for s, d in ds.items()}

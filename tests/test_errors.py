@@ -207,14 +207,44 @@ def test_unknown_hub_names_fail_fast_offline(files, tiny_bert, tmp_path, monkeyp
     assets.hub_unreachable.cache_clear()
     start = time.perf_counter()
     message = fail(["model=bert-bse-uncased"], tmp_path, monkeypatch, capfd)
-    assert time.perf_counter() - start < 10  # (the Hub libraries' retries took about a minute)
+    # checked before the libraries load (a process would take ~1 s); the Hub libraries' retries took about a minute
+    assert time.perf_counter() - start < assets.HUB_PROBE_TIMEOUT_S + 2
     assert message.startswith("model 'bert-bse-uncased' is not a local directory and the Hub (https://huggingface.co) "
                               "is unreachable (") and "nor is it in the Hub cache" in message
     start = time.perf_counter()
     message = fail([f"model={tiny_bert}", "data=imdbb", "data.text_column=text"], tmp_path, monkeypatch, capfd)
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < assets.HUB_PROBE_TIMEOUT_S + 2
     assert message.startswith("data 'imdbb' is not a local file or directory and the Hub (https://huggingface.co) is "
                               "unreachable (")
+
+
+def test_hub_names_a_cache_holds_pass_the_early_check(tmp_path, monkeypatch):
+    """Offline, the CLI refuses a Hub name before its imports only when no cache can hold it."""
+    import datasets
+    from huggingface_hub import constants
+
+    from finetune import checks, sources
+    from finetune.config import register_configs
+    from finetune.errors import FinetuneError
+
+    register_configs()
+    assets.hub_unreachable.cache_clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    model, data = ["model=someone/some-model"], ["data=someone/Some-Data", "task=sentiment"]
+    for args, what in ((model, "the Hub cache"), (data, "the datasets cache")):
+        with pytest.raises(FinetuneError, match=f"nor is it in {what}"):
+            sources.check(checks.compose(cli.rewrite_overrides(args)))
+    repo, commit = tmp_path / "hub" / "models--someone--some-model", "0" * 40  # huggingface_hub's cache layout
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (tmp_path / "datasets" / "someone___some_data").mkdir(parents=True)  # datasets' own layout of a cached dataset
+    for args in (model, data):
+        sources.check(checks.compose(cli.rewrite_overrides(args)))
+    assets.hub_unreachable.cache_clear()
 
 
 def test_hub_offline_mode_is_honoured(tmp_path, monkeypatch, capfd):

@@ -17,8 +17,7 @@ from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import assets
-from finetune.config import config_options, did_you_mean
+from finetune import sources
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -243,16 +242,9 @@ def position_limit(model: PreTrainedModel) -> int | None:
 
 def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> Any:
     name = str(model_cfg.name_or_path)
-    local = Path(path).expanduser()
-    offline = None
-    if local.is_file():
-        raise FinetuneError(f"model={name} is a file; pass the checkpoint directory (the one holding config.json)")
-    if not local.is_dir():
-        if assets.looks_like_path(path):
-            raise FinetuneError(f"model directory not found: {name}; check the path")
-        offline = assets.hub_unreachable()
-        if offline:
-            kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
+    offline = sources.hub_offline(name, path)
+    if offline:
+        kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
     if hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
         kwargs.update(dropouts(path, model_cfg, kwargs.get("local_files_only", False)))
     try:
@@ -261,12 +253,7 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
         )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = f"{did_you_mean('model', name)}pass model=<config name in configs/model " \
-               f"({', '.join(config_options('model'))}), local checkpoint directory or Hub id>"
-        if offline:
-            raise FinetuneError(f"model '{name}' is not a local directory and the Hub ({assets.hub_endpoint()}) is "
-                                f"unreachable ({offline}), nor is it in the Hub cache; {hint}") from e
-        raise FinetuneError(f"could not load model '{name}' ({first}); {hint}") from e
+        raise sources.model_error(name, first, offline) from e
 
 
 # the names checkpoints give their dropouts. Attention probabilities: BERT-likes, BART/Llama-likes, GPT-2. Hidden
