@@ -3,21 +3,21 @@
 Each row trains in its own process (forked from one that imported the libraries once, so peak RSS is the
 row's own), on this machine; the bundled MiniLM on the bundled Rotten Tomatoes training split unless it says.
 Rows train --steps optimizer steps of --batch-size unless they set their own (short: speed figures; the whole
-bench took 8 minutes on a 2-core CPU):
+bench took 7 min 50 s on a 2-core CPU):
 
   default     the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   accelerate  the same setup on the plain accelerate loop (trainer=accelerate)
-  run_glue    a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches; 10 steps
+  run_glue    a baseline configured like HF run_glue.py defaults: pad to max_length 128, random batches; 6 steps
   lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
   ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent); 40 steps
   qa          task=qa on SQuAD v1.1 articles, 256-token windows (../shared/data, as ner); 10 steps
   mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity); 30 steps
-  generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 4 x 512-token blocks a step,
+  generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 2 x 512-token blocks a step,
               3 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
   generation_lora  the same with peft=lora
   translation task=translation: SmolLM2 fine-tuned on Multi30k en->de (../shared/data), 8 sentence pairs a step,
-              6 steps; BLEU and new tokens/s of batched greedy generation on 32 held-out sentences
-  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 4 pairs a step, 4 steps;
+              6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
+  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step, 4 steps;
               ROUGE-L and generation speed on 8 held-out abstracts
 
 and prints samples/s, peak RSS, the test metric after those steps (comparable between rows of the same steps
@@ -57,7 +57,7 @@ SQUAD = "{shared}/squad_v1.1/train.json"
 MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
 
-_GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
+_GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
         "task.eval_prompts=8"]
 _S2S = ["trainer.gradient_accumulation_steps=1", "data.max_train_samples=512", "data.max_eval_samples=16"]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
@@ -65,24 +65,24 @@ EXPORTED = ("default",)  # rows that also export and re-score through the pipeli
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
     "accelerate": (["trainer=accelerate"], None, "dynamic padding, length-grouped (trainer=accelerate)"),
-    "run_glue": (["trainer.group_by_length=false", "trainer.max_steps=10", "data.max_test_samples=300"], 128,
-                 "pad to 128, random order (HF run_glue.py defaults), 10 steps, 300 test sentences"),
+    "run_glue": (["trainer.group_by_length=false", "trainer.max_steps=6", "data.max_test_samples=300"], 128,
+                 "pad to 128, random order (HF run_glue.py defaults), 6 steps, 300 test sentences"),
     "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
     "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll",
              "trainer.max_steps=40"], None, "task=ner, WNUT-17 train / emerging.dev as test, 40 steps"),
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
-            "task.doc_stride=64", "data.max_test_samples=300", "trainer.max_steps=10"],
+            "task.doc_stride=64", "data.max_train_samples=2000", "data.max_test_samples=300", "trainer.max_steps=10"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions, 10 steps"),
     "mlm": (["task=mlm", "trainer.max_steps=30", "data.max_test_samples=500"], None,
             "task=mlm, 15% of tokens masked, length-grouped, 500 test snippets, 30 steps"),
-    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 4 x 512 tokens, 3 steps"),
+    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 2 x 512 tokens, 3 steps"),
     "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
     "translation": (["task=translation", f"data.source={MULTI30K}", *_S2S, "trainer.max_steps=6",
-                     "trainer.per_device_train_batch_size=8", "data.max_test_samples=32"],
-                    None, "task=translation, SmolLM2 on Multi30k en->de, 8 pairs, 6 steps, 32 test sentences"),
+                     "trainer.per_device_train_batch_size=8", "data.max_test_samples=16"],
+                    None, "task=translation, SmolLM2 on Multi30k en->de, 8 pairs, 6 steps, 16 test sentences"),
     "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=4",
-                       "trainer.per_device_train_batch_size=4", "data.max_test_samples=8"],
-                      None, "task=summarization, SmolLM2 on SciTLDR, 4 pairs, 4 steps, 8 test abstracts"),
+                       "trainer.per_device_train_batch_size=2", "data.max_test_samples=8"],
+                      None, "task=summarization, SmolLM2 on SciTLDR, 2 pairs, 4 steps, 8 test abstracts"),
 }
 
 
@@ -238,7 +238,7 @@ def _in_child(log: str, fn, *args):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of rows without their own (80)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of rows without their own (60)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS), help="rows (one may repeat)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         export_s = "-" if r["export_verify_s"] is None else f"{r['export_verify_s']:.1f}"
-        print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
+        print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.3g} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
               f"{r['model_flops_per_s'] / r['peak']:.1%} | {r['eval_samples_per_s']:.1f} "
               f"({r['eval_tokens_per_s'] / r['real_tokens_per_s']:.1f}x) | {export_s} | {gen} | "
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is
         rates = [r["samples_per_s"] for r in results if r["row"] == name]
         if len(rates) > 1:
-            print(f"{name} x{len(rates)}: samples/s {' / '.join(f'{x:.1f}' for x in rates)}, spread "
+            print(f"{name} x{len(rates)}: samples/s {' / '.join(f'{x:.3g}' for x in rates)}, spread "
                   f"{(max(rates) - min(rates)) / (sum(rates) / len(rates)):.1%} of the mean")
     base = {r["row"]: r for r in results}
     for row, reference in (("default", "run_glue"), ("accelerate", "default"), ("lora", "default")):
