@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                   "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
+
+
 def load(cfg: DataConfig, task: Task) -> DatasetDict:
     """Raw splits with canonical columns and encoded labels, held-out splits made, caps applied."""
     raw = _load_source(cfg, task)

@@ -1,6 +1,6 @@
 """Where model= and data= point -- a local path, a bundled asset or a Hub id -- and the mistakes that can be told
-without loading any library: a path that is not there, a model Hub id that cannot load because the Hub is unreachable
-and its cache does not hold it. The command line checks these before the imports that take seconds (check());
+without loading any library: a path that is not there, a Hub id that cannot load because the Hub is unreachable and no
+cache holds it. The command line checks these before the imports that take seconds (check());
 the loaders check them again, for the other commands and for what only the task knows (its own file formats).
 """
 
