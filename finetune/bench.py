@@ -71,7 +71,7 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll",
              "trainer.max_steps=40"], None, "task=ner, WNUT-17 train / emerging.dev as test, 40 steps"),
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
-            "task.doc_stride=64", "data.max_train_samples=2000", "data.max_test_samples=300", "trainer.max_steps=10"],
+            "task.doc_stride=64", "data.max_test_samples=300", "trainer.max_steps=10"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions, 10 steps"),
     "mlm": (["task=mlm", "trainer.max_steps=30", "data.max_test_samples=500"], None,
             "task=mlm, 15% of tokens masked, length-grouped, 500 test snippets, 30 steps"),
