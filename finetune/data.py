@@ -19,7 +19,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from finetune import assets
 from finetune.errors import FinetuneError
-from finetune.sources import BUILDERS, SPLITS, check_data_paths, data_error, file_format
+from finetune.sources import BUILDERS, SPLITS, data_error, data_hub_id, file_format
 
 if TYPE_CHECKING:
     from finetune.config import DataConfig
@@ -76,16 +76,12 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
             "no data given: pass data=<file, directory or Hub dataset id>, or data.train_file=... "
             f"(the task has no bundled default data){task.data_hint}"
         )
-    check_data_paths(cfg, getattr(task, "file_formats", frozenset()))
+    dataset = data_hub_id(cfg, getattr(task, "file_formats", frozenset()))
+    if dataset:
+        return _load_hub(dataset, cfg)
     if not files:
-        source = assets.resolve(cfg.source)
-        path = Path(source).expanduser()
-        if path.is_file():
-            files = {"train": str(path)}
-        elif path.is_dir():
-            files = _split_files(path)
-        else:
-            return _load_hub(source, cfg)
+        path = Path(assets.resolve(cfg.source)).expanduser()
+        files = {"train": str(path)} if path.is_file() else _split_files(path)
     files = {s: str(Path(f).expanduser()) for s, f in files.items()}
     reader = getattr(task, "read_file", None)  # tasks with their own file formats (CoNLL, SQuAD)
     out = {}

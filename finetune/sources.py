@@ -29,19 +29,21 @@ def file_format(path: str | Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def check_data_paths(data: DictConfig, task_formats: frozenset[str] = frozenset(), fetch: bool = True) -> None:
-    """data.*_file must be files; a data.source that names a file (a path, or a data file's suffix) must exist
-    (a bundled one is fetched to be checked, unless fetch=False)."""
+def data_hub_id(data: DictConfig, task_formats: frozenset[str] = frozenset(), fetch: bool = True) -> str | None:
+    """The Hub dataset id data= names, or None for local files. data.*_file must be files; a data.source that names
+    a file (a path, or a data file's suffix) must exist (a bundled one is fetched to be checked, unless fetch=False)."""
     files = {s: getattr(data, f"{s}_file") for s in SPLITS if getattr(data, f"{s}_file")}
     for split, f in files.items():
         if not Path(f).expanduser().is_file():
             raise FinetuneError(f"data.{split}_file not found: {f}; check the path")
     if files or not data.source or (assets.is_bundled(data.source) and not fetch):
-        return
+        return None
     source = assets.resolve(data.source)
-    if not Path(source).expanduser().exists() and (
-            assets.looks_like_path(source) or file_format(source) in {*BUILDERS, *task_formats}):
+    if Path(source).expanduser().is_file() or Path(source).expanduser().is_dir():
+        return None
+    if assets.looks_like_path(source) or file_format(source) in {*BUILDERS, *task_formats}:
         raise FinetuneError(f"data file or directory not found: {source}; check the path")
+    return source
 
 
 def hub_offline(name: str, path: str) -> str | None:
@@ -105,9 +107,7 @@ def check(cfg: DictConfig) -> None:
         offline = hub_offline(name, name)
         if offline and not _in_hub_cache(name, cfg.model.revision):
             raise model_error(name, "", offline)
-    check_data_paths(cfg.data, fetch=False)
-    source, files = cfg.data.source, [getattr(cfg.data, f"{s}_file") for s in SPLITS]
-    if source and not any(files) and not assets.is_bundled(source) and not Path(source).expanduser().exists():
-        offline = assets.hub_unreachable()  # a Hub dataset id: check_data_paths refused whatever looks like a path
-        if offline and not _dataset_cached(source):
-            raise data_error(source, "", offline)
+    dataset = data_hub_id(cfg.data, fetch=False)
+    offline = assets.hub_unreachable() if dataset else None
+    if offline and not _dataset_cached(dataset):
+        raise data_error(dataset, "", offline)
