@@ -106,8 +106,8 @@ class MaskedLMTask(Task):
                                 "slow one; use a checkpoint with a tokenizer.json")
         return tokenizer
 
-    def load_model(self, path: str, model_cfg):
-        model, info = _load(self.auto_model, path, model_cfg, output_loading_info=True)
+    def load_model(self, path: str, model_cfg, dtype: str = "float32"):
+        model, info = _load(self.auto_model, path, model_cfg, output_loading_info=True, dtype=dtype)
         self.new_weights = sorted(info["missing_keys"])
         if self.new_weights:
             log.warning("newly initialized (not in the checkpoint, trained from scratch in this run): %s",
