@@ -112,14 +112,15 @@ SHAPES = {"mem_360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_l
 SQUARE = (2048, 2048, 2048)
 
 
-def matmul_peak_flops(shapes=(SQUARE,), repeats: int = 5, seconds: float = 0.2) -> dict[tuple, float]:
-    """fp32 FLOP/s of x (m x k) @ w (k x n) for each shape: the best of `repeats` timings of about `seconds` each (a
-    shared machine's slow moments and the thread pool's start do not count)."""
+def matmul_peak_flops(shapes=(SQUARE,), dtype: str = "float32", repeats: int = 5,
+                      seconds: float = 0.2) -> dict[tuple, float]:
+    """FLOP/s of x (m x k) @ w (k x n) in `dtype` for each shape: the best of `repeats` timings of about `seconds` each
+    (a shared machine's slow moments and the thread pool's start do not count)."""
     import torch
 
     rates = {}
     for m, k, n in shapes:
-        x, w = torch.randn(m, k), torch.randn(k, n)
+        x, w = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
         x @ w
         start, calls = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / 4:  # calls per timing
@@ -342,13 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         row_seconds = time.perf_counter() - row_start
         # the row's MFU is against the best rate of the matmuls it runs (and the square one), measured right after it
-        rates = _in_child(log, matmul_peak_flops, [SQUARE, *result["matmul_shapes"]])
+        rates = _in_child(log, matmul_peak_flops, [SQUARE, *result["matmul_shapes"]], result["dtype"])
         best = max(rates, key=rates.get)
         peaks.append(rates[best])
         print(f"  {result['flops_per_token'] / 1e6:.1f} MFLOP a token x {result['real_tokens_per_s']:.0f} tokens/s = "
               f"{result['model_flops_per_s'] / 1e9:.1f} GFLOP/s; matmul probe after it: best "
               f"{rates[best] / 1e9:.1f} GFLOP/s at {' x '.join(map(str, best))} (m x k x n), "
-              f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes", flush=True)
+              f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes in {result['dtype']}", flush=True)
         results.append({**result, "row_seconds": row_seconds, "peak": rates[best]})
 
     print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
