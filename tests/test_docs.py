@@ -252,6 +252,7 @@ def _check_subcommand(sub: str, args: list[str]) -> str | None:
         raise _Parsed(parser)
 
     patches = [mock.patch.object(argparse.ArgumentParser, name, stop) for name in ("parse_args", "parse_intermixed_args")]
+    patches.append(mock.patch("logging.basicConfig"))  # predict sets up logging before it parses
     if sub == "predict":  # its flags for input columns come from the model's task: the one the command names
         patches.append(mock.patch.object(module, "_task_of", lambda model: _task_for(task, model)))
     for p in patches:
