@@ -60,7 +60,7 @@ SCITLDR = "{shared}/scitldr"
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
         "task.eval_prompts=8"]
 _S2S = ["trainer.gradient_accumulation_steps=1", "data.max_train_samples=512", "data.max_eval_samples=16"]
-_MEM = ["task=generation", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=3"]
+_MEM = ["task=generation", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
 _BIG = ["trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
@@ -88,14 +88,14 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
                       None, "task=summarization, SmolLM2 on SciTLDR, 2 pairs, 4 steps, 8 test abstracts"),
     # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
     "mem_135m": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
-                 "SmolLM2-135M full fine-tuning, 4 x 512 tokens (the task's micro-batch), 3 steps"),
+                 "SmolLM2-135M full fine-tuning, 4 x 512 tokens (the task's micro-batch), 2 steps"),
     "mem_135m_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", _CKPT], None, "the same, gradient checkpointing"),
     "mem_135m_lora": ([*_MEM, "trainer.per_device_train_batch_size=4", "peft=lora"], None,
-                      "SmolLM2-135M LoRA on its fp32 weights, 4 x 512 tokens, 3 steps"),
+                      "SmolLM2-135M LoRA on its fp32 weights, 4 x 512 tokens, 2 steps"),
     "mem_135m_lora_bf16": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16], None,
-                           "SmolLM2-135M LoRA on a bf16 base, 4 x 512 tokens, 3 steps"),
+                           "SmolLM2-135M LoRA on a bf16 base, 4 x 512 tokens, 2 steps"),
     "mem_135m_lora_bf16_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16, _CKPT], None,
-                                "SmolLM2-135M LoRA on a bf16 base, gradient checkpointing, 4 x 512 tokens, 3 steps"),
+                                "SmolLM2-135M LoRA on a bf16 base, gradient checkpointing, 4 x 512 tokens, 2 steps"),
     "mem_360m": ([*_MEM, *_BIG], None, "360M shape (random weights), full fine-tuning, 1 x 512 tokens, 2 steps"),
     "mem_360m_ckpt": ([*_MEM, *_BIG, _CKPT], None, "the same, gradient checkpointing"),
     "mem_1.7b_lora_bf16_ckpt": ([*_MEM, *_BIG, *_LORA_BF16, _CKPT], None,
