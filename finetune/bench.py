@@ -19,6 +19,11 @@ bench took 7 min 50 s on a 2-core CPU):
               6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
   summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step, 4 steps;
               ROUGE-L and generation speed on 8 held-out abstracts
+  mem_*       memory rows: task=generation on Hamlet's 512-token blocks, 2 steps, training only (no evaluation): peak
+              memory, the memory once the model is loaded, bytes per parameter (in total and above the loaded model)
+              and tokens/s. SmolLM2-135M at the task's 4 x 512-token micro-batch: full fine-tuning (mem_135m), with
+              gradient checkpointing (_ckpt), LoRA on its fp32 weights (_lora), on a bf16 base (_lora_bf16, and with
+              checkpointing); SmolLM2-360M's and SmolLM2-1.7B's shapes with random weights (no download) at 1 x 512
 
 and prints samples/s, peak RSS, the test metric after those steps (comparable between rows of the same steps
 only: rows this short are speed figures, not trained models), and model-FLOPs utilisation (MFU):
@@ -26,8 +31,11 @@ only: rows this short are speed figures, not trained models), and model-FLOPs ut
 even when its weights are the input embeddings) x real (non-pad) tokens per second of the batches trained (the
 engines' training order replayed: length-grouped batches come longest first) -- 6N for full fine-tuning, about 4N
 for LoRA, which computes no gradients for frozen weights -- plus attention's matmuls, 12 x layers x width x T^2 for
-a sequence of T real tokens (as PaLM's MFU), over the fp32 matmul peak measured just before and just after the row
-(their mean: the speed of this kind of machine drifts by 15% within minutes).
+a sequence of T real tokens (as PaLM's MFU), over the best matmul rate measured right after the row on the shapes
+the row runs (each linear layer's forward, input-gradient and weight-gradient matmuls at the row's tokens a
+micro-batch, and 2048 x 2048 x 2048), in the dtype of its weights, each the best of 5 timings: the speed of this
+kind of machine drifts by 15% within minutes. Each row prints its FLOPs a token, its tokens/s and the probe's best
+shape, so the division can be redone.
 Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
