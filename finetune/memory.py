@@ -35,6 +35,9 @@ def model_dtype(cfg) -> str:
 
     check_dtype(cfg.model.dtype)
     name = cfg.model.dtype
+    if name == "float16" and cfg.peft.method == "none" and cfg.trainer.mixed_precision == "fp16":
+        raise FinetuneError("trainer.mixed_precision=fp16 scales float32 master weights' gradients: with full "
+                            "fine-tuning use model.dtype=auto (float32), or trainer.mixed_precision=no for pure fp16")
     if name == "auto":
         gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         name = "bfloat16" if cfg.peft.method == "lora" and gpu_bf16 else "float32"

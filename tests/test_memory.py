@@ -58,6 +58,9 @@ def test_full_fine_tuning_in_16_bits_is_warned(tiny_llama, caplog):
 def test_bad_dtype_is_a_one_line_error(tmp_path, monkeypatch, capfd):
     message = fail(["model.dtype=bf16"], tmp_path, monkeypatch, capfd)
     assert message == "model.dtype must be one of auto, float32, bfloat16, float16 (got 'bf16')"
+    cfg = compose_cfg("model.dtype=float16", "trainer.mixed_precision=fp16")  # (GradScaler refuses fp16 weights)
+    with pytest.raises(FinetuneError, match="with full fine-tuning use model.dtype=auto"):
+        memory.model_dtype(cfg)
 
 
 def test_lora_merge_on_a_bf16_base_is_done_in_fp32_then_cast(tiny_llama):
