@@ -276,7 +276,8 @@ def _flops_per_token(model) -> float:
         lookup -= {id(head.weight)}
     weights = [(p, n) for n, p in model.named_parameters() if id(p) not in lookup and "lora_" not in n]
     params = sum(p.numel() for p, _ in weights)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "embed" not in n)
+    # trained weights that multiply (a tied LM head trained in full included), and the adapters'
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in lookup)
     return (4 + 2 * min(trainable / params, 1)) * params
 
 
