@@ -58,6 +58,8 @@ import time
 import traceback
 from pathlib import Path
 
+from finetune.flops import SQUARE, flops_per_token, matmul_peak_flops, matmul_shapes
+
 # public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 WNUT = "{shared}/wnut17"
@@ -117,44 +119,6 @@ SHAPES = {"mem_360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_l
                            num_key_value_heads=32)}
 
 
-SQUARE = (2048, 2048, 2048)
-
-
-def matmul_peak_flops(shapes=(SQUARE,), dtype: str = "float32", repeats: int = 5,
-                      seconds: float = 0.2) -> dict[tuple, float]:
-    """FLOP/s of x (m x k) @ w (k x n) in `dtype` for each shape: the best of `repeats` timings of about `seconds` each
-    (a shared machine's slow moments and the thread pool's start do not count)."""
-    import torch
-
-    rates = {}
-    for m, k, n in shapes:
-        x, w = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
-        x @ w
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds / 4:  # calls per timing
-            x @ w
-            calls += 1
-        calls = max(1, calls * 4)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(calls):
-                x @ w
-            best = min(best, time.perf_counter() - start)
-        rates[(m, k, n)] = 2 * m * k * n * calls / best
-    return rates
-
-
-def _matmul_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
-    """The matmuls of the model's linear layers at `tokens` tokens a micro-batch: forward (tokens x in @ in x out),
-    input gradient (tokens x out @ out x in) and weight gradient (out x tokens @ tokens x in)."""
-    import torch
-
-    layers = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    return sorted({shape for i, o in layers if min(i, o) > 64  # (not LoRA's rank-16 factors)
-                   for shape in ((tokens, i, o), (tokens, o, i), (o, tokens, i))})
-
-
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
     from transformers import set_seed
@@ -195,7 +159,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     else:
         base = task.load_model(path, cfg.model, dtype)
     model = adapters.wrap(base, cfg.peft, task)
-    flops_per_token = _flops_per_token(model)
+    dense_flops = flops_per_token(model)
     only_training = name.startswith("mem_")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,9 +196,9 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "eval_tokens_per_s": metrics.get("test_samples_per_second", 0) * _mean(features["test"]["length"]),
         "export_verify_s": export_seconds,
         "real_tokens_per_s": tokens / seconds,
-        "flops_per_token": flops_per_token + attention_flops / tokens,  # dense (6N-style) + attention's share
-        "model_flops_per_s": (flops_per_token * tokens + attention_flops) / seconds,
-        "matmul_shapes": _matmul_shapes(model, round(per_step / t.gradient_accumulation_steps * tokens / samples)),
+        "flops_per_token": dense_flops + attention_flops / tokens,  # dense (6N-style) + attention's share
+        "model_flops_per_s": (dense_flops * tokens + attention_flops) / seconds,
+        "matmul_shapes": matmul_shapes(model, round(per_step / t.gradient_accumulation_steps * tokens / samples)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_mb": peak_mb, "loaded_mb": loaded_mb, "params": params, "dtype": dtype,
         "metric": task.main_metric,
@@ -264,21 +228,6 @@ def _trained_lengths(train, per_step: int, steps: int, seed: int, group_by_lengt
         epoch += 1
     lengths = list(train["length"])
     return [lengths[i] for batch in batches[1:steps] for i in batch]
-
-
-def _flops_per_token(model) -> float:
-    """(4 + 2 x trainable fraction) x N: forward 2N, input gradients 2N, weight gradients 2N of the trained part.
-    N counts the weights that multiply: not the input embedding table (a lookup), unless the LM head shares it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lookup = {id(p) for n, p in base.named_parameters() if "embed" in n}
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is not None:
-        lookup -= {id(head.weight)}
-    weights = [(p, n) for n, p in model.named_parameters() if id(p) not in lookup and "lora_" not in n]
-    params = sum(p.numel() for p, _ in weights)
-    # trained weights that multiply (a tied LM head trained in full included), and the adapters'
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in lookup)
-    return (4 + 2 * min(trainable / params, 1)) * params
 
 
 def _in_child(log: str, fn, *args):
