@@ -99,7 +99,8 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
     "mem_135m": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
                  "SmolLM2-135M full fine-tuning, 4 x 512 tokens (the task's micro-batch), 2 steps"),
-    "mem_135m_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", _CKPT], None, "the same, gradient checkpointing"),
+    "mem_135m_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", _CKPT], None,
+                      "the same, gradient checkpointing"),
     "mem_135m_lora": ([*_MEM, "trainer.per_device_train_batch_size=4", "peft=lora"], None,
                       "SmolLM2-135M LoRA on its fp32 weights, 4 x 512 tokens, 2 steps"),
     "mem_135m_lora_bf16": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16], None,

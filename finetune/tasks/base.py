@@ -110,7 +110,8 @@ class Task:
         if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
             raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
                                 "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
-        model = _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, dtype=dtype, **self.model_kwargs())
+        model = _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, dtype=dtype,
+                      **self.model_kwargs())
         limit = position_limit(model)
         if limit is not None and self.max_length > limit:
             raise FinetuneError(f"{self.max_length_key}={self.max_length} is more than the {limit} positions "
