@@ -19,8 +19,9 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[str] = WORDS):
-    """A tiny random decoder with a word-level tokenizer (words, newline, ChatML specials)."""
+def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[str] = WORDS, max_length: int | None = None):
+    """A tiny random decoder with a word-level tokenizer (words, newline, ChatML specials); max_length: the
+    tokenizer's declared model_max_length (none by default)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -32,7 +33,8 @@ def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[st
                                                  pre_tokenizers.WhitespaceSplit()])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                        bos_token="<|im_start|>", pad_token="<|im_end|>")
+                                        bos_token="<|im_start|>", pad_token="<|im_end|>",
+                                        **({"model_max_length": max_length} if max_length else {}))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     if chat:
         tokenizer.chat_template = CHATML
