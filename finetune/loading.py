@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any, Iterable, Iterator
 
-log = logging.getLogger("finetune")
+log = logging.getLogger("finetune.load")
 _REPORTER = "transformers.modeling_utils"  # where transformers' log_state_dict_report writes
 
 

@@ -36,7 +36,7 @@ def test_run_directory_layout(finished_run):
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in model)
     assert (finished_run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     log = (finished_run / "finetune.log").read_text()
-    assert "[finetune][INFO] - new classification head: 2 labels (classifier)" in log
+    assert "[finetune.load][INFO] - new classification head: 2 labels (classifier)" in log
     assert "LOAD REPORT" not in log and "\x1b[" not in log  # not transformers' table with colour codes
 
 

@@ -44,8 +44,8 @@ def test_a_new_head_is_one_plain_info_line(tiny_bert, logs):
     load(tiny_bert, "task=ner", labels=("O", "B-PER", "I-PER"))
     records = [r for r in lines(logs) if "Loading weights" not in r[2]]
     assert records == [
-        ("finetune", logging.INFO, "new classification head: 2 labels (classifier)"),
-        ("finetune", logging.INFO, "new token-classification head: 3 labels (classifier); "
+        ("finetune.load", logging.INFO, "new classification head: 2 labels (classifier)"),
+        ("finetune.load", logging.INFO, "new token-classification head: 3 labels (classifier); "
                                    "not used from the checkpoint: pooler.dense"),  # the token head has no pooler
     ], records
 
@@ -58,7 +58,7 @@ def test_a_head_of_another_shape_is_a_warning(tiny_bert, tmp_path, logs):
     load(three, "task=sentiment")
     assert [r for r in lines(logs) if r[1] >= logging.WARNING  # (transformers' config warns of the label count first)
             and r[0] != "transformers.configuration_utils"] == [
-        ("finetune", logging.WARNING, "new classification head: 2 labels (classifier); another shape in the "
+        ("finetune.load", logging.WARNING, "new classification head: 2 labels (classifier); another shape in the "
                                       "checkpoint, initialized new: classifier.bias (3,) -> (2,), classifier.weight "
                                       "(3, 32) -> (2, 32)")]
 
@@ -72,7 +72,7 @@ def test_missing_body_weight_is_a_warning(tiny_bert, tmp_path, logs):
     save_file(weights, holed / "model.safetensors", metadata={"format": "pt"})
     load(holed, "task=sentiment")
     assert [r for r in lines(logs) if r[1] >= logging.WARNING] == [
-        ("finetune", logging.WARNING, "new classification head: 2 labels (classifier); not in the checkpoint, "
+        ("finetune.load", logging.WARNING, "new classification head: 2 labels (classifier); not in the checkpoint, "
                                       "initialized new and trained: bert.encoder.layer.1.output.dense")]
 
 

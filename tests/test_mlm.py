@@ -218,7 +218,7 @@ def test_cli_run_reports_base_and_fine_tuned_and_verifies_the_pipeline(cli_run):
     assert "pipeline_tag: fill-mask" in card and "`cls.predictions.transform.dense.weight`" in card
     assert "| base_test_perplexity |" in card and "preparation_time" not in card
     log = (cli_run / "finetune.log").read_text()
-    assert "[finetune][WARNING] - not in the checkpoint, initialized new and trained: cls.predictions, " in log
+    assert "[finetune.load][WARNING] - not in the checkpoint, initialized new and trained: cls.predictions, " in log
     assert "LOAD REPORT" not in log and "\x1b[" not in log  # one plain line, not transformers' table
 
 
