@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, make_sentences, run_cli
 from finetune import __main__ as cli
 from finetune import assets
+from helpers import fail
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SENTIMENT = ["data.text_column=review", "data.label_column=sentiment"]
@@ -58,23 +59,6 @@ def files(tmp_path_factory) -> Path:
     v2 = [*qa, {"question": "when?", "context": context, "answers": {"text": [], "answer_start": []}}]
     (d / "qa_v2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in v2))
     return d
-
-
-def fail(args, tmp_path: Path, monkeypatch, capfd) -> str:
-    """Run the CLI in this process from an empty directory; check exit code 2, one error line and an empty
-    runs/ (or none); return the message."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["finetune", *args])
-    monkeypatch.setattr(sys, "stderr", sys.stderr)  # the CLI re-points sys.stderr: restore it after the test
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    err = capfd.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exit_.value.code == 2, err[-3000:]
-    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    runs = tmp_path / "runs"
-    assert not runs.exists() or not any(runs.rglob("*")), list(runs.rglob("*"))
-    return errors[0][len("error: "):]
 
 
 # --- config values and keys: rejected before anything is written (no model, no data read) -----------

@@ -60,6 +60,7 @@ class CausalLMTask(Task):
         self._greedy: list[tuple[Any, list[int]]] = []  # (prompt, trainer-side greedy token ids) for verify
 
     max_length_key = "task.block_size"
+    truncates_like_training = False  # task.block_size is how text is cut for training, not a limit of the model
 
     @property
     def max_length(self) -> int:

@@ -24,7 +24,7 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, 
 
 from finetune.errors import FinetuneError
 from finetune.metrics import masked_lm_metrics
-from finetune.tasks.base import MetricsFn, Task, _load
+from finetune.tasks.base import MetricsFn, Task, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,8 @@ class MaskedLMTask(Task):
         return tokenizer
 
     def load_model(self, path: str, model_cfg):
-        model, info = _load(self.auto_model, path, model_cfg, output_loading_info=True)
+        model, info = load_pretrained(self.auto_model, path, model_cfg, None)  # a new masked-LM head is news
         self.new_weights = sorted(info["missing_keys"])
-        if self.new_weights:
-            log.warning("newly initialized (not in the checkpoint, trained from scratch in this run): %s",
-                        ", ".join(self.new_weights))
         return model
 
     # --- evaluation and export ----------------------------------------------------------------
