@@ -158,10 +158,10 @@ def _reproduces_logits(model, head, head_fn: Callable) -> bool:
     """Whether head_fn(the output layer's input) is the model's logits, on 8 tokens (a model that rescales or caps
     its logits after the output layer, e.g. Gemma's soft-capping, is not)."""
     device = next(model.parameters()).device
-    ids = (torch.arange(8, device=device) % model.get_input_embeddings().num_embeddings).unsqueeze(0)
+    ids = (torch.arange(8, device=device) % getattr(model.get_input_embeddings(), "num_embeddings", 8)).unsqueeze(0)
     inputs = {"input_ids": ids, "decoder_input_ids": ids} if model.config.is_encoder_decoder else {"input_ids": ids}
     seen = []
-    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    handle = head.register_forward_pre_hook(lambda module, args: seen.extend(args[:1]))
     training = model.training
     model.eval()
     try:
