@@ -73,6 +73,7 @@ CONFIG_CASES = [
     (["trainer.warmup_ratio=1.5"], "trainer.warmup_ratio must be at least 0 and below 1 (got 1.5)"),
     (["trainer.logging_steps=0"], "trainer.logging_steps must be at least 1 (got 0)"),
     (["trainer.weight_decay=-0.1"], "trainer.weight_decay must be at least 0 (got -0.1)"),
+    (["trainer.lm_loss_chunk_size=-1"], "trainer.lm_loss_chunk_size must be a number of tokens, or 0 for the model's"),
     (["trainer.mixed_precision=fp8"], "trainer.mixed_precision must be auto, no, fp16 or bf16 (got 'fp8')"),
     (["trainer.engine=torch"], "unknown trainer.engine 'torch': choose one of accelerate, hf"),
     (["trainer.eval_strategy=steps"], "trainer.eval_strategy=steps needs trainer.eval_steps=<positive"),

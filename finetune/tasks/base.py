@@ -58,6 +58,9 @@ class Task:
     pipeline_options: ClassVar[dict[str, Any]] = {}
     pipeline_call: ClassVar[dict[str, Any]] = {}
     pipeline_batch_size: ClassVar[int] = 64
+    # a head predicting over a vocabulary (trained with finetune/lm_loss.py): where a label is predicted from, 1 = the
+    # position before it (causal LMs), 0 = its own (MLM, encoder-decoders); None: no such head
+    label_shift: ClassVar[int | None] = None
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -36,7 +36,7 @@ from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
 from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, load_pretrained, position_limit
-from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity
+from finetune.tasks.causal_lm import CausalLMTask, lm_sums, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ class Seq2SeqTask(Task):
     @property
     def decoder_only(self) -> bool:
         return self.family == "decoder_only"
+
+    @property
+    def label_shift(self) -> int:
+        return 1 if self.decoder_only else 0  # an encoder-decoder's decoder predicts label t at position t
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
@@ -275,9 +279,7 @@ class Seq2SeqTask(Task):
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
         """Per example: the summed NLL of the reference tokens and their number (not vocab x tokens logits)."""
-        if self.decoder_only:
-            return self.lm.preprocess_logits(logits, labels)
-        return nll_sums(logits[0] if isinstance(logits, tuple) else logits, labels)
+        return lm_sums(logits, labels, self.label_shift)
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:  # the references' perplexity under the model (teacher forcing)
