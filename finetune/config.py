@@ -190,6 +190,10 @@ class TrainerConfig:
     # memory, more compute (docs/memory.md)
     gradient_checkpointing: bool = False
     fsdp: bool = False  # FSDP2 over a launch's CPU processes (trainer=accelerate); GPUs: configs/accelerate/fsdp.yaml
+    # language-model heads (generation, translation, summarization, mlm): the output layer + cross-entropy run on this
+    # many labelled tokens at a time (finetune/lm_loss.py), so the tokens x vocabulary logits never exist whole;
+    # 0: the model's own loss. 512: SmolLM2's loss at 4 x 512 tokens peaks 517 MB above its input, not 1,153 (1024: 801)
+    lm_loss_chunk_size: int = 512
 
 
 @dataclass

@@ -130,15 +130,14 @@ def _whole_model(engine, build, main: bool):
         return engine.model
     if not main:
         return None
-    import transformers
-
     log.info("gathered the sharded model's %d tensors; exporting them from an unsharded copy", len(state_dict))
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the copy's load report ("newly initialized head") is no news
+    load_line = logging.getLogger("finetune.load")
+    level = load_line.level
+    load_line.setLevel(logging.ERROR)  # the copy's load line ("new classification head") is no news
     try:
         model = build()
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        load_line.setLevel(level)
     model.load_state_dict(state_dict)  # strict: every tensor of the copy comes from the trained model
     return model
 

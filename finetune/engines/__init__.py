@@ -46,6 +46,10 @@ def make_engine(cfg, task, model, tokenizer, features, output_dir):
     _check_scheduler(cfg.trainer.lr_scheduler_type)
     check_fsdp(cfg.trainer)
     check_checkpointing(cfg.trainer, model)
+    if task.label_shift is not None and cfg.trainer.lm_loss_chunk_size:  # a head over a vocabulary
+        from finetune import lm_loss
+
+        lm_loss.attach(model, task.label_shift, cfg.trainer.lm_loss_chunk_size)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
 
@@ -81,6 +85,9 @@ def check_trainer_config(t) -> None:
     if t.early_stopping_patience and t.eval_strategy == "no":
         raise FinetuneError("trainer.early_stopping_patience counts evaluations: it needs trainer.eval_strategy=epoch "
                             "or steps (not no)")
+    if t.lm_loss_chunk_size < 0:
+        raise FinetuneError(f"trainer.lm_loss_chunk_size must be a number of tokens, or 0 for the model's own loss "
+                            f"(got {t.lm_loss_chunk_size})")
     if t.mixed_precision not in _PRECISIONS:
         raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
                             f"(got '{t.mixed_precision}')")

@@ -45,6 +45,15 @@ class _Trainer(Trainer):
         with self.meter.paused(), adapters.merged_for_inference(self.model):
             return super().evaluate(*args, **kwargs)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The best checkpoint's reload: a checkpoint stores tied weights once (SmolLM2's lm_head is its input
+        embeddings), so a tied key whose source was loaded is not missing; other missing keys stay a warning."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        missing = [k for k in load_result.missing_keys if tied.get(k) is None or tied[k] in load_result.missing_keys]
+        if len(missing) < len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _save_checkpoint(self, *args, **kwargs):
         with self.meter.paused():
             return super()._save_checkpoint(*args, **kwargs)

@@ -29,14 +29,14 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           DataCollatorForSeq2Seq, EncoderDecoderModel, pipeline)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from finetune import adapters, assets
+from finetune import adapters, assets, loading
 from finetune.config import CausalLMTaskConfig
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
-from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, position_limit
-from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity
+from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, load_pretrained, position_limit
+from finetune.tasks.causal_lm import CausalLMTask, lm_sums, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ class Seq2SeqTask(Task):
     @property
     def decoder_only(self) -> bool:
         return self.family == "decoder_only"
+
+    @property
+    def label_shift(self) -> int:
+        return 1 if self.decoder_only else 0  # an encoder-decoder's decoder predicts label t at position t
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
@@ -195,8 +199,9 @@ class Seq2SeqTask(Task):
             dropout = {f"{side}_{k}": v for side, p in sides.items()  # both halves' config keys, prefixed
                        for k, v in dropouts(p, model_cfg).items()}
             try:
-                model = EncoderDecoderModel.from_encoder_decoder_pretrained(
-                    sides["encoder"], sides["decoder"], encoder_dtype=dtype, decoder_dtype=dtype, **dropout)
+                with loading.quiet_load_report():  # (the line below says what is new)
+                    model = EncoderDecoderModel.from_encoder_decoder_pretrained(
+                        sides["encoder"], sides["decoder"], encoder_dtype=dtype, decoder_dtype=dtype, **dropout)
             except (OSError, ValueError, KeyError) as e:
                 raise FinetuneError(f"cannot warm-start an encoder-decoder from model.encoder={model_cfg.encoder} and "
                                     f"model.decoder={model_cfg.decoder} ({str(e).strip().splitlines()[0]}); use "
@@ -210,7 +215,7 @@ class Seq2SeqTask(Task):
             log.info("warm-started encoder-decoder; newly initialized: %s",
                      ", ".join(adapters.trainable_modules(model)))
         else:
-            model = _load(self.auto_model, path, model_cfg, dtype=dtype)
+            model, _ = load_pretrained(self.auto_model, path, model_cfg, None, dtype=dtype)
         g = self.cfg.generation
         settings = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample,
                     "repetition_penalty": g.repetition_penalty, "pad_token_id": tokenizer.pad_token_id}
@@ -274,9 +279,7 @@ class Seq2SeqTask(Task):
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
         """Per example: the summed NLL of the reference tokens and their number (not vocab x tokens logits)."""
-        if self.decoder_only:
-            return self.lm.preprocess_logits(logits, labels)
-        return nll_sums(logits[0] if isinstance(logits, tuple) else logits, labels)
+        return lm_sums(logits, labels, self.label_shift)
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:  # the references' perplexity under the model (teacher forcing)
