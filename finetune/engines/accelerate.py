@@ -358,7 +358,7 @@ def _fully_shard(model):
     """FSDP2 over the launch's processes: each transformer block (the model's _no_split_modules, as accelerate's
     TRANSFORMER_BASED_WRAP picks them), then the root. Every process starts from rank 0's weights, as under DDP."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)
@@ -368,6 +368,12 @@ def _fully_shard(model):
         if type(module).__name__ in blocks:
             fully_shard(module)
     fully_shard(model)
+    # FSDP allocates its gather buffers at the first unshard; made under inference mode (a base model evaluated before
+    # training) they could not be written in training ("inplace update to inference tensor"): allocate them here
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
     return model
 
 
