@@ -33,6 +33,7 @@ from finetune import checks, resume, sources, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
 from finetune.engines import check_trainer_config
 from finetune.errors import FinetuneError
+from finetune.memory import check_dtype
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
 _FREE_GROUPS = {"model": "name_or_path", "data": "source"}
@@ -215,6 +216,7 @@ def main() -> None:
             cfg = checks.compose(argv)  # a bad key or value fails here, before anything is written
             debug = cfg.debug
             check_trainer_config(cfg.trainer)
+            check_dtype(cfg.model.dtype)
             sources.check(cfg)  # a missing path or an unreachable model fails in a second, not after the imports
             argv += pin_run_dir(argv, cfg)
         sys.argv[1:] = argv

@@ -3,9 +3,9 @@ in-process, without running it.
 
 - `python -m finetune ...` (also under `accelerate launch` / `torchrun`, and sweeps with `-m`): its overrides are
   rewritten and composed as the CLI does (finetune.__main__.rewrite_overrides, finetune.checks.compose,
-  check_trainer_config): no unknown key, no wrong type, no unknown group option, no value out of range. A sweep is
-  composed once per value of each swept key. Path existence (finetune.sources.check) is the one check left out:
-  the docs name files the reader has.
+  check_trainer_config, memory.check_dtype): no unknown key, no wrong type, no unknown group option, no value out of
+  range. A sweep is composed once per value of each swept key. Path existence (finetune.sources.check) is the one
+  check left out: the docs name files the reader has.
 - Placeholders: `<...>` inside a value and a value `...` become a value of the key's schema type; a bare `...`
   argument stands for arguments left out and is dropped (the rest is still checked).
 - A documented console example (`$ python -m finetune ...` followed by `error: ...`) whose config is bad must fail
@@ -38,6 +38,7 @@ from finetune.__main__ import rewrite_overrides
 from finetune.config import register_configs
 from finetune.engines import check_trainer_config
 from finetune.errors import FinetuneError
+from finetune.memory import check_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -185,6 +186,7 @@ def _composed(overrides: tuple[str, ...]):
     register_configs()
     cfg = checks.compose(rewrite_overrides(list(overrides)))
     check_trainer_config(cfg.trainer)
+    check_dtype(cfg.model.dtype)
     return cfg
 
 

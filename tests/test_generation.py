@@ -226,7 +226,8 @@ def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama)
 
     (tmp_path / "data.txt").write_text("\n".join(_corpus(240)))
     args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *TRAIN, "trainer.num_train_epochs=3",
-            "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3"]
+            "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3",
+            "trainer.gradient_checkpointing=true"]  # (checkpointing changes nothing a resume needs)
     full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
     killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
     deadline = time.time() + 300

@@ -45,6 +45,7 @@ def make_engine(cfg, task, model, tokenizer, features, output_dir):
     check_trainer_config(cfg.trainer)
     _check_scheduler(cfg.trainer.lr_scheduler_type)
     check_fsdp(cfg.trainer)
+    check_checkpointing(cfg.trainer, model)
     if task.label_shift is not None and cfg.trainer.lm_loss_chunk_size:  # a head over a vocabulary
         from finetune import lm_loss
 
@@ -90,6 +91,17 @@ def check_trainer_config(t) -> None:
     if t.mixed_precision not in _PRECISIONS:
         raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
                             f"(got '{t.mixed_precision}')")
+
+
+CHECKPOINTING = {"use_reentrant": False}  # torch.utils.checkpoint's arguments for trainer.gradient_checkpointing
+
+
+def check_checkpointing(t, model) -> None:
+    """trainer.gradient_checkpointing=true needs a model whose blocks can recompute their activations."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    if t.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+        raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
+                            "checkpointing; set trainer.gradient_checkpointing=false")
 
 
 def _check_scheduler(name: str) -> None:

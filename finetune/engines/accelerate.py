@@ -33,9 +33,9 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order, gathered_state_dict,
-                              logged_validation, mixed_precision, restore_order, setup_tracking, train_sampler,
-                              without_length)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order,
+                              gathered_state_dict, logged_validation, mixed_precision, restore_order, setup_tracking,
+                              train_sampler, without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -67,6 +67,8 @@ class AccelerateEngine:
         self.sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                      cfg.seed, t.group_by_length)
         loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
+        if t.gradient_checkpointing:  # (with frozen embeddings, LoRA, it also makes the inputs require grad)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
         self.fsdp = t.fsdp
         if self.fsdp:
             model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters

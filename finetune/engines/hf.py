@@ -12,8 +12,9 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, logged_validation,
-                              mixed_precision, restore_order, setup_tracking, train_sampler, without_length)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict,
+                              logged_validation, mixed_precision, restore_order, setup_tracking, train_sampler,
+                              without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
@@ -132,6 +133,8 @@ class HFEngine:
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             dataloader_num_workers=t.dataloader_num_workers,
+            activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
+            activation_checkpointing_kwargs=CHECKPOINTING,
             # True multiplies every loss by the process count for models whose forward takes **kwargs, assuming
             # it normalises by the global token count; mean-reduced losses (classification) came out doubled
             average_tokens_across_devices=False,

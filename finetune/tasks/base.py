@@ -113,12 +113,13 @@ class Task:
             tokenizer.model_max_length = self.max_length
         return tokenizer
 
-    def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
+    def load_model(self, path: str, model_cfg: ModelConfig, dtype: str = "float32") -> PreTrainedModel:
+        """The model with its head, its weights in `dtype` (memory.model_dtype resolves model.dtype)."""
         if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
             raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
                                 "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
         model, _ = load_pretrained(self.auto_model, path, model_cfg, self.head, ignore_mismatched_sizes=True,
-                                   **self.model_kwargs())
+                                   dtype=dtype, **self.model_kwargs())
         limit = position_limit(model)
         if limit is not None and self.max_length > limit:
             raise FinetuneError(f"{self.max_length_key}={self.max_length} is more than the {limit} positions "

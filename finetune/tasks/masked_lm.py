@@ -107,8 +107,8 @@ class MaskedLMTask(Task):
                                 "slow one; use a checkpoint with a tokenizer.json")
         return tokenizer
 
-    def load_model(self, path: str, model_cfg):
-        model, info = load_pretrained(self.auto_model, path, model_cfg, None)  # a new masked-LM head is news
+    def load_model(self, path: str, model_cfg, dtype: str = "float32"):
+        model, info = load_pretrained(self.auto_model, path, model_cfg, None, dtype=dtype)  # a new MLM head is news
         self.new_weights = sorted(info["missing_keys"])
         return model
 

@@ -192,7 +192,7 @@ class Seq2SeqTask(Task):
         """The tokenizer's codes of the source and target languages, for tokenizers that have them."""
         return None, None
 
-    def load_model(self, path: str, model_cfg):
+    def load_model(self, path: str, model_cfg, dtype: str = "float32"):
         tokenizer = self.tokenizer
         if self.family == "warm_start":
             sides = {"encoder": assets.resolve(model_cfg.encoder), "decoder": assets.resolve(model_cfg.decoder)}
@@ -200,8 +200,8 @@ class Seq2SeqTask(Task):
                        for k, v in dropouts(p, model_cfg).items()}
             try:
                 with loading.quiet_load_report():  # (the line below says what is new)
-                    model = EncoderDecoderModel.from_encoder_decoder_pretrained(sides["encoder"], sides["decoder"],
-                                                                                **dropout)
+                    model = EncoderDecoderModel.from_encoder_decoder_pretrained(
+                        sides["encoder"], sides["decoder"], encoder_dtype=dtype, decoder_dtype=dtype, **dropout)
             except (OSError, ValueError, KeyError) as e:
                 raise FinetuneError(f"cannot warm-start an encoder-decoder from model.encoder={model_cfg.encoder} and "
                                     f"model.decoder={model_cfg.decoder} ({str(e).strip().splitlines()[0]}); use "
@@ -215,7 +215,7 @@ class Seq2SeqTask(Task):
             log.info("warm-started encoder-decoder; newly initialized: %s",
                      ", ".join(adapters.trainable_modules(model)))
         else:
-            model, _ = load_pretrained(self.auto_model, path, model_cfg, None)
+            model, _ = load_pretrained(self.auto_model, path, model_cfg, None, dtype=dtype)
         g = self.cfg.generation
         settings = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample,
                     "repetition_penalty": g.repetition_penalty, "pad_token_id": tokenizer.pad_token_id}
