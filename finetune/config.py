@@ -164,6 +164,9 @@ class TrainerConfig:
     num_train_epochs: float = 2.0
     max_steps: int = -1
     learning_rate: float = 1e-4
+    # the parameters from_pretrained initialized (a new head, a warm start's cross-attention) train at this x
+    # learning_rate; 1: no difference
+    new_parameters_lr_scale: float = 1.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     lr_scheduler_type: str = "linear"

@@ -34,8 +34,8 @@ from transformers.utils import find_labels
 
 from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order, gathered_state_dict,
-                              logged_validation, mixed_precision, restore_order, setup_tracking, train_sampler,
-                              without_length)
+                              logged_validation, mixed_precision, new_parameters, param_groups, restore_order,
+                              setup_tracking, train_sampler, without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -68,9 +68,10 @@ class AccelerateEngine:
                                      cfg.seed, t.group_by_length)
         loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
         self.fsdp = t.fsdp
+        new, new_lr = new_parameters(model, t)  # (named before FSDP2 replaces the parameters: it keeps the names)
         if self.fsdp:
             model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate,
+        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, new, new_lr), lr=t.learning_rate,
                                       fused=acc.device.type in ("cpu", "cuda"))
         if self.fsdp:  # not prepared: accelerate would wrap the model in DDP and checkpoint rank 0's optimizer shard
             self._model, self.optimizer, self.train_loader = model, optimizer, acc.prepare(loader)
@@ -371,11 +372,9 @@ def _fully_shard(model):
     return model
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
+def _param_groups(model, weight_decay: float, new: set[str], new_lr: float) -> list[dict]:
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], _NO_DECAY))
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in params if n in decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+    return param_groups(model, decay, weight_decay, new, new_lr)
 
 
 def _unwrap(outputs):

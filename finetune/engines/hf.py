@@ -13,7 +13,8 @@ from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, logged_validation,
-                              mixed_precision, restore_order, setup_tracking, train_sampler, without_length)
+                              mixed_precision, new_parameters, param_groups, restore_order, setup_tracking,
+                              train_sampler, without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
@@ -22,9 +23,19 @@ log = logging.getLogger("finetune.train")
 class _Trainer(Trainer):
     """The Trainer with the engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, **kwargs):
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], **kwargs):
         self.epoch_sampler, self.meter = sampler, meter
+        self.new_parameters, self.new_lr = new_parameters
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.new_parameters:  # trainer.new_parameters_lr_scale: groups of their own
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters,
+                                                        self.new_lr), **kwargs)
+        return super().create_optimizer(model)
 
     def _get_train_sampler(self, train_dataset=None):
         return self.epoch_sampler
@@ -142,6 +153,7 @@ class HFEngine:
             args=args,
             sampler=sampler,
             meter=meter,
+            new_parameters=new_parameters(model, t),
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),
