@@ -379,3 +379,58 @@ def test_killed_translation_run_resumes_to_the_same_metrics(models, tmp_path):
     assert expected.keys() == got.keys() and "test_bleu" in got
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+# --- label smoothing, distinct outputs, beam search, precision ---------------------------------------------------
+SMALL = (("train", 0, 40), ("val", 40, 50), ("test", 50, 60))
+
+
+def smoothing_setup(model, tmp_path, *overrides):
+    """The task, its model and one batch of all the training pairs, as the engines collate them."""
+    from finetune import data
+    from finetune.tasks import get_task
+
+    cfg = compose_cfg("task=translation", f"model={model}", f"data={write_parallel(tmp_path / 'data', ROWS[:60], SMALL)}",
+                      "trainer.learning_rate=0", "trainer.max_steps=1", "trainer.per_device_train_batch_size=64",
+                      "trainer.eval_strategy=no", "trainer.report_to=[]", *overrides)
+    task = get_task(cfg.task)
+    tokenizer = task.load_tokenizer(model, cfg.model)
+    features = task.tokenize(data.load(cfg.data, task), tokenizer)
+    train = features["train"].remove_columns("length")
+    batch = task.collator(tokenizer)([train[i] for i in range(len(train))])
+    return cfg, task, tokenizer, features, task.load_model(model, cfg.model), batch
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_label_smoothing_is_cross_entropy_with_label_smoothing(family, models, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    _, task, _, _, model, batch = smoothing_setup(models[family], tmp_path)
+    with torch.no_grad():
+        outputs = model(**batch)
+    logits, labels = outputs.logits, batch["labels"]
+    if family == "llama":  # a causal LM: position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
+    assert task.loss(outputs, batch["labels"], 0.0).item() == pytest.approx(outputs.loss.item(), rel=1e-6)  # 0: same
+    assert task.loss(outputs, batch["labels"], 0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(expected.item() - outputs.loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("engine", ["hf", "accelerate"])
+def test_both_engines_train_on_the_smoothed_loss_and_evaluate_the_plain_one(engine, models, tmp_path):
+    import torch
+
+    from finetune.engines import make_engine
+
+    cfg, task, tokenizer, features, model, batch = smoothing_setup(models["t5"], tmp_path, f"trainer={engine}",
+                                                                   "trainer.label_smoothing=0.2")
+    with torch.no_grad():
+        expected = task.loss(model(**batch), batch["labels"], 0.2).item()  # one step of all pairs, at rate 0
+    trained = make_engine(cfg, task, model, tokenizer, features, tmp_path / "out")
+    assert trained.train()["train_loss"] == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():
+        plain = model(**task.collator(tokenizer)([{k: v for k, v in r.items() if k != "length"}
+                                                  for r in features["test"]])).loss.item()
+    assert trained.evaluate("test")["test_loss"] == pytest.approx(plain, rel=1e-4)

@@ -45,7 +45,10 @@ TRACKERS = ("tensorboard", "mlflow")
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
+    from finetune.checks import check_task
+
     check_trainer_config(cfg.trainer)
+    check_task(cfg)
     _check_scheduler(cfg.trainer.lr_scheduler_type)
     check_fsdp(cfg.trainer)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
@@ -63,6 +66,9 @@ def check_trainer_config(t) -> None:
     if not t.new_parameters_lr_scale > 0:
         raise FinetuneError(f"trainer.new_parameters_lr_scale must be above 0 (got {t.new_parameters_lr_scale}): the "
                             "learning rate of newly initialized parameters is this times trainer.learning_rate")
+    if not 0 <= t.label_smoothing < 1:
+        raise FinetuneError(f"trainer.label_smoothing must be at least 0 and below 1 (got {t.label_smoothing}); 0.1 "
+                            "is usual")
     if not t.learning_rate >= 0:  # (0 is allowed: it evaluates the base model through the whole loop)
         raise FinetuneError(f"trainer.learning_rate must be at least 0 (got {t.learning_rate})")
     if t.max_steps == 0 or t.max_steps < -1:

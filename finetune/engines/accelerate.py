@@ -125,7 +125,9 @@ class AccelerateEngine:
                 if i % gas == 0:
                     step_start, micro_losses = time.perf_counter(), []
                 with acc.accumulate(self._model):
-                    loss = self._model(**batch).loss
+                    outputs = self._model(**batch)
+                    loss = self.task.loss(outputs, batch["labels"], t.label_smoothing) if t.label_smoothing \
+                        else outputs.loss
                     acc.backward(loss)
                     micro_losses.append(loss.detach().float())
                     if acc.sync_gradients:

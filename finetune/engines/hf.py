@@ -23,10 +23,21 @@ log = logging.getLogger("finetune.train")
 class _Trainer(Trainer):
     """The Trainer with the engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], **kwargs):
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task,
+                 label_smoothing: float, **kwargs):
         self.epoch_sampler, self.meter = sampler, meter
         self.new_parameters, self.new_lr = new_parameters
+        self.task, self.label_smoothing = task, label_smoothing
         super().__init__(*args, **kwargs)
+        if label_smoothing:
+            self.loss_is_scaled_for_ga = False  # the task's loss is a mean over one micro-batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.label_smoothing and model.training):  # (evaluation losses stay unsmoothed)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        loss = self.task.loss(outputs, inputs["labels"], self.label_smoothing)
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.new_parameters:  # trainer.new_parameters_lr_scale: groups of their own
@@ -154,6 +165,8 @@ class HFEngine:
             sampler=sampler,
             meter=meter,
             new_parameters=new_parameters(model, t),
+            task=task,
+            label_smoothing=t.label_smoothing,
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),

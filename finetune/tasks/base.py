@@ -87,6 +87,11 @@ class Task:
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable:
         raise NotImplementedError
 
+    def loss(self, outputs: Any, labels: Any, label_smoothing: float) -> Any:
+        """The training loss of a batch when trainer.label_smoothing > 0, from the model's outputs and the labels:
+        the tasks of finetune.tasks.LM_LOSS smooth their token cross-entropy (the others' losses are not smoothed)."""
+        raise NotImplementedError
+
     # --- model --------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
         """Head configuration passed to from_pretrained (labels, ...)."""

@@ -76,6 +76,11 @@ class MaskedLMTask(Task):
             features[split] = features[split].map(mask_once, remove_columns=extra, desc=f"masking {split}")
         return features
 
+    def loss(self, outputs, labels, label_smoothing: float):
+        from finetune.tasks.causal_lm import lm_loss
+
+        return lm_loss(outputs.logits, labels, label_smoothing)
+
     def collator(self, tokenizer):
         import torch
 

@@ -30,13 +30,14 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from finetune import adapters, assets
+from finetune.checks import generation_config
 from finetune.config import CausalLMTaskConfig
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
 from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, position_limit
-from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity
+from finetune.tasks.causal_lm import CausalLMTask, lm_loss, nll_sums, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,9 @@ class Seq2SeqTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        g = cfg.generation
-        if min(cfg.max_source_length, cfg.max_target_length, g.max_new_tokens, g.num_beams) < 1:
-            raise FinetuneError("task.max_source_length, task.max_target_length, task.generation.max_new_tokens and "
-                                "task.generation.num_beams must be >= 1")
+        if min(cfg.max_source_length, cfg.max_target_length) < 1:
+            raise FinetuneError("task.max_source_length and task.max_target_length must be >= 1")
+        generation_config(cfg.generation)  # task.generation.* as transformers will take them
         try:
             cfg.prompt_template.format(source="", source_lang="", target_lang="")
         except (KeyError, IndexError, ValueError) as e:
@@ -270,6 +270,9 @@ class Seq2SeqTask(Task):
 
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+    def loss(self, outputs, labels, label_smoothing: float):
+        return lm_loss(outputs.logits, labels, label_smoothing, shift=self.decoder_only)
 
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
