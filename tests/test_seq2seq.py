@@ -434,3 +434,58 @@ def test_both_engines_train_on_the_smoothed_loss_and_evaluate_the_plain_one(engi
         plain = model(**task.collator(tokenizer)([{k: v for k, v in r.items() if k != "length"}
                                                   for r in features["test"]])).loss.item()
     assert trained.evaluate("test")["test_loss"] == pytest.approx(plain, rel=1e-4)
+
+
+def test_distinct_outputs_and_the_warning_when_most_outputs_repeat(models, monkeypatch, caplog):
+    import logging
+
+    from finetune.pipelines import seq2seq as s2s
+
+    task, tokenizer, _, cfg = features(models["t5"])
+    model = task.load_model(models["t5"], cfg.model)
+    assert task.scores(["ein mann", "ein mann", "eine frau", "ein hund"], [["x"]] * 4)["distinct_outputs"] == 0.75
+    sources = [s for s, _ in ROWS[:10]]
+    task.raw, task._inputs = {"test": Dataset.from_dict({"source": sources, "references": [[t] for _, t in ROWS[:10]]})}, {}
+    same = tokenizer("ein mann", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(s2s, "generate", lambda model, tok, inputs, batch: [same] * (len(inputs) - 4) + [[5], [6], [7], [8]])
+    with caplog.at_level(logging.WARNING, logger="finetune.tasks.seq2seq"):
+        scores = task.evaluate_model(model, "test")
+    assert scores["distinct_outputs"] == 0.5 and not caplog.records  # half: no warning
+    monkeypatch.setattr(s2s, "generate", lambda model, tok, inputs, batch: [same] * (len(inputs) - 1) + [[5]])
+    with caplog.at_level(logging.WARNING, logger="finetune.tasks.seq2seq"):
+        assert task.evaluate_model(model, "test")["distinct_outputs"] == 0.2
+    (record,) = caplog.records
+    assert record.getMessage().startswith("only 2 of the 10 test outputs are distinct (20%): the model writes the same")
+
+
+def test_seq2seq_generates_in_the_weights_precision_after_mixed_precision_training(models, monkeypatch):
+    """As task=generation's test: accelerate's bf16 autocast forward must not generate the scores the exported fp32
+    pipeline has to reproduce; training goes on in mixed precision afterwards."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from finetune.pipelines import seq2seq as s2s
+
+    task, _, row, cfg = features(models["t5"])
+    torch.manual_seed(0)
+    plain = task.load_model(models["t5"], cfg.model).eval()
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state earlier tests set (fp32)
+    try:
+        wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare(task.load_model(models["t5"], cfg.model))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    ids = {"input_ids": torch.tensor([row["input_ids"]]), "decoder_input_ids": torch.tensor([[0, *row["labels"]]])}
+
+    def logits(model):
+        with torch.inference_mode():
+            return model(**ids).logits
+
+    assert not torch.equal(logits(wrapped), logits(plain))  # computed in bf16
+    seen, real = [], s2s.generate
+    monkeypatch.setattr(s2s, "generate", lambda model, *a: seen.append(torch.equal(logits(model), logits(plain)))
+                        or real(model, *a))
+    task.raw, task._inputs = {"test": Dataset.from_dict({"source": ["a man runs"], "references": [["x"]]})}, {}
+    task.evaluate_model(wrapped, "test")
+    assert seen == [True]
+    assert not torch.equal(logits(wrapped), logits(plain))  # the autocast forward is back for training

@@ -8,6 +8,7 @@ and the run only ever talk to this interface.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 import json
 import logging
 from pathlib import Path
@@ -222,6 +223,19 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value.item() if hasattr(value, "item") else value
+
+
+@contextmanager
+def weights_precision(model):
+    """The model computing in its weights' precision for a while (what the export does), without the autocast forward
+    that accelerate gives a model it prepares for mixed-precision training; that forward is back afterwards."""
+    from accelerate.utils import extract_model_from_parallel
+
+    saved = {k: model.__dict__[k] for k in ("forward", "_original_forward") if k in model.__dict__}
+    try:
+        yield extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    finally:
+        model.__dict__.update(saved)
 
 
 def device() -> int:
