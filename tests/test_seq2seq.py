@@ -177,6 +177,15 @@ def test_warm_started_encoder_decoder_generates_from_cls_and_stops_at_sep(models
     assert (g.decoder_start_token_id, g.eos_token_id, g.pad_token_id) == (tok.cls_token_id, tok.sep_token_id,
                                                                           tok.pad_token_id)
     assert model.config.decoder.add_cross_attention and model.config.decoder.is_decoder
+    # what model=bert2bert trains at trainer.new_parameters_lr_scale (10) x the rate: all the new, none of the loaded
+    from finetune import adapters
+
+    assert cfg.trainer.new_parameters_lr_scale == 10
+    new = adapters.new_parameters(model)
+    assert new and all(".crossattention." in n or ".cls.predictions.transform." in n
+                       or n == "decoder.cls.predictions.bias" for n in new), sorted(new)
+    assert {n.split(".crossattention.")[0] for n in new if ".crossattention." in n} == \
+        {f"decoder.bert.encoder.layer.{i}" for i in range(model.config.decoder.num_hidden_layers)}
 
 
 def test_dropouts_reach_every_family_that_has_them(models, caplog):
@@ -288,13 +297,20 @@ def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentenc
     data = write_jsonl(tmp_path / "tldr.jsonl", rows)
     metrics, model_dir = train(tmp_path, "task=summarization", f"model={models['bart']}", f"data={data}",
                                "trainer=accelerate", "trainer.max_steps=300", "trainer.eval_strategy=steps",
-                               "trainer.eval_steps=100", "trainer.learning_rate=3e-3", "task.max_source_length=64")
-    check_learned_and_verified(metrics, "rougeL", "rougeL", 0.05)
+                               "trainer.eval_steps=100", "trainer.learning_rate=3e-3", "task.max_source_length=64",
+                               "task.generation.num_beams=3")
+    check_learned_and_verified(metrics, "rougeL", "rougeL", 0.05)  # beam search in evaluation and in the pipeline
     assert {"test_rouge1", "test_rouge2", "test_rougeLsum"} <= set(metrics) and "test_bleu" not in metrics
+    assert json.loads((model_dir / "generation_config.json").read_text())["num_beams"] == 3
     from transformers import pipeline
 
     summarizer = pipeline("summarization", model=str(model_dir), trust_remote_code=True)
     assert list(summarizer("a man runs")[0]) == ["summary_text"]
+    assert summarizer.model.generation_config.num_beams == 3
+    inputs = summarizer.tokenizer(["a man runs on the street"], return_tensors="pt")
+    beams = summarizer.model.generate(**inputs, num_beams=3, max_new_tokens=10)[0, 1:].tolist()
+    expected = summarizer.tokenizer.decode(beams, skip_special_tokens=True).strip()
+    assert summarizer("a man runs on the street")[0]["summary_text"] == expected
 
 
 def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(models, tmp_path):
@@ -390,7 +406,8 @@ def smoothing_setup(model, tmp_path, *overrides):
     from finetune import data
     from finetune.tasks import get_task
 
-    cfg = compose_cfg("task=translation", f"model={model}", f"data={write_parallel(tmp_path / 'data', ROWS[:60], SMALL)}",
+    data_dir = write_parallel(tmp_path / "data", ROWS[:60], SMALL)
+    cfg = compose_cfg("task=translation", f"model={model}", f"data={data_dir}",
                       "trainer.learning_rate=0", "trainer.max_steps=1", "trainer.per_device_train_batch_size=64",
                       "trainer.eval_strategy=no", "trainer.report_to=[]", *overrides)
     task = get_task(cfg.task)
@@ -445,9 +462,10 @@ def test_distinct_outputs_and_the_warning_when_most_outputs_repeat(models, monke
     model = task.load_model(models["t5"], cfg.model)
     assert task.scores(["ein mann", "ein mann", "eine frau", "ein hund"], [["x"]] * 4)["distinct_outputs"] == 0.75
     sources = [s for s, _ in ROWS[:10]]
-    task.raw, task._inputs = {"test": Dataset.from_dict({"source": sources, "references": [[t] for _, t in ROWS[:10]]})}, {}
+    references = [[t] for _, t in ROWS[:10]]
+    task.raw, task._inputs = {"test": Dataset.from_dict({"source": sources, "references": references})}, {}
     same = tokenizer("ein mann", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(s2s, "generate", lambda model, tok, inputs, batch: [same] * (len(inputs) - 4) + [[5], [6], [7], [8]])
+    monkeypatch.setattr(s2s, "generate", lambda model, tok, inputs, batch: [same] * 6 + [[5], [6], [7], [8]])
     with caplog.at_level(logging.WARNING, logger="finetune.tasks.seq2seq"):
         scores = task.evaluate_model(model, "test")
     assert scores["distinct_outputs"] == 0.5 and not caplog.records  # half: no warning

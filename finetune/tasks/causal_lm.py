@@ -159,7 +159,7 @@ class CausalLMTask(Task):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     def loss(self, outputs, labels, label_smoothing: float):
-        return lm_loss(outputs.logits, labels, label_smoothing, shift=True)
+        return token_cross_entropy(outputs.logits, labels, label_smoothing, shift=True)
 
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
@@ -271,7 +271,7 @@ class CausalLMTask(Task):
         return {**scores, "greedy_prompts_matched": float(len(self._greedy))}
 
 
-def lm_loss(logits, labels, label_smoothing: float = 0.0, shift: bool = False):
+def token_cross_entropy(logits, labels, label_smoothing: float = 0.0, shift: bool = False):
     """The models' own token cross-entropy (mean over the labelled tokens; -100: none) with trainer.label_smoothing;
     shift: a causal LM's position t predicts token t + 1."""
     if shift:

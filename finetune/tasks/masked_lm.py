@@ -77,9 +77,9 @@ class MaskedLMTask(Task):
         return features
 
     def loss(self, outputs, labels, label_smoothing: float):
-        from finetune.tasks.causal_lm import lm_loss
+        from finetune.tasks.causal_lm import token_cross_entropy
 
-        return lm_loss(outputs.logits, labels, label_smoothing)
+        return token_cross_entropy(outputs.logits, labels, label_smoothing)
 
     def collator(self, tokenizer):
         import torch

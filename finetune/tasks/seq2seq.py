@@ -37,7 +37,7 @@ from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
 from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, position_limit, weights_precision
-from finetune.tasks.causal_lm import CausalLMTask, lm_loss, nll_sums, perplexity
+from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Seq2SeqTask(Task):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     def loss(self, outputs, labels, label_smoothing: float):
-        return lm_loss(outputs.logits, labels, label_smoothing, shift=self.decoder_only)
+        return token_cross_entropy(outputs.logits, labels, label_smoothing, shift=self.decoder_only)
 
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
