@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import shutil
+import string
 import sys
 import time
 import traceback
@@ -25,16 +26,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune import checks, resume, sources, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
 from finetune.engines import check_trainer_config
 from finetune.errors import FinetuneError
+from finetune.memory import check_dtype
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
 _FREE_GROUPS = {"model": "name_or_path", "data": "source"}
+_FREE_HELP = {"model": "<a Hub id or a checkpoint directory>", "data": "<a file, a directory or a Hub dataset id>"}
 _CHECKED_GROUPS = ("task", "trainer", "peft", "hub", "hparams_search")
 _SWEEP = re.compile(r"^(choice|range|interval|tag|glob)\(|,")
 _job_started = False
@@ -151,6 +154,24 @@ def _fail(message: str | None) -> NoReturn:
     sys.exit(2)
 
 
+def usage() -> str:
+    """--help: configs/config.yaml's hydra.help template, its groups those of the config's defaults list with their
+    options in configs/ (Hydra's own listing adds the schemas and the accelerate launch configs in configs/)."""
+    config = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    lines = []
+    for entry in config.defaults:
+        if not isinstance(entry, DictConfig):  # base_config, _self_
+            continue
+        ((group, default),) = entry.items_ex(resolve=False)
+        per_task = "${task}" in str(default)  # data: each task's default data is configs/data/<task>.yaml
+        options = [o for o in config_options(group) if o != "custom" and not (per_task and o in config_options("task"))]
+        options += [_FREE_HELP[group]] if group in _FREE_HELP else []
+        chosen = "none" if default is None else "the task's own" if per_task else default
+        lines.append(f"  {group}: {', '.join(options)} (default: {chosen})")
+    help_cfg = OmegaConf.to_container(config.hydra.help, resolve=True)
+    return string.Template(help_cfg["template"]).substitute(APP_CONFIG_GROUPS="\n".join(lines)).rstrip()
+
+
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     global _job_started
@@ -184,6 +205,9 @@ def main() -> None:
     sweep.failed_trials.clear()
     register_configs()
     debug, argv = False, sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return
     try:
         argv = rewrite_overrides(argv)
         if any(a.startswith("-") for a in argv):  # --cfg/--help/--multirun (sweep syntax): Hydra composes
@@ -192,6 +216,7 @@ def main() -> None:
             cfg = checks.compose(argv)  # a bad key or value fails here, before anything is written
             debug = cfg.debug
             check_trainer_config(cfg.trainer)
+            check_dtype(cfg.model.dtype)
             checks.check_task(cfg)  # label smoothing and generation settings the task cannot take
             sources.check(cfg)  # a missing path or an unreachable model fails in a second, not after the imports
             argv += pin_run_dir(argv, cfg)

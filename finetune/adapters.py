@@ -193,8 +193,11 @@ def describe(config) -> str:
 def merged_for_inference(model, sharded: bool = False):
     """Evaluation with the adapters folded into the frozen weights: one matmul a layer instead of three. Unfolded
     afterwards (peft's merge_adapter / unmerge_adapter, as TRL does around generation; the weights come back within
-    fp32 rounding). Sharded (FSDP) weights are left alone."""
-    if sharded or not is_adapted(model):
+    fp32 rounding). Sharded (FSDP) weights are left alone, and so are 16-bit base weights (model.dtype=bfloat16):
+    W + d - d does not give W back in bfloat16."""
+    import torch
+
+    if sharded or not is_adapted(model) or model.get_base_model().dtype != torch.float32:
         yield
         return
     model.merge_adapter()
@@ -205,7 +208,9 @@ def merged_for_inference(model, sharded: bool = False):
 
 
 def merge(model):
-    """A plain transformers model with the adapters folded into its weights (the model itself without adapters)."""
+    """A plain transformers model with the adapters folded into its weights (the model itself without adapters). On a
+    16-bit base peft adds the float32 adapter product in place, which PyTorch computes in float32 and rounds once to
+    the base's dtype: merged in fp32, then cast (tests/test_memory.py checks it)."""
     return model.merge_and_unload() if is_adapted(model) else model
 
 

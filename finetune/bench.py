@@ -19,6 +19,11 @@ bench took 7 min 50 s on a 2-core CPU):
               6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
   summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step, 4 steps;
               ROUGE-L and generation speed on 8 held-out abstracts
+  mem_*       memory rows: task=generation on Hamlet's 512-token blocks, 2 steps, training only (no evaluation): peak
+              memory, the memory once the model is loaded, bytes per parameter (in total and above the loaded model)
+              and tokens/s. SmolLM2-135M at the task's 4 x 512-token micro-batch: full fine-tuning (mem_135m), with
+              gradient checkpointing (_ckpt), LoRA on its fp32 weights (_lora), on a bf16 base (_lora_bf16, and with
+              checkpointing); SmolLM2-360M's and SmolLM2-1.7B's shapes with random weights (no download) at 1 x 512
 
 and prints samples/s, peak RSS, the test metric after those steps (comparable between rows of the same steps
 only: rows this short are speed figures, not trained models), and model-FLOPs utilisation (MFU):
@@ -26,8 +31,11 @@ only: rows this short are speed figures, not trained models), and model-FLOPs ut
 even when its weights are the input embeddings) x real (non-pad) tokens per second of the batches trained (the
 engines' training order replayed: length-grouped batches come longest first) -- 6N for full fine-tuning, about 4N
 for LoRA, which computes no gradients for frozen weights -- plus attention's matmuls, 12 x layers x width x T^2 for
-a sequence of T real tokens (as PaLM's MFU), over the fp32 matmul peak measured just before and just after the row
-(their mean: the speed of this kind of machine drifts by 15% within minutes).
+a sequence of T real tokens (as PaLM's MFU), over the best matmul rate measured right after the row on the shapes
+the row runs (each linear layer's forward, input-gradient and weight-gradient matmuls at the row's tokens a
+micro-batch, and 2048 x 2048 x 2048), in the dtype of its weights, each the best of 5 timings: the speed of this
+kind of machine drifts by 15% within minutes. Each row prints its FLOPs a token, its tokens/s and the probe's best
+shape, so the division can be redone.
 Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
@@ -50,6 +58,8 @@ import time
 import traceback
 from pathlib import Path
 
+from finetune.flops import SQUARE, flops_per_token, matmul_peak_flops, matmul_shapes
+
 # public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 WNUT = "{shared}/wnut17"
@@ -60,6 +70,9 @@ SCITLDR = "{shared}/scitldr"
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
         "task.eval_prompts=8"]
 _S2S = ["trainer.gradient_accumulation_steps=1", "data.max_train_samples=512", "data.max_eval_samples=16"]
+_MEM = ["task=generation", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
+_BIG = ["trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
+_CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
@@ -83,26 +96,35 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=4",
                        "trainer.per_device_train_batch_size=2", "data.max_test_samples=8"],
                       None, "task=summarization, SmolLM2 on SciTLDR, 2 pairs, 4 steps, 8 test abstracts"),
+    # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
+    "mem_135m": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
+                 "SmolLM2-135M full fine-tuning, 4 x 512 tokens (the task's micro-batch), 2 steps"),
+    "mem_135m_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", _CKPT], None,
+                      "the same, gradient checkpointing"),
+    "mem_135m_lora": ([*_MEM, "trainer.per_device_train_batch_size=4", "peft=lora"], None,
+                      "SmolLM2-135M LoRA on its fp32 weights, 4 x 512 tokens, 2 steps"),
+    "mem_135m_lora_bf16": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16], None,
+                           "SmolLM2-135M LoRA on a bf16 base, 4 x 512 tokens, 2 steps"),
+    "mem_135m_lora_bf16_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16, _CKPT], None,
+                                "SmolLM2-135M LoRA on a bf16 base, gradient checkpointing, 4 x 512 tokens, 2 steps"),
+    "mem_360m": ([*_MEM, *_BIG], None, "360M shape (random weights), full fine-tuning, 1 x 512 tokens, 2 steps"),
+    "mem_360m_ckpt": ([*_MEM, *_BIG, _CKPT], None, "the same, gradient checkpointing"),
+    "mem_1.7b_lora_bf16_ckpt": ([*_MEM, *_BIG, *_LORA_BF16, _CKPT], None,
+                                "1.7B shape (random weights), LoRA on a bf16 base, checkpointing, 1 x 512, 2 steps"),
 }
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+# memory rows with another model's shape: SmolLM2-360M's and SmolLM2-1.7B's (their config.json), built with random
+# weights from SmolLM2-135M's config (the same Llama family, 49,152-token vocabulary, tied embeddings): no download
+SHAPES = {"mem_360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                           num_key_value_heads=5),
+          "mem_1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                           num_key_value_heads=32)}
 
 
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
     from transformers import set_seed
 
-    from finetune import adapters, assets, cpu, data
+    from finetune import adapters, assets, cpu, data, memory
     from finetune.config import CONFIG_DIR, register_configs
     from finetune.engines import make_engine
     from finetune.export import export, verify
@@ -127,15 +149,28 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     features = task.tokenize(raw, tokenizer)
     if pad_to:
         features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
-    model = adapters.wrap(task.load_model(path, cfg.model), cfg.peft, task)
-    flops_per_token = _flops_per_token(model)
+    dtype = memory.model_dtype(cfg)
+    shape = next((shape for prefix, shape in SHAPES.items() if name.startswith(prefix)), None)
+    if shape:  # another model's shape, random weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        config.update(shape)
+        base = task.auto_model.from_config(config, dtype=dtype)
+    else:
+        base = task.load_model(path, cfg.model, dtype)
+    model = adapters.wrap(base, cfg.peft, task)
+    dense_flops = flops_per_token(model)
+    only_training = name.startswith("mem_")
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(cfg, task, model, tokenizer, features, Path(tmp))
+        loaded_mb = memory.usage_mb()
         engine.train()
-        metrics = engine.evaluate("test")
+        metrics = {} if only_training else engine.evaluate("test")
         # base=True where nothing is exported: no samples, nor the outputs the pipeline check would compare against
-        scores = task.model_metrics(engine.model, tokenizer, raw["test"], base=name not in EXPORTED)
+        scores = {} if only_training else task.model_metrics(engine.model, tokenizer, raw["test"],
+                                                             base=name not in EXPORTED)
         metrics.update({f"test_{k}": v for k, v in scores.items()})
         export_seconds = None
         if name in EXPORTED:  # what a run does after its last evaluation: export, then the pipeline check
@@ -153,18 +188,22 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     # attention's matmuls (QK^T, weights x V), forward and backward: 12 x layers x width x T^2 a sequence (PaLM's MFU)
     text = model.config.get_text_config()
     attention_flops = 12 * text.num_hidden_layers * text.hidden_size * squares
+    peak_mb, params = memory.peak_mb(), sum(p.numel() for p in model.parameters())
     return {
         "row": name,
         "samples_per_s": samples / seconds,
-        "eval_samples_per_s": metrics["test_samples_per_second"],
+        "eval_samples_per_s": metrics.get("test_samples_per_second"),
         # per token: a short row trains the longest batches first, while the test split has every length
-        "eval_tokens_per_s": metrics["test_samples_per_second"] * _mean(features["test"]["length"]),
+        "eval_tokens_per_s": metrics.get("test_samples_per_second", 0) * _mean(features["test"]["length"]),
         "export_verify_s": export_seconds,
         "real_tokens_per_s": tokens / seconds,
-        "model_flops_per_s": (flops_per_token * tokens + attention_flops) / seconds,
+        "flops_per_token": dense_flops + attention_flops / tokens,  # dense (6N-style) + attention's share
+        "model_flops_per_s": (dense_flops * tokens + attention_flops) / seconds,
+        "matmul_shapes": matmul_shapes(model, round(per_step / t.gradient_accumulation_steps * tokens / samples)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_mb, "loaded_mb": loaded_mb, "params": params, "dtype": dtype,
         "metric": task.main_metric,
-        "test_" + task.main_metric: metrics["test_" + task.main_metric],
+        "test_" + task.main_metric: metrics.get("test_" + task.main_metric, float("nan")),
         "generation_tokens_per_s": metrics.get("test_generation_new_tokens_per_second"),
         "train_seconds": seconds,
         "all_steps_seconds": sum(engine.step_times),
@@ -190,20 +229,6 @@ def _trained_lengths(train, per_step: int, steps: int, seed: int, group_by_lengt
         epoch += 1
     lengths = list(train["length"])
     return [lengths[i] for batch in batches[1:steps] for i in batch]
-
-
-def _flops_per_token(model) -> float:
-    """(4 + 2 x trainable fraction) x N: forward 2N, input gradients 2N, weight gradients 2N of the trained part.
-    N counts the weights that multiply: not the input embedding table (a lookup), unless the LM head shares it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lookup = {id(p) for n, p in base.named_parameters() if "embed" in n}
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is not None:
-        lookup -= {id(head.weight)}
-    weights = [(p, n) for n, p in model.named_parameters() if id(p) not in lookup and "lora_" not in n]
-    params = sum(p.numel() for p, _ in weights)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "embed" not in n)
-    return (4 + 2 * min(trainable / params, 1)) * params
 
 
 def _in_child(log: str, fn, *args):
@@ -259,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(module)
 
     log = tempfile.NamedTemporaryFile(prefix="finetune-bench-", suffix=".log", delete=False).name
-    peak = _in_child(log, matmul_peak_flops)
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({len(os.sched_getaffinity(0))} cores)")
-    results, peaks = [], [peak]
+    square = _in_child(log, matmul_peak_flops)[SQUARE]
+    print(f"fp32 matmul peak on this machine: {square / 1e9:.1f} GFLOP/s at 2048 x 2048 x 2048 "
+          f"({len(os.sched_getaffinity(0))} cores)")
+    results, peaks = [], [square]
     for name in args.rows:
         if any("{shared}" in o for o in ROWS[name][0]) and not SHARED_DATA.is_dir():
             print(f"skipping {name}: its data is not in {SHARED_DATA}", flush=True)
@@ -275,23 +301,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: bench row {name} failed ({e}); its output is in {log}", file=sys.stderr)
             return 1
         row_seconds = time.perf_counter() - row_start
-        peaks.append(_in_child(log, matmul_peak_flops))  # the row's MFU is against the peaks on either side of it
-        results.append({**result, "row_seconds": row_seconds, "peak": sum(peaks[-2:]) / 2})
+        # the row's MFU is against the best rate of the matmuls it runs (and the square one), measured right after it
+        rates = _in_child(log, matmul_peak_flops, [SQUARE, *result["matmul_shapes"]], result["dtype"])
+        best = max(rates, key=rates.get)
+        peaks.append(rates[best])
+        print(f"  {result['flops_per_token'] / 1e6:.1f} MFLOP a token x {result['real_tokens_per_s']:.0f} tokens/s = "
+              f"{result['model_flops_per_s'] / 1e9:.1f} GFLOP/s; matmul probe after it: best "
+              f"{rates[best] / 1e9:.1f} GFLOP/s at {' x '.join(map(str, best))} (m x k x n), "
+              f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes in {result['dtype']}", flush=True)
+        results.append({**result, "row_seconds": row_seconds, "peak": rates[best]})
 
     print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
           "unless said\n")
-    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU "
+    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU (MFLOP a token) "
           "| eval samples/s (x train per token) "
           "| export + verify s | generated tokens/s | row s (training) | matmul peak GFLOP/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    for r in (r for r in results if r["eval_samples_per_s"] is not None):
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         export_s = "-" if r["export_verify_s"] is None else f"{r['export_verify_s']:.1f}"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.3g} | {r['real_tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
-              f"{r['model_flops_per_s'] / r['peak']:.1%} | {r['eval_samples_per_s']:.1f} "
-              f"({r['eval_tokens_per_s'] / r['real_tokens_per_s']:.1f}x) | {export_s} | {gen} | "
-              f"{r['row_seconds']:.0f} ({r['all_steps_seconds']:.3g}) | {r['peak'] / 1e9:.1f} |")
+              f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | "
+              f"{r['eval_samples_per_s']:.1f} ({r['eval_tokens_per_s'] / r['real_tokens_per_s']:.1f}x) | {export_s} | "
+              f"{gen} | {r['row_seconds']:.0f} ({r['all_steps_seconds']:.3g}) | {r['peak'] / 1e9:.1f} |")
+    memory_rows = [r for r in results if r["eval_samples_per_s"] is None]
+    if memory_rows:
+        print("\n| row | setup | parameters | weights | loaded MB | peak MB | bytes/param total | above loaded "
+              "| real tokens/s | MFU (MFLOP a token) | row s |")
+        print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in memory_rows:
+        print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['loaded_mb']:.0f} | "
+              f"{r['peak_mb']:.0f} | {r['peak_mb'] * 2**20 / r['params']:.1f} | "
+              f"{(r['peak_mb'] - r['loaded_mb']) * 2**20 / r['params']:.1f} | {r['real_tokens_per_s']:.0f} | "
+              f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | {r['row_seconds']:.0f} |")
     print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s; matmul peak {min(peaks) / 1e9:.1f}-"
           f"{max(peaks) / 1e9:.1f} GFLOP/s over the invocation\n")
     for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is

@@ -93,6 +93,9 @@ class ModelConfig:
     name_or_path: str = MISSING  # "bundled:<asset>", a Hub id, or a local directory
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # the dtype the weights are loaded in: auto | float32 | bfloat16 | float16. auto: float32 (full fine-tuning keeps
+    # fp32 master weights; a GPU trains in bf16 through trainer.mixed_precision), bfloat16 for a LoRA base on a GPU
+    dtype: str = "auto"
     # attention-probability dropout while training; None: the checkpoint's own (BERT: 0.1). 0 lets PyTorch's fused
     # attention kernel run, which keeps no attention matrices for backward (faster, less memory on long inputs)
     attention_dropout: Optional[float] = None
@@ -189,7 +192,14 @@ class TrainerConfig:
     # experiment trackers: tensorboard (event files in <run>/tensorboard), mlflow (pip install finetune[mlflow];
     # MLFLOW_TRACKING_URI, else a local store in <runs_dir>/mlruns); [] turns tracking off
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # recompute each transformer block's activations in backward instead of keeping them (non-reentrant): less
+    # memory, more compute (docs/memory.md)
+    gradient_checkpointing: bool = False
     fsdp: bool = False  # FSDP2 over a launch's CPU processes (trainer=accelerate); GPUs: configs/accelerate/fsdp.yaml
+    # language-model heads (generation, translation, summarization, mlm): the output layer + cross-entropy run on this
+    # many labelled tokens at a time (finetune/lm_loss.py), so the tokens x vocabulary logits never exist whole;
+    # 0: the model's own loss. 512: SmolLM2's loss at 4 x 512 tokens peaks 517 MB above its input, not 1,153 (1024: 801)
+    lm_loss_chunk_size: int = 512
 
 
 @dataclass

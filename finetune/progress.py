@@ -13,7 +13,7 @@ import datetime
 import logging
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("finetune")
 
@@ -57,34 +57,40 @@ def bar(iterable: Iterable | None = None, total: int | None = None, desc: str = 
 
 
 class Meter:
-    """Training throughput and ETA of both engines: samples/s over the steps since the last reading (time spent
-    evaluating and checkpointing inside `paused()` excluded), and the remaining steps at that rate."""
+    """Training throughput and ETA of both engines. Samples/s: over the steps since the last reading. ETA: the
+    remaining steps at the run's pace so far (all steps since training started or resumed), which converges where a
+    window's rate swings with its batches' lengths. Time spent evaluating and checkpointing inside `paused()` is
+    excluded from both."""
 
-    def __init__(self, samples_per_step: int, total_steps: int = 0):
-        self.per_step, self.total, self.eta = samples_per_step, total_steps, None
+    def __init__(self, samples_per_step: int, total_steps: int = 0, clock: Callable[[], float] = time.perf_counter):
+        self.per_step, self.total, self.eta, self._clock = samples_per_step, total_steps, None, clock
         self.start(0)
 
     def start(self, step: int, total_steps: int | None = None) -> None:
         """Training starts (or resumes) at `step`."""
         self.total = total_steps or self.total
-        self._time, self._step, self._paused = time.perf_counter(), step, 0.0
+        self._time, self._step, self._paused = self._clock(), step, 0.0
+        self._start_time, self._start_step, self._paused_total = self._time, step, 0.0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        start = time.perf_counter()
+        start = self._clock()
         try:
             yield
         finally:
-            self._paused += time.perf_counter() - start
+            seconds = self._clock() - start
+            self._paused += seconds
+            self._paused_total += seconds
 
     def read(self, step: int) -> float | None:
         """Samples/s since the last reading (None when no step was done); updates `eta`."""
-        now = time.perf_counter()
+        now = self._clock()
         seconds, steps = now - self._time - self._paused, step - self._step
         if steps <= 0 or seconds <= 0:
             return None
         self._time, self._step, self._paused = now, step, 0.0
-        self.eta = (self.total - step) * seconds / steps
+        pace = (now - self._start_time - self._paused_total) / (step - self._start_step)  # seconds per step so far
+        self.eta = (self.total - step) * pace
         return round(steps * self.per_step / seconds, 3)
 
     def line(self, step: int, entry: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, cpu, data, hub, progress, report, resume
+from finetune import adapters, assets, cpu, data, hub, memory, progress, report, resume
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine, own_precision
 from finetune.errors import FinetuneError
 from finetune.export import check_card_names, export, verify
@@ -72,8 +72,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     raw = data.load(cfg.data, task)
     features = task.tokenize(raw, tokenizer)
 
+    dtype = memory.model_dtype(cfg)
+
     def build():  # the model to train; built again for the export of a sharded run
-        return adapters.wrap(task.load_model(model_path, cfg.model), cfg.peft, task)
+        return adapters.wrap(task.load_model(model_path, cfg.model, dtype), cfg.peft, task)
 
     model = build()
     params = adapters.parameter_counts(model)
@@ -81,6 +83,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
              100 * params["trainable_params"] / params["total_params"])
 
     engine = make_engine(cfg, task, model, tokenizer, features, run_dir)
+    loaded_mb = memory.usage_mb()  # the model loaded and on its device: the baseline of bytes per parameter
     base = {}
     if task.report_base_metrics:  # the pretrained model's score on the same test data, for comparison
         base = {f"base_{k}": v for k, v in engine.evaluate("test").items() if _is_score(k)}
@@ -96,9 +99,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     metrics.update(base)
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
+    peaks = memory.gather_peaks()  # every process's peak (the main process adds its export and check to its own)
     model = _whole_model(engine, build, main)
     if main:
-        _export_and_report(cfg, run_dir, task, engine, model, tokenizer, raw, metrics, start)
+        _export_and_report(cfg, run_dir, task, engine, model, tokenizer, raw, metrics, start, (loaded_mb, peaks))
     # the other processes wait for the export, then all leave the process group together: a process that
     # exits while gloo's threads still run aborts ("terminate called without an active exception")
     state.wait_for_everyone()
@@ -126,24 +130,27 @@ def _whole_model(engine, build, main: bool):
         return engine.model
     if not main:
         return None
-    import transformers
-
     log.info("gathered the sharded model's %d tensors; exporting them from an unsharded copy", len(state_dict))
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the copy's load report ("newly initialized head") is no news
+    load_line = logging.getLogger("finetune.load")
+    level = load_line.level
+    load_line.setLevel(logging.ERROR)  # the copy's load line ("new classification head") is no news
     try:
         model = build()
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        load_line.setLevel(level)
     model.load_state_dict(state_dict)  # strict: every tensor of the copy comes from the trained model
     return model
 
 
-def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, metrics: dict, start: float) -> None:
+def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, metrics: dict, start: float,
+                       memory_so_far: tuple[float, list[float]]) -> None:
     model_dir = export(model, tokenizer, task, cfg, metrics, run_dir / "model")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)
+    loaded_mb, peaks = memory_so_far
+    peaks = [memory.peak_mb(), *peaks[1:]]  # the main process's own includes the export and its check
+    metrics.update(memory.figures(loaded_mb, peaks, metrics["total_params"]))
 
     report.write_json(run_dir / "metrics.json", metrics)
     if task.samples():

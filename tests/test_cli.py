@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from conftest import TINY_TRAINER, run_cli
+from helpers import cli_main, compose_cfg, fail
 
 SECRET = "hf_test_token_never_written_0123456789"
 
@@ -34,6 +35,9 @@ def test_run_directory_layout(finished_run):
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= model
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in model)
     assert (finished_run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    log = (finished_run / "finetune.log").read_text()
+    assert "[finetune.load][INFO] - new classification head: 2 labels (classifier)" in log
+    assert "LOAD REPORT" not in log and "\x1b[" not in log  # not transformers' table with colour codes
 
 
 def test_exported_labels_and_pipeline_check(finished_run):
@@ -87,26 +91,47 @@ def test_config_snapshot_and_logs_hold_no_token(finished_run):
          "model directory not found: ./no/such/model; check the path"),
     ],
 )
-def test_input_errors_exit_2_with_one_line(tmp_path, sentiment_csv, args, message):
+def test_input_errors_exit_2_with_one_line(tmp_path, sentiment_csv, monkeypatch, capfd, args, message):
     (tmp_path / "reviews.csv").write_text(sentiment_csv.read_text())
-    proc = run_cli(*args, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert message in proc.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+    assert message in fail(args, tmp_path, monkeypatch, capfd)  # (in this process: test_errors runs one real one)
 
 
-def test_debug_shows_traceback(tmp_path):
-    proc = run_cli("data=missing.csv", "debug=true", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Traceback" in proc.stderr and "error: data file or directory not found" in proc.stderr
+def test_debug_shows_traceback(tmp_path, monkeypatch, capfd):
+    code, _, err = cli_main(["data=missing.csv", "debug=true"], tmp_path, monkeypatch, capfd)
+    assert code == 2
+    assert "Traceback" in err and "error: data file or directory not found" in err
 
 
-def test_cfg_job_prints_resolved_config(tmp_path):
-    proc = run_cli("--cfg", "job", "trainer.learning_rate=2e-5", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    cfg = yaml.safe_load(proc.stdout)
+def test_cfg_job_prints_resolved_config(tmp_path, monkeypatch, capfd):
+    code, out, err = cli_main(["--cfg", "job", "trainer.learning_rate=2e-5"], tmp_path, monkeypatch, capfd)
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
     assert cfg["trainer"]["learning_rate"] == 2e-5 and cfg["model"]["name_or_path"] == "bundled:minilm"
+
+
+def test_help_is_one_screen_of_what_a_run_is_the_groups_and_examples(tmp_path, monkeypatch, capfd):
+    from finetune.__main__ import _FREE_HELP
+    from finetune.config import config_options
+
+    code, out, err = cli_main(["--help"], tmp_path, monkeypatch, capfd)
+    assert code == 0 and not err, err
+    lines = out.splitlines()
+    assert len(lines) <= 30 and max(map(len, lines)) <= 120  # a screen
+    assert lines[0].startswith("python -m finetune: fine-tune") and "A run trains one model" in out
+    assert "powered by Hydra" not in out and "schema/" not in out and "name_or_path: bundled" not in out
+    groups = dict(line.strip().split(": ", 1) for line in lines if line.startswith("  ") and ": " in line
+                  and not line.startswith("  python"))
+    assert list(groups) == ["model", "task", "data", "trainer", "peft", "hub", "hparams_search"]  # no accelerate/
+    assert groups["task"] == f"{', '.join(config_options('task'))} (default: sentiment)"
+    assert groups["trainer"] == "accelerate, hf (default: hf)" and groups["hparams_search"].endswith("(default: none)")
+    assert groups["model"] == f"bert2bert, minilm, smollm2, {_FREE_HELP['model']} (default: minilm)"
+    assert groups["data"] == f"rotten_tomatoes, {_FREE_HELP['data']} (default: the task's own)"
+    examples = [line.split("#")[0].split()[3:] for line in lines if line.startswith("  python -m finetune ")]
+    assert len(examples) == 3
+    for args in examples:  # they compose: no unknown key, group option or wrong type
+        compose_cfg(*args)
+    code, out, _ = cli_main(["--hydra-help"], tmp_path, monkeypatch, capfd)
+    assert code == 0 and out.startswith("Hydra (")  # Hydra's own help stays
 
 
 def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):

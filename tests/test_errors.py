@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, make_sentences, run_cli
 from finetune import __main__ as cli
 from finetune import assets
+from helpers import fail
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SENTIMENT = ["data.text_column=review", "data.label_column=sentiment"]
@@ -60,23 +61,6 @@ def files(tmp_path_factory) -> Path:
     return d
 
 
-def fail(args, tmp_path: Path, monkeypatch, capfd) -> str:
-    """Run the CLI in this process from an empty directory; check exit code 2, one error line and an empty
-    runs/ (or none); return the message."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["finetune", *args])
-    monkeypatch.setattr(sys, "stderr", sys.stderr)  # the CLI re-points sys.stderr: restore it after the test
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    err = capfd.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exit_.value.code == 2, err[-3000:]
-    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    runs = tmp_path / "runs"
-    assert not runs.exists() or not any(runs.rglob("*")), list(runs.rglob("*"))
-    return errors[0][len("error: "):]
-
-
 # --- config values and keys: rejected before anything is written (no model, no data read) -----------
 CONFIG_CASES = [
     (["trainer.num_train_epochs=-1"], "trainer.num_train_epochs must be above 0 (got -1.0)"),
@@ -89,6 +73,7 @@ CONFIG_CASES = [
     (["trainer.warmup_ratio=1.5"], "trainer.warmup_ratio must be at least 0 and below 1 (got 1.5)"),
     (["trainer.logging_steps=0"], "trainer.logging_steps must be at least 1 (got 0)"),
     (["trainer.weight_decay=-0.1"], "trainer.weight_decay must be at least 0 (got -0.1)"),
+    (["trainer.lm_loss_chunk_size=-1"], "trainer.lm_loss_chunk_size must be a number of tokens, or 0 for the model's"),
     (["trainer.mixed_precision=fp8"], "trainer.mixed_precision must be auto, no, fp16 or bf16 (got 'fp8')"),
     (["trainer.engine=torch"], "unknown trainer.engine 'torch': choose one of accelerate, hf"),
     (["trainer.eval_strategy=steps"], "trainer.eval_strategy=steps needs trainer.eval_steps=<positive"),

@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from conftest import run_cli
-from helpers import compose_cfg
+from helpers import cli_main, compose_cfg, fail
 
 WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind", "suffer",
          "slings", "and", "arrows", "of", "outrageous", "fortune", "hello", "world", "say", "answer", "yes", "no",
@@ -19,8 +19,9 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[str] = WORDS):
-    """A tiny random decoder with a word-level tokenizer (words, newline, ChatML specials)."""
+def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[str] = WORDS, max_length: int | None = None):
+    """A tiny random decoder with a word-level tokenizer (words, newline, ChatML specials); max_length: the
+    tokenizer's declared model_max_length (none by default)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -32,7 +33,8 @@ def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[st
                                                  pre_tokenizers.WhitespaceSplit()])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                        bos_token="<|im_start|>", pad_token="<|im_end|>")
+                                        bos_token="<|im_start|>", pad_token="<|im_end|>",
+                                        **({"model_max_length": max_length} if max_length else {}))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     if chat:
         tokenizer.chat_template = CHATML
@@ -51,7 +53,7 @@ def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[st
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), max_length=256)  # its 256 positions
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def test_perplexity_is_token_weighted():
     (["data=chat.jsonl", "model=GPT2"], "needs a tokenizer with a chat template"),
     (["data=empty.txt"], "empty"),
 ])
-def test_generation_input_errors(tmp_path, tiny_llama, tiny_gpt2, args, message):
+def test_generation_input_errors(tmp_path, tiny_llama, tiny_gpt2, monkeypatch, capfd, args, message):
     (tmp_path / "pc.jsonl").write_text("".join(json.dumps({"prompt": "say hello " * 5, "completion": "hello"}) + "\n"
                                                for _ in range(20)))
     chat = [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "i am a bot"}]
@@ -146,10 +148,7 @@ def test_generation_input_errors(tmp_path, tiny_llama, tiny_gpt2, args, message)
         args.append(f"model={tiny_llama}")
     if not any(a.startswith("data=") for a in args):
         args.append("data=pc.jsonl")
-    proc = run_cli("task=generation", *args, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+    assert message in fail(["task=generation", *args], tmp_path, monkeypatch, capfd)
 
 
 def _corpus(n: int, seed: int = 0) -> list[str]:
@@ -167,7 +166,7 @@ TRAIN = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.pe
     ("chat", []),
     ("pc", ["peft=lora", "peft.r=4"]),
 ])
-def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra):
+def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, monkeypatch, capfd):
     rows = _corpus(240)
     if shape == "text":
         (tmp_path / "data.txt").write_text("\n".join(rows))
@@ -179,8 +178,10 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra):
         (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": r, "completion": "answer " + r.split()[-1]})
                                                      + "\n" for r in rows))
     data = "data.txt" if shape == "text" else "data.jsonl"
-    proc = run_cli("task=generation", f"model={tiny_llama}", f"data={data}", *TRAIN, *extra, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # in this process (test_killed_generation_run_resumes_to_the_same_metrics runs the CLI as a real process)
+    code, _, err = cli_main(["task=generation", f"model={tiny_llama}", f"data={data}", *TRAIN, *extra], tmp_path,
+                            monkeypatch, capfd)
+    assert code == 0, err[-4000:]
     run = next((tmp_path / "runs" / "generation").iterdir())
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_perplexity"] < 0.8 * metrics["base_test_perplexity"]  # it learned the data
@@ -192,6 +193,8 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra):
     assert len(samples) == 4 and all("generated" in s for s in samples)
     gen = json.loads((run / "model" / "generation_config.json").read_text())
     assert gen["max_new_tokens"] == 8 and gen["eos_token_id"] == 2 and gen["do_sample"] is False
+    tokenizer = json.loads((run / "model" / "tokenizer_config.json").read_text())
+    assert tokenizer["model_max_length"] == 256  # the checkpoint's own limit, not task.block_size=32
     assert "## Samples" in (run / "model" / "README.md").read_text()
     if "peft=lora" in extra:
         assert (run / "model" / "adapter" / "adapter_config.json").is_file()
@@ -223,7 +226,8 @@ def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama)
 
     (tmp_path / "data.txt").write_text("\n".join(_corpus(240)))
     args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *TRAIN, "trainer.num_train_epochs=3",
-            "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3"]
+            "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3",
+            "trainer.gradient_checkpointing=true"]  # (checkpointing changes nothing a resume needs)
     full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
     killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
     deadline = time.time() + 300

@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import HUB_SECRET, REPO, hub_env, run_cli
+from conftest import HUB_SECRET, REPO, hub_env
 from fake_hub import FakeHub
 
 REPO_ID = "me/tiny-sentiment"
@@ -163,27 +163,32 @@ def test_push_failure_is_one_line_and_retry_works(run_copy, monkeypatch, capsys,
     assert json.loads((run_copy / "metrics.json").read_text())["hub_commit"] == hub.commits[0]["oid"]
 
 
-def test_push_cli_failure_exits_2(run_copy, tmp_path):
+def test_push_cli_failure_exits_2(run_copy, monkeypatch, capsys):
     before = snapshot(run_copy)
     with FakeHub(fail={"/api/repos/create": 401}) as hub:
-        proc = push_cli(str(run_copy), "--repo-id", "me/retry", cwd=tmp_path, env=hub_env(hub.url, tmp_path))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+        code, err = push_in_process(run_copy, hub.url, monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
         "error: push to me/retry failed: the Hub rejected the token (401 Unauthorized): set HF_TOKEN to a valid token "
         f"or run `hf auth login`; the run in {run_copy} is intact, retry with python -m finetune.push {run_copy} "
         "--repo-id me/retry")
     assert snapshot(run_copy) == before
 
 
-def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv):
+def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv, monkeypatch, capfd):
+    import huggingface_hub.constants
+
+    from helpers import fail
+
     (tmp_path / "reviews.csv").write_text(sentiment_csv.read_text())
-    proc = run_cli("data=reviews.csv", "data.text_column=review", "data.label_column=sentiment", "hub=push",
-                   "hub.repo_id=me/x", cwd=tmp_path, env=hub_env("http://127.0.0.1:9", tmp_path / "home", token=None))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login`" in proc.stderr
-    assert "trainable parameters" not in proc.stderr  # refused before loading anything
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+    monkeypatch.setenv("HF_TOKEN", "")  # no token: none in the environment, no login cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "home" / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("finetune.tasks.base.Task.load_tokenizer", lambda *a: pytest.fail("loaded before the check"))
+    args = ["data=reviews.csv", "data.text_column=review", "data.label_column=sentiment", "hub=push", "hub.repo_id=me/x"]
+    assert fail(args, tmp_path, monkeypatch, capfd).startswith("pushing to the Hub needs a token: set HF_TOKEN or "
+                                                               "run `hf auth login`")  # refused before loading anything
 
 
 @pytest.mark.parametrize("repo_id, message", [

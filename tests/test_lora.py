@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import TINY_TRAINER, make_sentences, run_cli
+from conftest import TINY_TRAINER, make_sentences
 from finetune import adapters
 from finetune.errors import FinetuneError
 from finetune.export import export
@@ -228,14 +228,16 @@ def test_adapter_folder_loads_onto_the_base_with_peft(trained_export, tiny_bert)
     assert f"PEFT: lora (r={cfg.peft.r})" in card and "## LoRA" in card and "`adapter/`" in card
 
 
-def test_cli_run_with_lora(tiny_bert, tmp_path):
+def test_cli_run_with_lora(tiny_bert, tmp_path, monkeypatch, capfd):
+    from helpers import cli_main
+
     import pandas as pd
 
     pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
-    proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
-                   "data.label_column=sentiment", "peft=lora", *TINY_TRAINER, "trainer.learning_rate=5e-3",
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = cli_main(["task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
+                             "data.label_column=sentiment", "peft=lora", *TINY_TRAINER, "trainer.learning_rate=5e-3"],
+                            tmp_path, monkeypatch, capfd)
+    assert code == 0, err[-3000:]
     (run,) = (tmp_path / "runs" / "sentiment").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < metrics["total_params"] / 2

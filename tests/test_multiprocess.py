@@ -19,9 +19,10 @@ from conftest import REPO, make_sentences
 ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
 # on a machine without GPUs `accelerate launch` starts several processes only through its torchrun path:
 # --multi_gpu on the command line, or an accelerate config with distributed_type MULTI_GPU (our ddp.yaml)
-LAUNCHES = [pytest.param(["--multi_gpu", "--num_processes", "2"], "hf", id="hf-multi_gpu-flag"),
-            pytest.param(["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml")], "accelerate",
-                         id="accelerate-ddp.yaml")]
+LAUNCHES = [pytest.param(["--multi_gpu", "--num_processes", "2"], ["trainer=hf"], id="hf-multi_gpu-flag"),
+            pytest.param(["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml")],
+                         ["trainer=accelerate", "trainer.gradient_checkpointing=true"],
+                         id="accelerate-ddp.yaml-checkpointing")]
 TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
            "trainer.per_device_eval_batch_size=4", "trainer.logging_steps=1", "trainer.warmup_ratio=0.0"]
 
@@ -43,10 +44,10 @@ def work(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("launcher_args, engine", LAUNCHES)
-def test_two_processes_one_run(launcher_args, engine, tiny_bert, work):
+@pytest.mark.parametrize("launcher_args, trainer", LAUNCHES)
+def test_two_processes_one_run(launcher_args, trainer, tiny_bert, work):
     args = ["task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
-            "data.label_column=sentiment", f"trainer={engine}", *TRAINER]
+            "data.label_column=sentiment", *trainer, *TRAINER]
     proc = launch(launcher_args, *args, cwd=work)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "terminate called" not in proc.stderr  # every process left the process group cleanly
@@ -64,6 +65,8 @@ def test_two_processes_one_run(launcher_args, engine, tiny_bert, work):
     loss, accuracy = _single_process_test_scores(run_dir / "model", tiny_bert, work, args)
     assert metrics["test_loss"] == pytest.approx(loss, abs=1e-4)
     assert metrics["test_accuracy"] == pytest.approx(accuracy) and metrics["num_test_examples"] == 16
+    peaks = metrics["peak_memory_mb_per_process"]  # each process's own peak, gathered
+    assert len(peaks) == 2 and min(peaks) > 0 and metrics["peak_memory_mb"] == max(peaks)
 
 
 def _single_process_test_scores(model_dir: Path, tiny_bert, work: Path, args) -> tuple[float, float]:

@@ -435,14 +435,16 @@ def test_label_smoothing_is_cross_entropy_with_label_smoothing(family, models, t
     assert abs(expected.item() - outputs.loss.item()) > 1e-3
 
 
+@pytest.mark.parametrize("chunk", ["512", "0"])  # the chunked LM loss smooths in the forward, the model's own: the task
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
-def test_both_engines_train_on_the_smoothed_loss_and_evaluate_the_plain_one(engine, models, tmp_path):
+def test_both_engines_train_on_the_smoothed_loss_and_evaluate_the_plain_one(engine, chunk, models, tmp_path):
     import torch
 
     from finetune.engines import make_engine
 
     cfg, task, tokenizer, features, model, batch = smoothing_setup(models["t5"], tmp_path, f"trainer={engine}",
-                                                                   "trainer.label_smoothing=0.2")
+                                                                   "trainer.label_smoothing=0.2",
+                                                                   f"trainer.lm_loss_chunk_size={chunk}")
     with torch.no_grad():
         expected = task.loss(model(**batch), batch["labels"], 0.2).item()  # one step of all pairs, at rate 0
     trained = make_engine(cfg, task, model, tokenizer, features, tmp_path / "out")

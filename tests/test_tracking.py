@@ -141,3 +141,28 @@ def test_log_file_gets_eta_and_throughput_every_logging_step(pushed_run):
     assert "%|" not in pushed_run.proc.stderr  # no progress bars in a log
     events = scalars(pushed_run.run_dir / "tensorboard")
     assert SCALARS <= set(events)
+
+
+def test_eta_converges_on_the_runs_pace_when_windows_alternate_fast_and_slow():
+    """Length-grouped batches make alternate logging windows fast and slow: samples/s is the window's, the ETA the
+    run's pace so far (evaluation pauses excluded), so it shrinks steadily instead of swinging."""
+    from finetune.progress import Meter
+
+    now = [100.0]
+    meter = Meter(samples_per_step=8, total_steps=100, clock=lambda: now[0])
+    meter.start(0, 100)
+    rates, etas = [], []
+    for window in range(10):  # 10 steps a window: 10 s, then 30 s, ... (2 s/step on average)
+        now[0] += 10.0 if window % 2 == 0 else 30.0
+        if window == 4:
+            with meter.paused():  # an evaluation: not training time
+                now[0] += 50.0
+        rates.append(meter.read((window + 1) * 10))
+        etas.append(meter.eta)
+    assert rates[:2] == [8.0, pytest.approx(2.667, abs=1e-3)]  # each window's own rate
+    truth = [(100 - (w + 1) * 10) * 2.0 for w in range(10)]  # the steps left at the average 2 s per step
+    errors = [abs(eta - t) / t for eta, t in zip(etas[:-1], truth[:-1])]
+    assert etas[-1] == 0 and etas[2] == pytest.approx(70 * 50 / 30)  # the pace so far: 50 s for 30 steps
+    assert errors[1::2] == [0.0] * 4 and max(errors[1:]) < 0.2  # a window's own rate is 50% off, every time
+    assert all(later < earlier for earlier, later in zip(errors[2::2], errors[4::2]))  # and it converges
+    assert meter.read(100) is None  # no step since the last reading

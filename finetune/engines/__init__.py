@@ -51,6 +51,11 @@ def make_engine(cfg, task, model, tokenizer, features, output_dir):
     check_task(cfg)
     _check_scheduler(cfg.trainer.lr_scheduler_type)
     check_fsdp(cfg.trainer)
+    check_checkpointing(cfg.trainer, model)
+    if task.label_shift is not None and cfg.trainer.lm_loss_chunk_size:  # a head over a vocabulary
+        from finetune import lm_loss
+
+        lm_loss.attach(model, task.label_shift, cfg.trainer.lm_loss_chunk_size, cfg.trainer.label_smoothing)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
 
@@ -92,9 +97,23 @@ def check_trainer_config(t) -> None:
     if t.early_stopping_patience and t.eval_strategy == "no":
         raise FinetuneError("trainer.early_stopping_patience counts evaluations: it needs trainer.eval_strategy=epoch "
                             "or steps (not no)")
+    if t.lm_loss_chunk_size < 0:
+        raise FinetuneError(f"trainer.lm_loss_chunk_size must be a number of tokens, or 0 for the model's own loss "
+                            f"(got {t.lm_loss_chunk_size})")
     if t.mixed_precision not in _PRECISIONS:
         raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
                             f"(got '{t.mixed_precision}')")
+
+
+CHECKPOINTING = {"use_reentrant": False}  # torch.utils.checkpoint's arguments for trainer.gradient_checkpointing
+
+
+def check_checkpointing(t, model) -> None:
+    """trainer.gradient_checkpointing=true needs a model whose blocks can recompute their activations."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    if t.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+        raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
+                            "checkpointing; set trainer.gradient_checkpointing=false")
 
 
 def _check_scheduler(name: str) -> None:
@@ -127,6 +146,14 @@ def check_fsdp(t) -> None:
     if not on_cpus:
         raise FinetuneError("trainer.fsdp=true shards CPU processes; on GPUs launch with accelerate's FSDP config "
                             "instead (accelerate launch --config_file configs/accelerate/fsdp.yaml ...) without it")
+
+
+def smoothed_by_task(model, t) -> float:
+    """The trainer.label_smoothing an engine applies through task.loss: none when the chunked LM loss the model was
+    given (finetune/lm_loss.py) smooths it inside the forward already."""
+    from finetune import lm_loss
+
+    return 0.0 if getattr(lm_loss.base_model(model).forward, "_chunked_lm_loss", False) else t.label_smoothing
 
 
 def param_groups(model, decay: set[str], weight_decay: float, new: set[str], new_lr: float) -> list[dict]:

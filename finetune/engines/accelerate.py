@@ -33,9 +33,9 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order, gathered_state_dict,
-                              logged_validation, mixed_precision, new_parameters, param_groups, restore_order,
-                              setup_tracking, train_sampler, without_length)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order,
+                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
+                              restore_order, setup_tracking, smoothed_by_task, train_sampler, without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -67,7 +67,10 @@ class AccelerateEngine:
         self.sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                      cfg.seed, t.group_by_length)
         loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
+        if t.gradient_checkpointing:  # (with frozen embeddings, LoRA, it also makes the inputs require grad)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
         self.fsdp = t.fsdp
+        self.smoothing = smoothed_by_task(model, t)
         new, new_lr = new_parameters(model, t)  # (named before FSDP2 replaces the parameters: it keeps the names)
         if self.fsdp:
             model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters
@@ -126,7 +129,7 @@ class AccelerateEngine:
                     step_start, micro_losses = time.perf_counter(), []
                 with acc.accumulate(self._model):
                     outputs = self._model(**batch)
-                    loss = self.task.loss(outputs, batch["labels"], t.label_smoothing) if t.label_smoothing \
+                    loss = self.task.loss(outputs, batch["labels"], self.smoothing) if self.smoothing \
                         else outputs.loss
                     acc.backward(loss)
                     micro_losses.append(loss.detach().float())
@@ -361,7 +364,7 @@ def _fully_shard(model):
     """FSDP2 over the launch's processes: each transformer block (the model's _no_split_modules, as accelerate's
     TRANSFORMER_BASED_WRAP picks them), then the root. Every process starts from rank 0's weights, as under DDP."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)
@@ -371,6 +374,12 @@ def _fully_shard(model):
         if type(module).__name__ in blocks:
             fully_shard(module)
     fully_shard(model)
+    # FSDP allocates its gather buffers at the first unshard; made under inference mode (a base model evaluated before
+    # training) they could not be written in training ("inplace update to inference tensor"): allocate them here
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
     return model
 
 

@@ -12,9 +12,9 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict, logged_validation,
-                              mixed_precision, new_parameters, param_groups, restore_order, setup_tracking,
-                              train_sampler, without_length)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict,
+                              logged_validation, mixed_precision, new_parameters, param_groups, restore_order,
+                              setup_tracking, smoothed_by_task, train_sampler, without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
@@ -65,6 +65,15 @@ class _Trainer(Trainer):
     def evaluate(self, *args, **kwargs):
         with self.meter.paused(), adapters.merged_for_inference(self.model):
             return super().evaluate(*args, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The best checkpoint's reload: a checkpoint stores tied weights once (SmolLM2's lm_head is its input
+        embeddings), so a tied key whose source was loaded is not missing; other missing keys stay a warning."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        missing = [k for k in load_result.missing_keys if tied.get(k) is None or tied[k] in load_result.missing_keys]
+        if len(missing) < len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, *args, **kwargs):
         with self.meter.paused():
@@ -145,6 +154,8 @@ class HFEngine:
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             dataloader_num_workers=t.dataloader_num_workers,
+            activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
+            activation_checkpointing_kwargs=CHECKPOINTING,
             # True multiplies every loss by the process count for models whose forward takes **kwargs, assuming
             # it normalises by the global token count; mean-reduced losses (classification) came out doubled
             average_tokens_across_devices=False,
@@ -166,7 +177,7 @@ class HFEngine:
             meter=meter,
             new_parameters=new_parameters(model, t),
             task=task,
-            label_smoothing=t.label_smoothing,
+            label_smoothing=smoothed_by_task(model, t),
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),

@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import sources
+from finetune import loading, sources
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -40,6 +40,10 @@ class Task:
     optional_columns: ClassVar[frozenset[str]] = frozenset()
     input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
     stratify_column: ClassVar[str | None] = None  # held-out splits keep its class balance
+    # the exported tokenizer's model_max_length is the training length, so its pipeline truncates like training; False:
+    # the checkpoint's own limit is kept (a generated text's prompt is not cut to the training block size)
+    truncates_like_training: ClassVar[bool] = True
+    head: ClassVar[str | None] = None  # what the task's model adds to a pretrained body, new by design (load line)
     peft_task_type: ClassVar[str | None] = None  # peft TaskType for peft=lora (SEQ_CLS, TOKEN_CLS, ...); None: generic
     # the least disagreement verify() must allow between the pipeline and the trainer on the main metric,
     # when the pipeline's decoding inherently differs from the trainer's (cfg.verify_tolerance can add more)
@@ -55,6 +59,9 @@ class Task:
     pipeline_options: ClassVar[dict[str, Any]] = {}
     pipeline_call: ClassVar[dict[str, Any]] = {}
     pipeline_batch_size: ClassVar[int] = 64
+    # a head predicting over a vocabulary (trained with finetune/lm_loss.py): where a label is predicted from, 1 = the
+    # position before it (causal LMs), 0 = its own (MLM, encoder-decoders); None: no such head
+    label_shift: ClassVar[int | None] = None
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -89,9 +96,11 @@ class Task:
         raise NotImplementedError
 
     def loss(self, outputs: Any, labels: Any, label_smoothing: float) -> Any:
-        """The training loss of a batch when trainer.label_smoothing > 0, from the model's outputs and the labels:
-        the tasks of finetune.tasks.LM_LOSS smooth their token cross-entropy (the others' losses are not smoothed)."""
-        raise NotImplementedError
+        """The training loss of a batch when trainer.label_smoothing > 0 and the model keeps its own loss (no chunked
+        LM loss), from its logits and the labels: the tasks of finetune.tasks.LM_LOSS (those with a label_shift)."""
+        from finetune.tasks.causal_lm import token_cross_entropy
+
+        return token_cross_entropy(outputs.logits, labels, label_smoothing, self.label_shift)
 
     # --- model --------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -108,14 +117,17 @@ class Task:
         if self.max_length > tokenizer.model_max_length:  # (a tokenizer that declares none says 1e30)
             log.warning("%s=%d is more than the %d tokens the tokenizer declares for its model",
                         key, self.max_length, tokenizer.model_max_length)
-        tokenizer.model_max_length = self.max_length  # the exported pipeline truncates like training
+        if self.truncates_like_training:
+            tokenizer.model_max_length = self.max_length
         return tokenizer
 
-    def load_model(self, path: str, model_cfg: ModelConfig) -> PreTrainedModel:
+    def load_model(self, path: str, model_cfg: ModelConfig, dtype: str = "float32") -> PreTrainedModel:
+        """The model with its head, its weights in `dtype` (memory.model_dtype resolves model.dtype)."""
         if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
             raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
                                 "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
-        model = _load(self.auto_model, path, model_cfg, ignore_mismatched_sizes=True, **self.model_kwargs())
+        model, _ = load_pretrained(self.auto_model, path, model_cfg, self.head, ignore_mismatched_sizes=True,
+                                   dtype=dtype, **self.model_kwargs())
         limit = position_limit(model)
         if limit is not None and self.max_length > limit:
             raise FinetuneError(f"{self.max_length_key}={self.max_length} is more than the {limit} positions "
@@ -273,6 +285,14 @@ def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> An
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise sources.model_error(name, first, offline) from e
+
+
+def load_pretrained(auto_cls: Any, path: str, model_cfg: ModelConfig, head: str | None, **kwargs: Any) -> tuple:
+    """(model, loading info) from_pretrained, its load told in one plain line (finetune.loading)."""
+    with loading.quiet_load_report():
+        model, info = _load(auto_cls, path, model_cfg, output_loading_info=True, **kwargs)
+    loading.report(model, info, head, kwargs.get("num_labels"))
+    return model, info
 
 
 # the names checkpoints give their dropouts. Attention probabilities: BERT-likes, BART/Llama-likes, GPT-2. Hidden

@@ -23,7 +23,9 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig
 
+from finetune import lm_loss
 from finetune.checks import generation_config
+from finetune.config import TrainerConfig
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
@@ -50,6 +52,7 @@ class CausalLMTask(Task):
     pipeline_batch_size = 8
     pipeline_call = {"return_full_text": False}
     verify_relative_tolerance = 0.005  # perplexity recomputed from the exported directory: within 0.5%
+    label_shift = 1
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -62,6 +65,7 @@ class CausalLMTask(Task):
         self._greedy: list[tuple[Any, list[int]]] = []  # (prompt, trainer-side greedy token ids) for verify
 
     max_length_key = "task.block_size"
+    truncates_like_training = False  # task.block_size is how text is cut for training, not a limit of the model
 
     @property
     def max_length(self) -> int:
@@ -158,13 +162,10 @@ class CausalLMTask(Task):
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
-    def loss(self, outputs, labels, label_smoothing: float):
-        return token_cross_entropy(outputs.logits, labels, label_smoothing, shift=True)
-
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
         """Per example: the summed next-token NLL and the number of predicted tokens (not vocab x tokens logits)."""
-        return nll_sums(logits[0] if isinstance(logits, tuple) else logits, labels[:, 1:])
+        return lm_sums(logits, labels, self.label_shift)
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:
@@ -250,13 +251,15 @@ class CausalLMTask(Task):
         features = self.tokenize(DatasetDict({"test": raw}), pipe.tokenizer)["test"]
         rows = features.select_columns(["input_ids", "attention_mask", "labels"])
         sums, collate = [], self.collator(pipe.tokenizer)
+        lm_loss.attach(pipe.model, self.label_shift, TrainerConfig.lm_loss_chunk_size)  # scored as in training
         pipe.model.eval()
         for i in range(0, len(rows), 8):
             batch = collate([rows[j] for j in range(i, min(i + 8, len(rows)))])
             batch = {k: v.to(pipe.model.device) for k, v in batch.items()}
             with torch.inference_mode():
-                logits = pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            sums.append(self.preprocess_logits(logits, batch["labels"]).cpu().numpy())
+                out = pipe.model(**batch)
+            kept = tuple(v for k, v in out.items() if k != "loss")  # what the engines pass preprocess_logits
+            sums.append(self.preprocess_logits(kept, batch["labels"]).cpu().numpy())
         scores = perplexity(np.concatenate(sums))
         pipe.tokenizer.padding_side = side
         greedy = self.generation_config(pipe.tokenizer, greedy=True).to_dict()
@@ -271,13 +274,23 @@ class CausalLMTask(Task):
         return {**scores, "greedy_prompts_matched": float(len(self._greedy))}
 
 
-def token_cross_entropy(logits, labels, label_smoothing: float = 0.0, shift: bool = False):
+def token_cross_entropy(logits, labels, label_smoothing: float = 0.0, shift: int = 0):
     """The models' own token cross-entropy (mean over the labelled tokens; -100: none) with trainer.label_smoothing;
-    shift: a causal LM's position t predicts token t + 1."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    shift 1: a causal LM's position t predicts token t + 1."""
+    logits, labels = logits[:, : logits.shape[1] - shift], labels[:, shift:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                              ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def lm_sums(outputs, labels, shift: int):
+    """Per example of an evaluated batch: the summed NLL of its labels and their number, as [rows, 2], from the
+    chunked loss's per-token NLL (finetune/lm_loss.py) or, when the model computed its own loss, from its logits
+    (shift: labels are predicted from the position before)."""
+    tokens = lm_loss.token_outputs(outputs, labels)
+    if tokens is not None:
+        nll, top1 = tokens
+        return torch.stack([nll.sum(1), (top1 != -100).sum(1).float()], dim=1)
+    return nll_sums(outputs[0] if isinstance(outputs, tuple) else outputs, labels[:, shift:])
 
 
 def nll_sums(logits, targets):

@@ -22,6 +22,7 @@ class ClassificationTask(Task):
     pipeline_task = "text-classification"
     main_metric = "accuracy"
     auto_model = AutoModelForSequenceClassification
+    head = "classification head"
     columns = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
     optional_columns = frozenset({"text_pair"})
     input_columns = ("text", "text_pair")

@@ -24,7 +24,7 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, 
 
 from finetune.errors import FinetuneError
 from finetune.metrics import masked_lm_metrics
-from finetune.tasks.base import MetricsFn, Task, _load
+from finetune.tasks.base import MetricsFn, Task, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class MaskedLMTask(Task):
     verify_tolerance = 0.01  # differently padded batches can flip a near-tie top-1 token
     pipeline_batch_size = PROBE_BATCH
     pipeline_call = {"top_k": 1, "tokenizer_kwargs": {"truncation": True}}  # the fill-mask check's top-1 token
+    label_shift = 0
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -76,11 +77,6 @@ class MaskedLMTask(Task):
             features[split] = features[split].map(mask_once, remove_columns=extra, desc=f"masking {split}")
         return features
 
-    def loss(self, outputs, labels, label_smoothing: float):
-        from finetune.tasks.causal_lm import token_cross_entropy
-
-        return token_cross_entropy(outputs.logits, labels, label_smoothing)
-
     def collator(self, tokenizer):
         import torch
 
@@ -111,20 +107,24 @@ class MaskedLMTask(Task):
                                 "slow one; use a checkpoint with a tokenizer.json")
         return tokenizer
 
-    def load_model(self, path: str, model_cfg):
-        model, info = _load(self.auto_model, path, model_cfg, output_loading_info=True)
+    def load_model(self, path: str, model_cfg, dtype: str = "float32"):
+        model, info = load_pretrained(self.auto_model, path, model_cfg, None, dtype=dtype)  # a new MLM head is news
         self.new_weights = sorted(info["missing_keys"])
-        if self.new_weights:
-            log.warning("newly initialized (not in the checkpoint, trained from scratch in this run): %s",
-                        ", ".join(self.new_weights))
         return model
 
     # --- evaluation and export ----------------------------------------------------------------
     def preprocess_logits(self, logits: Any, labels: Any) -> Any:
-        """Keep each token's top-1 id and, where a token is masked, its loss -- not vocabulary x tokens logits."""
+        """Keep, where a token is masked, its top-1 id and its loss -- not vocabulary x tokens logits: from the chunked
+        loss (finetune/lm_loss.py), or from the logits when the model computes its own loss."""
         import torch
         import torch.nn.functional as F
 
+        from finetune import lm_loss
+
+        tokens = lm_loss.token_outputs(logits, labels)
+        if tokens is not None:
+            nll, top1 = tokens
+            return top1, nll
         logits = logits[0] if isinstance(logits, tuple) else logits
         masked = labels != -100
         nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
@@ -178,9 +178,12 @@ class MaskedLMTask(Task):
         with torch.inference_mode():
             for i in range(0, len(order), PROBE_BATCH):
                 rows = order[i:i + PROBE_BATCH]
-                enc = tokenizer.pad({"input_ids": [encoded[j] for j in rows]}, return_tensors="pt")
-                logits = model(**enc.to(device)).logits
-                for j, token in zip(rows, logits[enc["input_ids"] == tokenizer.mask_token_id].argmax(-1).tolist()):
+                enc = tokenizer.pad({"input_ids": [encoded[j] for j in rows]}, return_tensors="pt").to(device)
+                masked = enc["input_ids"] == tokenizer.mask_token_id
+                # labels at the masks: the chunked loss (finetune/lm_loss.py) scores them alone, without full logits
+                out = model(**enc, labels=enc["input_ids"].masked_fill(~masked, -100))
+                top1 = out.token_top1[masked] if out.get("token_top1") is not None else out.logits[masked].argmax(-1)
+                for j, token in zip(rows, top1.tolist()):
                     predicted[j] = token
         model.train(training)
         return predicted

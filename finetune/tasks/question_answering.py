@@ -45,6 +45,7 @@ class QuestionAnsweringTask(Task):
     peft_task_type = "QUESTION_ANS"
     main_metric = "f1"
     auto_model = AutoModelForQuestionAnswering
+    head = "question-answering head (answer start and end)"
     columns = {"question": "question_column", "context": "context_column", "answers": "answers_column"}
     input_columns = ("question", "context")
     verify_tolerance = 0.01  # 1 point: batches padded differently can move a near-tie answer span

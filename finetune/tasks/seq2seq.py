@@ -29,15 +29,16 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           DataCollatorForSeq2Seq, EncoderDecoderModel, pipeline)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from finetune import adapters, assets
+from finetune import adapters, assets, loading
 from finetune.checks import generation_config
 from finetune.config import CausalLMTaskConfig
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
-from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, position_limit, weights_precision
-from finetune.tasks.causal_lm import CausalLMTask, nll_sums, perplexity, token_cross_entropy
+from finetune.tasks.base import (MetricsFn, Task, _load, device, dropouts, load_pretrained, position_limit,
+                                 weights_precision)
+from finetune.tasks.causal_lm import CausalLMTask, lm_sums, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class Seq2SeqTask(Task):
     @property
     def decoder_only(self) -> bool:
         return self.family == "decoder_only"
+
+    @property
+    def label_shift(self) -> int:
+        return 1 if self.decoder_only else 0  # an encoder-decoder's decoder predicts label t at position t
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
@@ -189,15 +194,16 @@ class Seq2SeqTask(Task):
         """The tokenizer's codes of the source and target languages, for tokenizers that have them."""
         return None, None
 
-    def load_model(self, path: str, model_cfg):
+    def load_model(self, path: str, model_cfg, dtype: str = "float32"):
         tokenizer = self.tokenizer
         if self.family == "warm_start":
             sides = {"encoder": assets.resolve(model_cfg.encoder), "decoder": assets.resolve(model_cfg.decoder)}
             dropout = {f"{side}_{k}": v for side, p in sides.items()  # both halves' config keys, prefixed
                        for k, v in dropouts(p, model_cfg).items()}
             try:
-                model = EncoderDecoderModel.from_encoder_decoder_pretrained(sides["encoder"], sides["decoder"],
-                                                                            **dropout)
+                with loading.quiet_load_report():  # (the line below says what is new)
+                    model = EncoderDecoderModel.from_encoder_decoder_pretrained(
+                        sides["encoder"], sides["decoder"], encoder_dtype=dtype, decoder_dtype=dtype, **dropout)
             except (OSError, ValueError, KeyError) as e:
                 raise FinetuneError(f"cannot warm-start an encoder-decoder from model.encoder={model_cfg.encoder} and "
                                     f"model.decoder={model_cfg.decoder} ({str(e).strip().splitlines()[0]}); use "
@@ -211,7 +217,7 @@ class Seq2SeqTask(Task):
             log.info("warm-started encoder-decoder; newly initialized: %s",
                      ", ".join(adapters.trainable_modules(model)))
         else:
-            model = _load(self.auto_model, path, model_cfg)
+            model, _ = load_pretrained(self.auto_model, path, model_cfg, None, dtype=dtype)
         g = self.cfg.generation
         settings = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample,
                     "repetition_penalty": g.repetition_penalty, "pad_token_id": tokenizer.pad_token_id}
@@ -272,15 +278,10 @@ class Seq2SeqTask(Task):
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
-    def loss(self, outputs, labels, label_smoothing: float):
-        return token_cross_entropy(outputs.logits, labels, label_smoothing, shift=self.decoder_only)
-
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
         """Per example: the summed NLL of the reference tokens and their number (not vocab x tokens logits)."""
-        if self.decoder_only:
-            return self.lm.preprocess_logits(logits, labels)
-        return nll_sums(logits[0] if isinstance(logits, tuple) else logits, labels)
+        return lm_sums(logits, labels, self.label_shift)
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
         def fn(pred) -> dict[str, float]:  # the references' perplexity under the model (teacher forcing)

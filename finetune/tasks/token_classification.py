@@ -37,6 +37,7 @@ class TokenClassificationTask(Task):
     peft_task_type = "TOKEN_CLS"
     main_metric = "f1"
     auto_model = AutoModelForTokenClassification
+    head = "token-classification head"
     columns = {"tokens": "text_column", "tags": "label_column"}
     input_columns = ("tokens",)
     # The trainer scores each word by its first sub-token; the pipeline's "simple" aggregation groups all

@@ -1,0 +1,194 @@
+"""A language-model loss that never holds the whole tokens x vocabulary logits (trainer.lm_loss_chunk_size).
+
+    lm_loss.attach(model, shift=1, chunk_size=512)    # task=generation; shift=0: MLM, encoder-decoders
+    out = model(**batch)                                # batch with labels: out.loss, and outside autograd
+                                                        # out.token_nll / out.token_top1 (labels' shape)
+
+The model runs up to its output layer (the input of get_output_embeddings(), after any head transform: an MLM head's
+dense + norm, T5's rescaling); the positions whose label is -100 are dropped there, before the output layer; the
+output layer and the cross-entropy then run `chunk_size` labelled tokens at a time, each chunk's gradients taken as soon
+as its logits exist, so at most one chunk's logits exist. The loss is the sum over the tokens divided by their
+number (or by the Trainer's num_items_in_batch, as transformers' own loss does): the model's own loss, to float
+rounding. The wrapped forward is the model's own `forward`, so engines, LoRA (peft calls it), DDP and FSDP (it runs
+inside the root module's forward, where the sharded output layer is gathered) see an ordinary model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LMLossOutput(ModelOutput):
+    """The chunked loss's output. Outside autograd (evaluation) also, per label position (labels' shape): the NLL of
+    the label (0 where none is predicted) and the top-1 predicted token (-100 where none is predicted)."""
+
+    loss: torch.Tensor | None = None
+    token_nll: torch.Tensor | None = None
+    token_top1: torch.Tensor | None = None
+
+
+def base_model(model):
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attach(model, shift: int, chunk_size: int, label_smoothing: float = 0.0) -> bool:
+    """Make the model compute its LM loss chunk by chunk whenever it is given labels (in place); shift=1: a token's
+    label is predicted from the position before (causal LMs), 0: from its own position. False, with a warning, when
+    the model's logits are not its output layer's (then it keeps its own loss)."""
+    model = base_model(model)
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.forward, "_chunked_lm_loss", False):
+        if head is None:
+            log.warning("%s has no output embedding layer: trainer.lm_loss_chunk_size does not apply, it computes "
+                        "its own loss", type(model).__name__)
+        return head is not None
+    head_fn = _head_function(model, head)
+    if not _reproduces_logits(model, head, head_fn):
+        log.warning("%s changes its logits after the output layer (%s): trainer.lm_loss_chunk_size does not apply, "
+                    "it computes its own loss", type(model).__name__, type(head).__name__)
+        return False
+    own = model.forward
+
+    @functools.wraps(own)
+    def forward(*args, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None:
+            return own(*args, **kwargs)
+        hidden = _up_to_head(own, head, *args, labels=labels, **kwargs)  # labels: encoder-decoders shift them
+        return _loss(hidden, head, head_fn, labels, shift, chunk_size, label_smoothing, num_items_in_batch)
+
+    forward._chunked_lm_loss = True
+    model.forward = forward
+    return True
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: Callable, targets: torch.Tensor, chunk_size: int,
+                          label_smoothing: float = 0.0, params: list[torch.Tensor] = ()) -> torch.Tensor:
+    """The summed cross-entropy of head(row) against its target, over the rows of hidden ([N, H]) and targets ([N]),
+    chunk_size rows at a time; params: head's trainable parameters. Under autograd each chunk's gradients are taken as
+    soon as its logits exist, then the logits are freed: one chunk's logits at a time, none recomputed in backward."""
+    if torch.is_grad_enabled():
+        return _ChunkedCrossEntropy.apply(hidden, targets, head, chunk_size, label_smoothing, *params)
+    return sum((F.cross_entropy(head(hidden[i:i + chunk_size]).float(), targets[i:i + chunk_size], reduction="sum",
+                                label_smoothing=label_smoothing) for i in range(0, len(targets), chunk_size)),
+               hidden.new_zeros((), dtype=torch.float32))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the gradients too (the loss is the last step before backward, so they are only scaled there):
+    torch.utils.checkpoint would free a chunk's logits the same way but compute them twice (+7% of a SmolLM2 step)."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk_size, label_smoothing, *params):
+        grad_hidden = torch.empty_like(hidden)
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(targets), chunk_size):
+            with torch.enable_grad():
+                h = hidden[start:start + chunk_size].detach().requires_grad_()
+                loss = F.cross_entropy(head(h).float(), targets[start:start + chunk_size], reduction="sum",
+                                       label_smoothing=label_smoothing)
+                grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+            grad_hidden[start:start + chunk_size] = grads[0]
+            for g, d in zip(grad_params, grads[1:]):
+                if d is not None:
+                    g += d
+            total += loss.detach()
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return grad_hidden.mul_(grad_output), None, None, None, None, *(g.mul_(grad_output) for g in grad_params)
+
+
+def _loss(hidden, head, head_fn, labels, shift: int, chunk_size: int, label_smoothing: float, num_items) -> LMLossOutput:
+    targets = labels[:, shift:].to(hidden.device)
+    hidden = hidden[:, : hidden.shape[1] - shift]
+    keep = targets != -100
+    h, t = hidden[keep], targets[keep]  # the positions without a label never reach the output layer
+    count = num_items.to(h.device) if torch.is_tensor(num_items) else num_items or len(t)
+    if torch.is_grad_enabled():
+        params = [p for p in head.parameters() if p.requires_grad]  # now: FSDP swaps in the gathered ones
+        return LMLossOutput(loss=chunked_cross_entropy(h, head_fn, t, chunk_size, label_smoothing, params) / count)
+    nll, top1 = [], []  # (evaluation: the loss is not smoothed, as trainer.label_smoothing smooths training only)
+    for start in range(0, len(t), chunk_size):
+        logits = head_fn(h[start:start + chunk_size]).float()
+        nll.append(F.cross_entropy(logits, t[start:start + chunk_size], reduction="none"))
+        top1.append(logits.argmax(-1))
+    token_nll = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+    token_top1 = torch.full(labels.shape, -100, dtype=torch.long, device=h.device)
+    if nll:  # evaluation reports the NLL itself (perplexity), not a smoothed training loss
+        token_nll[:, shift:][keep], token_top1[:, shift:][keep] = torch.cat(nll), torch.cat(top1)
+    loss = (torch.cat(nll).sum() if nll else h.new_zeros((), dtype=torch.float32)) / count
+    return LMLossOutput(loss=loss, token_nll=token_nll, token_top1=token_top1)
+
+
+def token_outputs(outputs: Any, labels: Any) -> tuple[Any, Any] | None:
+    """(token_nll, token_top1) when an evaluation's outputs came from the chunked loss, None when they are logits
+    (what the engines pass to a task's preprocess_logits: the outputs other than the loss, bare when only one)."""
+    if isinstance(outputs, tuple) and len(outputs) == 2 and labels is not None and outputs[0].shape == labels.shape:
+        return outputs
+    return None
+
+
+class _HeadReached(Exception):
+    """Raised by the output layer's pre-hook: the model's forward stops where its logits would be computed."""
+
+
+def _up_to_head(forward: Callable, head, *args, **kwargs) -> torch.Tensor:
+    """The input of the output layer when `forward` runs (nothing after it runs)."""
+    captured = []
+
+    def stop(module, inputs):
+        captured.append(inputs[0])
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        forward(*args, **kwargs)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the forward of this model never calls its output layer ({type(head).__name__})")
+    return captured[0]
+
+
+def _head_function(model, head) -> Callable:
+    """The output layer and what the model adds to its output (BART-family models: final_logits_bias)."""
+    bias = getattr(model, "final_logits_bias", None)
+    if isinstance(bias, torch.Tensor):
+        return lambda h: head(h) + bias.to(h.device)
+    return head
+
+
+def _reproduces_logits(model, head, head_fn: Callable) -> bool:
+    """Whether head_fn(the output layer's input) is the model's logits, on 8 tokens (a model that rescales or caps
+    its logits after the output layer, e.g. Gemma's soft-capping, is not)."""
+    device = next(model.parameters()).device
+    ids = (torch.arange(8, device=device) % getattr(model.get_input_embeddings(), "num_embeddings", 8)).unsqueeze(0)
+    inputs = {"input_ids": ids, "decoder_input_ids": ids} if model.config.is_encoder_decoder else {"input_ids": ids}
+    seen = []
+    handle = head.register_forward_pre_hook(lambda module, args: seen.extend(args[:1]))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            return bool(seen) and torch.allclose(head_fn(seen[-1]), logits, rtol=1e-4, atol=1e-5)
+    finally:
+        handle.remove()
+        model.train(training)
