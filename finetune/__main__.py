@@ -217,6 +217,7 @@ def main() -> None:
             debug = cfg.debug
             check_trainer_config(cfg.trainer)
             check_dtype(cfg.model.dtype)
+            checks.check_task(cfg)  # label smoothing and generation settings the task cannot take
             sources.check(cfg)  # a missing path or an unreachable model fails in a second, not after the imports
             argv += pin_run_dir(argv, cfg)
         sys.argv[1:] = argv

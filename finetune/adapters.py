@@ -106,13 +106,8 @@ def _embeddings(model, which: str):
 
 def _new_modules(model) -> list[str]:
     """The largest modules whose parameters all were newly initialized by from_pretrained (not in the checkpoint)."""
-    # transformers marks each tensor it loaded with `_is_hf_initialized`; no public API reports this after loading.
-    # Tied weights are listed under every name, so a module holding a loaded tied weight (an MLM head's decoder,
-    # tied to the input embeddings) is not new, and only its new parts (the head transform) are trained in full
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    new = {n for n, p in model.named_parameters(remove_duplicate=False) if not getattr(p, "_is_hf_initialized", False)}
-    if len(new) == len(params):  # not loaded from a checkpoint (or no flags): nothing to tell
-        return []
+    new = _initialized(model)
     found = set()
     for name in new:
         parts = name.split(".")[:-1]
@@ -122,6 +117,32 @@ def _new_modules(model) -> list[str]:
                 found.add(prefix)
                 break
     return sorted(found)
+
+
+def _initialized(model) -> set[str]:
+    """Names of the parameters that from_pretrained initialized (empty for a model not loaded from a checkpoint)."""
+    # transformers marks each tensor it loaded with `_is_hf_initialized`; no public API reports this after loading.
+    # Tied weights are listed under every name, so a module holding a loaded tied weight (an MLM head's decoder,
+    # tied to the input embeddings) is not new, and only its new parts (the head transform) are trained in full
+    named = list(model.named_parameters(remove_duplicate=False))
+    new = {n for n, p in named if not getattr(p, "_is_hf_initialized", False)}
+    return set() if len(new) == len(named) else new  # no flags at all: not loaded from a checkpoint, nothing to tell
+
+
+def new_parameters(model) -> set[str]:
+    """The trainable parameters (named as model.named_parameters() names them) that from_pretrained initialized:
+    a new head, a warm start's cross-attention. Under LoRA: the fully trained copies of such modules, no adapters."""
+    import re
+
+    new = _initialized(model)
+    # peft trains a copy of each modules_to_save module (<m>.modules_to_save.<adapter>.*, unflagged) beside the
+    # original (<m>.original_module.*, flags kept): a copy is new when its original is
+    def original(name: str) -> str:
+        return re.sub(r"\.modules_to_save\.[^.]+\.", ".original_module.", name)
+
+    adapter = f".{model.base_model.prefix}" if is_adapted(model) else None  # LoRA's own weights: lora_A, lora_B
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and original(n) in new and not (adapter and adapter in n)}
 
 
 def is_adapted(model) -> bool:

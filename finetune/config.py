@@ -167,6 +167,12 @@ class TrainerConfig:
     num_train_epochs: float = 2.0
     max_steps: int = -1
     learning_rate: float = 1e-4
+    # the parameters from_pretrained initialized (a new head, a warm start's cross-attention) train at this x
+    # learning_rate; 1: no difference
+    new_parameters_lr_scale: float = 1.0
+    # language-model losses (generation, translation, summarization, mlm): the target's probability mass spread to
+    # the rest of the vocabulary while training (0: none); evaluation losses and perplexities stay unsmoothed
+    label_smoothing: float = 0.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     lr_scheduler_type: str = "linear"

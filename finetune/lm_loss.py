@@ -122,18 +122,16 @@ def _loss(hidden, head, head_fn, labels, shift: int, chunk_size: int, label_smoo
     if torch.is_grad_enabled():
         params = [p for p in head.parameters() if p.requires_grad]  # now: FSDP swaps in the gathered ones
         return LMLossOutput(loss=chunked_cross_entropy(h, head_fn, t, chunk_size, label_smoothing, params) / count)
-    losses, nll, top1 = [], [], []
+    nll, top1 = [], []  # (evaluation: the loss is not smoothed, as trainer.label_smoothing smooths training only)
     for start in range(0, len(t), chunk_size):
         logits = head_fn(h[start:start + chunk_size]).float()
         nll.append(F.cross_entropy(logits, t[start:start + chunk_size], reduction="none"))
-        losses.append(F.cross_entropy(logits, t[start:start + chunk_size], reduction="none",
-                                      label_smoothing=label_smoothing) if label_smoothing else nll[-1])
         top1.append(logits.argmax(-1))
     token_nll = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
     token_top1 = torch.full(labels.shape, -100, dtype=torch.long, device=h.device)
     if nll:  # evaluation reports the NLL itself (perplexity), not a smoothed training loss
         token_nll[:, shift:][keep], token_top1[:, shift:][keep] = torch.cat(nll), torch.cat(top1)
-    loss = (torch.cat(losses).sum() if losses else h.new_zeros((), dtype=torch.float32)) / count
+    loss = (torch.cat(nll).sum() if nll else h.new_zeros((), dtype=torch.float32)) / count
     return LMLossOutput(loss=loss, token_nll=token_nll, token_top1=token_top1)
 
 

@@ -43,21 +43,23 @@ def describe(model: Any, info: dict[str, Any], head: str | None, labels: int | N
     drops them by design when a checkpoint is loaded for another task."""
     body = getattr(model, "base_model_prefix", "")
     in_body = (lambda key: key.startswith(f"{body}.")) if body and hasattr(model, body) else (lambda key: True)
-    missing, notes, news = set(info["missing_keys"]), [], []
+    missing, head_line, news, unused_line = set(info["missing_keys"]), [], [], []
     if head:
         new_head = {k for k in missing if not in_body(k)}
         missing -= new_head
         new_head |= {k for k, _, _ in info.get("mismatched_keys", ()) if not in_body(k)}
         counted = f": {labels} labels" if labels else ""
-        notes.append(f"new {head}{counted} ({_modules(new_head)})" if new_head else f"{head}{counted} from the checkpoint")
+        head_line.append(f"new {head}{counted} ({_modules(new_head)})" if new_head
+                         else f"{head}{counted} from the checkpoint")
     if unused := info["unexpected_keys"]:
-        notes.append(f"not used from the checkpoint: {', '.join(sorted({'.'.join(k.split('.')[:2]) for k in unused}))}")
+        parts = sorted({".".join(k.split(".")[:2]) for k in unused})
+        unused_line.append(f"not used from the checkpoint: {', '.join(parts)}")
     if missing:
         news.append(f"not in the checkpoint, initialized new and trained: {_modules(missing)}")
     if mismatched := info.get("mismatched_keys"):
         shapes = ", ".join(f"{key} {tuple(old)} -> {tuple(new)}" for key, old, new in sorted(mismatched))
         news.append(f"another shape in the checkpoint, initialized new: {shapes}")
-    return (logging.WARNING if news else logging.INFO), "; ".join(notes + news)
+    return (logging.WARNING if news else logging.INFO), "; ".join(head_line + news + unused_line)
 
 
 def report(model: Any, info: dict[str, Any], head: str | None, labels: int | None = None) -> None:

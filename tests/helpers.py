@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -25,11 +26,18 @@ def cli_main(args: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["finetune", *args])
     monkeypatch.setattr(sys, "stderr", sys.stderr)  # the CLI re-points sys.stderr: restore it after the test
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         cli.main()
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:  # a run's console and log-file handlers (Hydra's job logging) must not outlive the captured streams
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
     out = capfd.readouterr()
     return code, out.out, out.err
 

@@ -93,6 +93,21 @@ CONFIG_CASES = [
     (["trainer.learning_rate=[1"], "cannot parse the command line: "),
     (["model=custom"], "model.name_or_path is not set; pass model.name_or_path=<value>"),
     (["task=sentimnt"], "unknown task 'sentimnt': did you mean task=sentiment? choose one of"),
+    (["trainer.new_parameters_lr_scale=0"], "trainer.new_parameters_lr_scale must be above 0 (got 0.0)"),
+    (["trainer.label_smoothing=1"], "trainer.label_smoothing must be at least 0 and below 1 (got 1.0)"),
+    (["trainer.label_smoothing=0.1"], "trainer.label_smoothing smooths language-model losses (tasks causal_lm, "),
+    # generation settings transformers refuses only once generate() runs, after training (every generating task)
+    (["task=generation", "task.generation.do_sample=true", "task.generation.temperature=0"],
+     "task.generation.temperature=0.0: `temperature` (=0.0) has to be a strictly positive float"),
+    (["task=translation", "task.generation.temperature=0.7"],
+     "task.generation.temperature=0.7: `do_sample` is not set to `True`. However, `temperature` is set to `0.7`"),
+    (["task=summarization", "task.generation.do_sample=true", "task.generation.top_p=1.5"],
+     "task.generation.top_p=1.5: `top_p` has to be a float > 0 and < 1, but is 1.5"),
+    (["task=generation", "task.generation.repetition_penalty=0"],
+     "task.generation.repetition_penalty=0.0: `penalty` has to be a strictly positive float, but is 0.0"),
+    (["task=translation", "task.generation.max_new_tokens=0"],
+     "task.generation.max_new_tokens=0: `max_new_tokens` must be greater than 0, but is 0"),
+    (["task=summarization", "task.generation.num_beams=0"], "task.generation.num_beams=0: it must be at least 1"),
 ]
 
 

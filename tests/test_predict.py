@@ -5,15 +5,12 @@ records, and evaluation through the export check's path."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import REPO, make_sentences
+from conftest import make_sentences
 from helpers import compose_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,18 +40,23 @@ def direct(pushed_run):
     return clf(texts(), top_k=None, truncation=True)
 
 
-def test_predict_cli_on_a_run_directory(pushed_run, direct, tmp_path):
+def test_predict_cli_on_a_run_directory(pushed_run, direct, tmp_path, monkeypatch, capsys, caplog):
+    import logging
+
+    from finetune import predict
+
+    caplog.set_level(logging.INFO)  # (in this process the log lines reach pytest's handler, not stderr)
     pd.DataFrame({"review": texts(), "other": range(40)}).to_csv(tmp_path / "new.csv", index=False)
-    proc = subprocess.run([sys.executable, "-m", "finetune.predict", str(pushed_run.run_dir), "new.csv",
-                           "--batch-size", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    code = run_main(predict, [str(pushed_run.run_dir), "new.csv", "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
     out = read_jsonl(tmp_path / "new.predictions.jsonl")  # the default output name
     assert [r["label"] for r in out] == [d[0]["label"] for d in direct]
     for record, expected in zip(out, direct):
         assert record["score"] == pytest.approx(expected[0]["score"], abs=1e-6)
         assert record["scores"] == pytest.approx({d["label"]: d["score"] for d in expected}, abs=1e-6)
-    assert "wrote 40 predictions" in proc.stderr
+    assert "wrote 40 predictions" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.csv", "new.predictions.jsonl"]  # no temp files left
 
 

@@ -93,13 +93,15 @@ def test_leaderboard_cli(grid, capsys, tmp_path):
 
 
 # --- an Optuna search, interrupted and resumed from its storage ---------------------------------------------
-def test_optuna_search_resumes_from_its_storage(tiny_bert, work):
+def test_optuna_search_resumes_from_its_storage(tiny_bert, work, monkeypatch, capfd, one_thread):
     import optuna
 
+    from helpers import cli_main
+
+    # both launches in this process (the grid above is a real one); trials run one after another, in-process
     args = ["-m", "hparams_search=sentiment_optuna", f"model={tiny_bert}", *TINY, "hydra.sweep.dir=search"]
-    env = {"OMP_NUM_THREADS": "1"}
-    first = run_cli(*args, "hydra.sweeper.n_trials=2", cwd=work, env=env)  # trials one after another, in-process
-    assert first.returncode == 0, first.stderr[-3000:]
+    code, _, err = cli_main([*args, "hydra.sweeper.n_trials=2"], work, monkeypatch, capfd)
+    assert code == 0, err[-3000:]
     sweep, storage = work / "search", f"sqlite:///{work / 'search' / 'optuna.db'}"
     before = {n: (sweep / str(n) / "trial.json").read_text() for n in (0, 1)}
     # what a launch killed during trial 2 leaves: a RUNNING trial in the study and a trial dir without a result
@@ -108,9 +110,9 @@ def test_optuna_search_resumes_from_its_storage(tiny_bert, work):
     killed = {"trial": 2, "status": "running", "overrides": _trial(sweep, 1)["overrides"]}
     (sweep / "2" / "trial.json").write_text(json.dumps(killed))
 
-    resumed = run_cli(*args, "hydra.sweeper.n_trials=3", cwd=work, env=env)
-    assert resumed.returncode == 1, resumed.stderr[-3000:]  # trial 2 never finished
-    assert "continuing study 'search': 2 trials finished, 1 interrupted, 1 to go" in resumed.stdout
+    code, out, err = cli_main([*args, "hydra.sweeper.n_trials=3"], work, monkeypatch, capfd)
+    assert code == 1, err[-3000:]  # trial 2 never finished
+    assert "continuing study 'search': 2 trials finished, 1 interrupted, 1 to go" in out
     study = optuna.load_study(study_name="search", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
     assert {n: (sweep / str(n) / "trial.json").read_text() for n in (0, 1)} == before  # not overwritten

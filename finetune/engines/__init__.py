@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
 from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune.train")
 
 ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
 CHECKPOINTS = "checkpoints"
@@ -42,14 +45,17 @@ TRACKERS = ("tensorboard", "mlflow")
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir):
+    from finetune.checks import check_task
+
     check_trainer_config(cfg.trainer)
+    check_task(cfg)
     _check_scheduler(cfg.trainer.lr_scheduler_type)
     check_fsdp(cfg.trainer)
     check_checkpointing(cfg.trainer, model)
     if task.label_shift is not None and cfg.trainer.lm_loss_chunk_size:  # a head over a vocabulary
         from finetune import lm_loss
 
-        lm_loss.attach(model, task.label_shift, cfg.trainer.lm_loss_chunk_size)
+        lm_loss.attach(model, task.label_shift, cfg.trainer.lm_loss_chunk_size, cfg.trainer.label_smoothing)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
 
@@ -62,6 +68,12 @@ def check_trainer_config(t) -> None:
                 "logging_steps", "save_total_limit"):
         if getattr(t, key) < 1:
             raise FinetuneError(f"trainer.{key} must be at least 1 (got {getattr(t, key)})")
+    if not t.new_parameters_lr_scale > 0:
+        raise FinetuneError(f"trainer.new_parameters_lr_scale must be above 0 (got {t.new_parameters_lr_scale}): the "
+                            "learning rate of newly initialized parameters is this times trainer.learning_rate")
+    if not 0 <= t.label_smoothing < 1:
+        raise FinetuneError(f"trainer.label_smoothing must be at least 0 and below 1 (got {t.label_smoothing}); 0.1 "
+                            "is usual")
     if not t.learning_rate >= 0:  # (0 is allowed: it evaluates the base model through the whole loop)
         raise FinetuneError(f"trainer.learning_rate must be at least 0 (got {t.learning_rate})")
     if t.max_steps == 0 or t.max_steps < -1:
@@ -134,6 +146,44 @@ def check_fsdp(t) -> None:
     if not on_cpus:
         raise FinetuneError("trainer.fsdp=true shards CPU processes; on GPUs launch with accelerate's FSDP config "
                             "instead (accelerate launch --config_file configs/accelerate/fsdp.yaml ...) without it")
+
+
+def smoothed_by_task(model, t) -> float:
+    """The trainer.label_smoothing an engine applies through task.loss: none when the chunked LM loss the model was
+    given (finetune/lm_loss.py) smooths it inside the forward already."""
+    from finetune import lm_loss
+
+    return 0.0 if getattr(lm_loss.base_model(model).forward, "_chunked_lm_loss", False) else t.label_smoothing
+
+
+def param_groups(model, decay: set[str], weight_decay: float, new: set[str], new_lr: float) -> list[dict]:
+    """AdamW's parameter groups, as the Trainer makes them (weight decay on `decay` only), with the parameters that
+    from_pretrained initialized (`new`) in groups of their own at `new_lr`: the schedule scales every group alike."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for fresh in (False, True):
+        for decayed in (True, False):
+            chosen = [p for n, p in params if (n in decay) == decayed and (n in new) == fresh]
+            if chosen or not fresh:
+                group = {"params": chosen, "weight_decay": weight_decay if decayed else 0.0}
+                groups.append({**group, "lr": new_lr} if fresh else group)
+    return groups
+
+
+def new_parameters(model, t) -> tuple[set[str], float]:
+    """The parameters trainer.new_parameters_lr_scale applies to, and their learning rate (none when it is 1)."""
+    from finetune import adapters
+
+    scale = t.new_parameters_lr_scale
+    new = adapters.new_parameters(model) if scale != 1 else set()
+    if new:
+        modules = sorted({n.rsplit(".", 1)[0] for n in new})
+        log.info("%d newly initialized parameter tensors train at %g x the learning rate (%d modules, e.g. %s)",
+                 len(new), scale, len(modules), ", ".join(modules[:3]))
+    elif scale != 1:
+        log.warning("trainer.new_parameters_lr_scale=%g: this model has no newly initialized parameters; every "
+                    "parameter trains at trainer.learning_rate", scale)
+    return new, t.learning_rate * scale
 
 
 def gathered_state_dict(accelerator, model) -> dict | None:

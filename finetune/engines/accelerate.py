@@ -34,8 +34,8 @@ from transformers.utils import find_labels
 
 from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order,
-                              gathered_state_dict, logged_validation, mixed_precision, restore_order, setup_tracking,
-                              train_sampler, without_length)
+                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
+                              restore_order, setup_tracking, smoothed_by_task, train_sampler, without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -70,9 +70,11 @@ class AccelerateEngine:
         if t.gradient_checkpointing:  # (with frozen embeddings, LoRA, it also makes the inputs require grad)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
         self.fsdp = t.fsdp
+        self.smoothing = smoothed_by_task(model, t)
+        new, new_lr = new_parameters(model, t)  # (named before FSDP2 replaces the parameters: it keeps the names)
         if self.fsdp:
             model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate,
+        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, new, new_lr), lr=t.learning_rate,
                                       fused=acc.device.type in ("cpu", "cuda"))
         if self.fsdp:  # not prepared: accelerate would wrap the model in DDP and checkpoint rank 0's optimizer shard
             self._model, self.optimizer, self.train_loader = model, optimizer, acc.prepare(loader)
@@ -126,7 +128,9 @@ class AccelerateEngine:
                 if i % gas == 0:
                     step_start, micro_losses = time.perf_counter(), []
                 with acc.accumulate(self._model):
-                    loss = self._model(**batch).loss
+                    outputs = self._model(**batch)
+                    loss = self.task.loss(outputs, batch["labels"], self.smoothing) if self.smoothing \
+                        else outputs.loss
                     acc.backward(loss)
                     micro_losses.append(loss.detach().float())
                     if acc.sync_gradients:
@@ -360,7 +364,7 @@ def _fully_shard(model):
     """FSDP2 over the launch's processes: each transformer block (the model's _no_split_modules, as accelerate's
     TRANSFORMER_BASED_WRAP picks them), then the root. Every process starts from rank 0's weights, as under DDP."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)
@@ -370,14 +374,18 @@ def _fully_shard(model):
         if type(module).__name__ in blocks:
             fully_shard(module)
     fully_shard(model)
+    # FSDP allocates its gather buffers at the first unshard; made under inference mode (a base model evaluated before
+    # training) they could not be written in training ("inplace update to inference tensor"): allocate them here
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
     return model
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
+def _param_groups(model, weight_decay: float, new: set[str], new_lr: float) -> list[dict]:
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], _NO_DECAY))
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in params if n in decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+    return param_groups(model, decay, weight_decay, new, new_lr)
 
 
 def _unwrap(outputs):

@@ -13,8 +13,8 @@ from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict,
-                              logged_validation, mixed_precision, restore_order, setup_tracking, train_sampler,
-                              without_length)
+                              logged_validation, mixed_precision, new_parameters, param_groups, restore_order,
+                              setup_tracking, smoothed_by_task, train_sampler, without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
@@ -23,9 +23,30 @@ log = logging.getLogger("finetune.train")
 class _Trainer(Trainer):
     """The Trainer with the engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, **kwargs):
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task,
+                 label_smoothing: float, **kwargs):
         self.epoch_sampler, self.meter = sampler, meter
+        self.new_parameters, self.new_lr = new_parameters
+        self.task, self.label_smoothing = task, label_smoothing
         super().__init__(*args, **kwargs)
+        if label_smoothing:
+            self.loss_is_scaled_for_ga = False  # the task's loss is a mean over one micro-batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.label_smoothing and model.training):  # (evaluation losses stay unsmoothed)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        loss = self.task.loss(outputs, inputs["labels"], self.label_smoothing)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.new_parameters:  # trainer.new_parameters_lr_scale: groups of their own
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters,
+                                                        self.new_lr), **kwargs)
+        return super().create_optimizer(model)
 
     def _get_train_sampler(self, train_dataset=None):
         return self.epoch_sampler
@@ -154,6 +175,9 @@ class HFEngine:
             args=args,
             sampler=sampler,
             meter=meter,
+            new_parameters=new_parameters(model, t),
+            task=task,
+            label_smoothing=smoothed_by_task(model, t),
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),

@@ -16,6 +16,9 @@ TASKS = {
     "summarization": "finetune.tasks.seq2seq:SummarizationTask",
 }
 
+# tasks whose loss is a token cross-entropy over a vocabulary: trainer.label_smoothing applies to them (Task.loss)
+LM_LOSS = ("causal_lm", "masked_lm", "translation", "summarization")
+
 
 def task_class(name: str):
     """The task class registered as `name` (imported lazily: nothing heavy at import time)."""

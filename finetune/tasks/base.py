@@ -8,6 +8,7 @@ and the run only ever talk to this interface.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 import json
 import logging
 from pathlib import Path
@@ -93,6 +94,13 @@ class Task:
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable:
         raise NotImplementedError
+
+    def loss(self, outputs: Any, labels: Any, label_smoothing: float) -> Any:
+        """The training loss of a batch when trainer.label_smoothing > 0 and the model keeps its own loss (no chunked
+        LM loss), from its logits and the labels: the tasks of finetune.tasks.LM_LOSS (those with a label_shift)."""
+        from finetune.tasks.causal_lm import token_cross_entropy
+
+        return token_cross_entropy(outputs.logits, labels, label_smoothing, self.label_shift)
 
     # --- model --------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -227,6 +235,19 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value.item() if hasattr(value, "item") else value
+
+
+@contextmanager
+def weights_precision(model):
+    """The model computing in its weights' precision for a while (what the export does), without the autocast forward
+    that accelerate gives a model it prepares for mixed-precision training; that forward is back afterwards."""
+    from accelerate.utils import extract_model_from_parallel
+
+    saved = {k: model.__dict__[k] for k in ("forward", "_original_forward") if k in model.__dict__}
+    try:
+        yield extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    finally:
+        model.__dict__.update(saved)
 
 
 def device() -> int:

@@ -24,6 +24,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig
 
 from finetune import lm_loss
+from finetune.checks import generation_config
 from finetune.config import TrainerConfig
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
@@ -55,8 +56,9 @@ class CausalLMTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.block_size < 8 or cfg.generation.max_new_tokens < 1 or cfg.generation.num_beams < 1:
-            raise FinetuneError("task.block_size must be >= 8, task.generation.max_new_tokens and num_beams >= 1")
+        if cfg.block_size < 8:
+            raise FinetuneError(f"task.block_size must be >= 8 (got {cfg.block_size})")
+        generation_config(cfg.generation)  # task.generation.* as transformers will take them
         self.format = "text"
         self.split_in_order = False
         self._samples: list[dict[str, Any]] = []
@@ -210,12 +212,12 @@ class CausalLMTask(Task):
 
     def generation_config(self, tokenizer, greedy: bool = False) -> GenerationConfig:
         g = self.cfg.generation
-        sampling = {"do_sample": g.do_sample, "num_beams": g.num_beams, "temperature": g.temperature, "top_p": g.top_p}
+        ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.bos_token_id, "use_cache": True}
         if greedy:
-            sampling = {"do_sample": False, "num_beams": 1}
-        return GenerationConfig(max_new_tokens=g.max_new_tokens, repetition_penalty=g.repetition_penalty,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling)
+            return GenerationConfig(max_new_tokens=g.max_new_tokens, repetition_penalty=g.repetition_penalty,
+                                    do_sample=False, num_beams=1, **ids)
+        return generation_config(g, **ids)  # task.generation.*, validated
 
     def samples(self) -> list[dict[str, Any]]:
         return self._samples
@@ -270,6 +272,14 @@ class CausalLMTask(Task):
                                     f"exported model in {model_dir} does not reproduce training")
         log.info("verified: pipeline greedy output equals the trainer's on %d test prompts", len(self._greedy))
         return {**scores, "greedy_prompts_matched": float(len(self._greedy))}
+
+
+def token_cross_entropy(logits, labels, label_smoothing: float = 0.0, shift: int = 0):
+    """The models' own token cross-entropy (mean over the labelled tokens; -100: none) with trainer.label_smoothing;
+    shift 1: a causal LM's position t predicts token t + 1."""
+    logits, labels = logits[:, : logits.shape[1] - shift], labels[:, shift:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100, label_smoothing=label_smoothing)
 
 
 def lm_sums(outputs, labels, shift: int):

@@ -30,12 +30,14 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from finetune import adapters, assets, loading
+from finetune.checks import generation_config
 from finetune.config import CausalLMTaskConfig
 from finetune.errors import FinetuneError
 from finetune.export import VerificationError
 from finetune.metrics import generation_metrics
 from finetune.pipelines import seq2seq as s2s
-from finetune.tasks.base import MetricsFn, Task, _load, device, dropouts, load_pretrained, position_limit
+from finetune.tasks.base import (MetricsFn, Task, _load, device, dropouts, load_pretrained, position_limit,
+                                 weights_precision)
 from finetune.tasks.causal_lm import CausalLMTask, lm_sums, perplexity
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 BATCH = 32  # texts per generation batch, in evaluation and (by default) in the exported pipeline (a decoding
 # step of 32 texts took 1.1-1.4x one of 16 on CPU: the weights are read once a step either way)
 SAMPLES = 5
+REPEATED = 0.5  # the run warns when fewer of its test outputs than this are distinct
 TEXT_GENERATION_CHECKS = 4  # test prompts re-generated through pipeline("text-generation") for decoder-only models
 
 
@@ -59,10 +62,9 @@ class Seq2SeqTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        g = cfg.generation
-        if min(cfg.max_source_length, cfg.max_target_length, g.max_new_tokens, g.num_beams) < 1:
-            raise FinetuneError("task.max_source_length, task.max_target_length, task.generation.max_new_tokens and "
-                                "task.generation.num_beams must be >= 1")
+        if min(cfg.max_source_length, cfg.max_target_length) < 1:
+            raise FinetuneError("task.max_source_length and task.max_target_length must be >= 1")
+        generation_config(cfg.generation)  # task.generation.* as transformers will take them
         try:
             cfg.prompt_template.format(source="", source_lang="", target_lang="")
         except (KeyError, IndexError, ValueError) as e:
@@ -296,19 +298,27 @@ class Seq2SeqTask(Task):
                                    for s in raw["source"][:]]
         model.eval()
         start = time.perf_counter()
-        rows = s2s.generate(model, self.tokenizer, self._inputs[split], BATCH)
+        with weights_precision(model) as own:  # after mixed-precision training too: as the exported model generates
+            rows = s2s.generate(own, self.tokenizer, self._inputs[split], BATCH)
         seconds = time.perf_counter() - start
         texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
         out = self.scores(texts, raw["references"][:])
         out["generation_new_tokens_per_second"] = sum(len(r) for r in rows) / max(seconds, 1e-9)
         log.info("%s: generated %d texts in %.1fs", split, len(texts), seconds)
+        if split == "test" and out["distinct_outputs"] < REPEATED:
+            log.warning("only %d of the %d test outputs are distinct (%.0f%%): the model writes the same text whatever "
+                        "its source; train longer%s", len(set(texts)), len(texts), 100 * out["distinct_outputs"],
+                        ", or raise trainer.new_parameters_lr_scale (its new cross-attention reads the source)"
+                        if self.family == "warm_start" else "")
         if split == "test":
             self._samples = [{"source": s, "references": r, "generated": t}
                              for s, r, t in zip(raw["source"][:SAMPLES], raw["references"][:SAMPLES], texts)]
         return out
 
     def scores(self, texts: list[str], references: list[list[str]]) -> dict[str, float]:
-        return generation_metrics(texts, references, scores=self.scores_kinds)
+        """The task's scores, and the fraction of distinct outputs (a model that ignores its source repeats itself)."""
+        return {**generation_metrics(texts, references, scores=self.scores_kinds),
+                "distinct_outputs": len(set(texts)) / max(len(texts), 1)}
 
     def samples(self) -> list[dict[str, Any]]:
         return self._samples
