@@ -214,7 +214,7 @@ def test_a_trial_records_its_outcome(trial_cfg, tmp_path, monkeypatch, outcome, 
     import finetune.run
     from finetune.sweep import run_trial
 
-    def fake_run(cfg, run_dir):
+    def fake_run(cfg, run_dir, on_evaluate=None):
         assert json.loads((run_dir / "trial.json").read_text())["status"] == "running"  # written before it runs
         if isinstance(outcome, Exception):
             raise outcome
@@ -232,7 +232,7 @@ def test_a_nan_objective_error_names_the_fix(trial_cfg, tmp_path, monkeypatch):
     import finetune.run
     from finetune.sweep import run_trial
 
-    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir: {"validation_accuracy": math.nan})
+    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir, on_evaluate=None: {"validation_accuracy": math.nan})
     assert run_trial(trial_cfg, tmp_path / "7") is None
     assert "lower trainer.learning_rate" in json.loads((tmp_path / "7" / "trial.json").read_text())["error"]
 
@@ -244,7 +244,7 @@ def test_the_sweeper_direction_must_match_the_task(tmp_path, monkeypatch):
     from finetune.sweep import run_trial
 
     cfg = _trial_cfg("hydra/sweeper=finetune_optuna", "hydra.sweeper.direction=minimize")
-    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir: pytest.fail("must not train"))
+    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir, on_evaluate=None: pytest.fail("must not train"))
     try:
         assert run_trial(cfg, tmp_path / "7") is None
     finally:
@@ -262,8 +262,8 @@ class PerplexityTask:  # a stand-in for a language-modelling task: its main metr
                                                ("qa_optuna", "maximize"), ("generation_optuna", "minimize")])
 def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     from hydra import compose, initialize_config_dir
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    from optuna.distributions import LogUniformDistribution
+    from hydra_plugins.finetune_sweeper._space import search_space
+    from optuna.distributions import FloatDistribution
 
     import finetune.sweep  # noqa: F401  (registers the task_direction resolver)
     from finetune.config import CONFIG_DIR, register_configs
@@ -272,13 +272,55 @@ def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.finetune_sweeper.ResumableOptunaSweeper"
+    assert sweeper._target_ == "hydra_plugins.finetune_sweeper.FinetuneOptunaSweeper"
     assert sweeper.direction == direction  # perplexity is minimized, accuracy and F1 maximized
     assert sweeper.sampler.seed == cfg.seed and sweeper.max_failure_rate == 1.0
-    space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
-    assert isinstance(space["trainer.learning_rate"], LogUniformDistribution) and not fixed
+    space, fixed = search_space([f"{k}={v}" for k, v in sweeper.params.items()])
+    learning_rate = space["trainer.learning_rate"]
+    assert isinstance(learning_rate, FloatDistribution) and learning_rate.log and not fixed
     assert {"trainer.num_train_epochs", "trainer.warmup_ratio"} <= set(space)
     assert ({"peft.r", "peft.alpha"} <= set(space)) == (cfg.peft.method == "lora")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("choice(8, 16, 32)", "Categorical((8, 16, 32))"),
+    ("8,16", "Categorical((8, 16))"),  # a command-line sweep
+    ("choice(lora, none)", "Categorical(('lora', 'none'))"),
+    ("shuffle(range(1, 4))", "Categorical((1, 2, 3))"),  # sorted: every launch of a study gets the same choices
+    ("interval(0.0, 0.2)", "Float(0.0, 0.2, log=False, step=None)"),
+    ("interval(1, 5)", "Int(1, 5, log=False, step=1)"),  # both ends written as ints
+    ("interval(1, 5.0)", "Float(1.0, 5.0, log=False, step=None)"),
+    ("tag(log, interval(1e-5, 1e-3))", "Float(1e-05, 0.001, log=True, step=None)"),
+    ("tag(log, interval(2, 64))", "Int(2, 64, log=True, step=1)"),
+    ("range(1, 10, 3)", "Int(1, 7, log=False, step=3)"),  # Hydra's range: the stop value is excluded
+    ("range(4)", "Int(0, 3, log=False, step=1)"),
+    ("range(5, 0, -2)", "Int(1, 5, log=False, step=2)"),
+    ("range(0.1, 0.5, 0.1)", "Float(0.1, 0.4, log=False, step=0.1)"),
+])
+def test_sweep_syntax_maps_to_optuna_distributions(text, expected):
+    from hydra_plugins.finetune_sweeper._space import search_space
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    (dist,), fixed = search_space([f"key={text}"])[0].values(), search_space([f"key={text}"])[1]
+    if isinstance(dist, CategoricalDistribution):
+        got = f"Categorical({dist.choices})"
+    else:
+        kind = "Float" if isinstance(dist, FloatDistribution) else "Int"
+        got = f"{kind}({dist.low}, {round(dist.high, 10)}, log={dist.log}, step={dist.step})"
+    assert got == expected and fixed == []
+
+
+def test_fixed_overrides_pass_through_and_bad_forms_are_one_line_errors():
+    from hydra_plugins.finetune_sweeper._space import search_space
+
+    from finetune.errors import FinetuneError
+
+    space, fixed = search_space(["peft=lora", "+extra=3", "~key", "seed=1", "seed=2", "a=choice(1,2)", "a=7"])
+    assert space == {} and fixed == ["peft=lora", "+extra=3", "~key", "seed=2", "a=7"]  # a later override wins
+    with pytest.raises(FinetuneError, match=r"^x: tag\(log, ...\) applies to interval\(lo, hi\) only"):
+        search_space(["x=tag(log, choice(1, 2))"])
+    with pytest.raises(FinetuneError, match=r"^x=range\(3, 3\) is empty \(range excludes its stop value\)$"):
+        search_space(["x=range(3, 3)"])
 
 
 def test_direction_comes_from_the_task(monkeypatch):

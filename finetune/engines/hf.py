@@ -87,8 +87,19 @@ class _EpochClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class _OnEvaluate(TrainerCallback):
+    """Hands the main metric of each validation evaluation during training to the engine's on_evaluate."""
+
+    def __init__(self, key: str, listener):
+        self.key, self.listener = key, listener
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and self.key in metrics:  # (the final validation and test evaluations use other prefixes)
+            self.listener(metrics[self.key])
+
+
 class HFEngine:
-    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path):
+    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path, on_evaluate=None):
         t = cfg.trainer
         precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
@@ -137,6 +148,8 @@ class HFEngine:
         callbacks = [_LogCallback(meter), self.clock]
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
+        if on_evaluate:
+            callbacks.append(_OnEvaluate(f"eval_{task.main_metric}", on_evaluate))
         self.trainer = _Trainer(
             model=model,
             args=args,
