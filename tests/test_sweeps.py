@@ -177,8 +177,8 @@ def test_leaderboard_ranks_by_the_task_direction_and_marks_failures(tmp_path):
 
 
 # --- one trial ---------------------------------------------------------------------------------------------
-def _trial_cfg(*hydra_overrides: str):
-    """The config a sweep's trial 7 sees, HydraConfig included."""
+def _trial_cfg(*hydra_overrides: str, num: int = 7):
+    """The config a sweep's trial `num` sees, HydraConfig included."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -190,7 +190,7 @@ def _trial_cfg(*hydra_overrides: str):
         cfg = compose("config", overrides=["task=sentiment", "trainer.learning_rate=0.5", *hydra_overrides],
                       return_hydra_config=True)
     with open_dict(cfg):
-        cfg.hydra.job.num = 7
+        cfg.hydra.job.num = num
     HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -370,3 +370,125 @@ def test_an_unknown_search_is_a_one_line_error():
                                             "hparams_search=sentiment_optuna\\? choose one of generation_optuna, "
                                             "ner_optuna, qa_optuna, sentiment_optuna$"):
         rewrite_overrides(["hparams_search=sentimnt_optuna"])
+
+
+# --- pruning ----------------------------------------------------------------------------------------------
+def _study_with_a_finished_trial(storage: str, curve: dict[int, float]):
+    """A study whose one finished trial reported `curve` (evaluation -> value): under the median pruner (one startup
+    trial) a later trial whose best value so far is below the curve's value at the same evaluation is pruned."""
+    import optuna
+
+    study = optuna.create_study(study_name="search", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=max(curve.values()), intermediate_values=curve))
+    return study
+
+
+@pytest.mark.parametrize("engine", ["hf", "accelerate"])
+def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, work, tmp_path, one_thread):
+    import optuna
+
+    from finetune.run import run
+    from helpers import compose_cfg
+
+    overrides = [a.replace("data=reviews.csv", f"data={work / 'reviews.csv'}") for a in TINY]
+    heard = []
+    cfg = compose_cfg(*overrides, f"model={tiny_bert}", f"trainer={engine}", "trainer.max_steps=4",
+                      "trainer.eval_strategy=steps", "trainer.eval_steps=1")
+
+    def listener(value):
+        heard.append(value)
+        if len(heard) == 2:
+            raise optuna.TrialPruned()
+
+    with pytest.raises(optuna.TrialPruned):
+        run(cfg, tmp_path / "run", on_evaluate=listener)
+    assert len(heard) == 2 and all(0 <= v <= 1 for v in heard)  # validation accuracy, then training stopped
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
+    import finetune.run
+    import optuna
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.sweep import run_trial
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study_with_a_finished_trial(storage, {1: 0.5, 2: 1.0})
+    assert study.ask().number == 1  # what the sweeper asked before it launched this trial
+    cfg = _trial_cfg("hydra/sweeper=finetune_optuna", f"hydra.sweeper.storage={storage}",
+                     "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
+    (tmp_path / "1" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+
+    def fake_run(cfg, run_dir, on_evaluate=None):
+        on_evaluate(0.5)  # as good as the finished trial: goes on
+        on_evaluate(0.25)  # its best (0.5) is worse than the finished trial's 1.0 at evaluation 2: stopped here
+        pytest.fail("the pruner did not stop the trial")
+
+    monkeypatch.setattr(finetune.run, "run", fake_run)
+    try:
+        outcome = run_trial(cfg, tmp_path / "1")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert isinstance(outcome, optuna.TrialPruned)  # what the sweeper tells the study as PRUNED
+    record = json.loads((tmp_path / "1" / "trial.json").read_text())
+    assert record["status"] == "pruned" and record["step"] == 2 and record["value"] == 0.25
+    assert "error" not in record and not (tmp_path / "1" / "checkpoints").exists()  # nothing left to resume
+    assert study.trials[1].intermediate_values == {1: 0.5, 2: 0.25}
+
+
+def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, work):
+    """Trials in worker processes attach to their Optuna trials in the sweep's sqlite storage. Trial 1 does not
+    evaluate while training (it cannot be pruned) and finishes, trial 2 is pruned at its first evaluation, trial 3
+    fails on its bad learning rate; trials 1 and 2 run side by side."""
+    import optuna
+
+    sweep = work / "pruned"
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    sweep.mkdir()
+    study = _study_with_a_finished_trial(storage, {1: 1.0})  # no tiny trial scores 1.0: any that evaluates is pruned
+    for params in ({"trainer.eval_strategy": "no", "trainer.learning_rate": 1e-3},
+                   {"trainer.eval_strategy": "epoch", "trainer.learning_rate": 1e-3},
+                   {"trainer.eval_strategy": "epoch", "trainer.learning_rate": -1.0}):
+        study.enqueue_trial(params)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = run_cli("-m", f"model={tiny_bert}", *TINY, "hydra/sweeper=finetune_optuna",
+                   "trainer.eval_strategy=choice(epoch, no)", "trainer.learning_rate=choice(-1.0, 1e-3)",
+                   "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=median",
+                   "hydra.sweeper.median.n_startup_trials=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   f"hydra.sweep.dir={sweep}", cwd=work, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: 1 trial(s) failed (see their trial.json): {sweep / '3'}"
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout
+    study = optuna.load_study(study_name="search", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]
+    assert study.trials[2].value == study.trials[2].intermediate_values[1] < 1.0  # stopped at its 1st evaluation
+    records = {n: _trial(sweep, n) for n in (1, 2, 3)}
+    assert [records[n]["status"] for n in (1, 2, 3)] == ["ok", "pruned", "failed"]
+    assert records[2]["step"] == 1 and records[2]["value"] == study.trials[2].value
+    assert (sweep / "1" / "model").is_dir() and not (sweep / "2" / "model").exists()
+    assert not (sweep / "2" / "checkpoints").exists() and not (sweep / "2" / "metrics.json").exists()
+    rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
+    assert [(r["trial"], r["rank"], r["status"]) for r in rows] == [("1", "1", "ok"), ("2", "-", "pruned"),
+                                                                    ("3", "-", "failed")]
+    assert "pruned: 1 of 3 trials" in (sweep / "leaderboard.md").read_text()
+    assert os.readlink(sweep / "best") == os.path.join("1", "model")
+
+
+def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
+    from finetune.leaderboard import build
+
+    sweep = tmp_path / "sweep"
+    acc = {"objective": "validation_accuracy", "direction": "maximize"}
+    _fake_trial(sweep, 0, ["trainer.learning_rate=0.001"], {**acc, "status": "ok", "value": 0.7},
+                {"validation_accuracy": 0.7})
+    _fake_trial(sweep, 1, ["trainer.learning_rate=0.0001"], {**acc, "status": "pruned", "step": 1, "value": 0.55})
+    _fake_trial(sweep, 2, ["trainer.learning_rate=0.01"], {**acc, "status": "pruned", "step": 2, "value": 0.9})
+    _fake_trial(sweep, 3, ["trainer.learning_rate=0.1"], {**acc, "status": "failed", "error": "boom"})
+    board = build(sweep)
+    assert [(r["trial"], r["rank"], r["status"]) for r in board.rows] == [
+        (0, 1, "ok"), (2, None, "pruned"), (1, None, "pruned"), (3, None, "failed")]
+    assert [r["trial"] for r in board.failed] == [3] and board.best["trial"] == 0
+    assert "pruned at evaluation 2" in board.table() and "pruned: 2 of 4 trials" in board.table()
+    board.write()
+    assert (sweep / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
