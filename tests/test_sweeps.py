@@ -492,3 +492,19 @@ def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
     assert "pruned at evaluation 2" in board.table() and "pruned: 2 of 4 trials" in board.table()
     board.write()
     assert (sweep / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["hydra.sweeper.storage=null", "hydra.sweeper.pruner=median"],
+     "hydra.sweeper.pruner=median needs the study in a storage the trials can reach "
+     "(hydra.sweeper.storage=sqlite:///<file>), not in memory"),
+    (["hydra.sweeper.pruner=medain"], "unknown hydra.sweeper.pruner 'medain': choose one of none, median, hyperband"),
+    (["trainer.per_device_train_batch_size=range(8, 8)"],
+     "trainer.per_device_train_batch_size=range(8, 8) is empty (range excludes its stop value)"),
+])
+def test_bad_search_settings_are_one_line_errors(overrides, error, tmp_path, monkeypatch, capfd):
+    from test_errors import fail
+
+    args = ["-m", "hydra/sweeper=finetune_optuna", "trainer.learning_rate=choice(1e-4, 1e-3)", *overrides]
+    assert fail(args, tmp_path, monkeypatch, capfd) == error
+    assert list(tmp_path.iterdir()) == []  # no sweep directory, no study
