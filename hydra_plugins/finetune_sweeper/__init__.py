@@ -42,7 +42,7 @@ class MedianSettings:  # optuna.pruners.MedianPruner: stop a trial worse than th
 @dataclass
 class HyperbandSettings:  # optuna.pruners.HyperbandPruner; its resource is the trial's evaluations
     min_resource: int = 1
-    max_resource: Any = "auto"  # evaluations of the longest trial; auto: those of the first trial that finished
+    max_resource: Any = "auto"  # evaluations of the longest trial; auto: Optuna estimates it from finished trials
     reduction_factor: int = 3
 
 
