@@ -121,7 +121,8 @@ class Board:
     def plot(self, path: Path) -> None:
         """The validation metric against each swept parameter; for Optuna, also the best value over trials. Pruned
         trials are drawn as crosses at the value they were stopped at."""
-        done, pruned = [r for r in self.rows if r["status"] == "ok"], [r for r in self.pruned if r["validation"] is not None]
+        done = [r for r in self.rows if r["status"] == "ok"]
+        pruned = [r for r in self.pruned if r["validation"] is not None]
         panels = len(self.swept) + self.optuna
         if not done or not panels:
             return
