@@ -10,6 +10,7 @@ import os
 import pytest
 
 from conftest import run_cli
+from test_tracking import scalars
 from test_sweeps import TINY, _fake_trial, _trial, _trial_cfg, work  # noqa: F401  (work: the module's data fixture)
 
 
@@ -67,7 +68,9 @@ def _study_with_a_finished_trial(storage: str, curve: dict[int, float]):
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
-def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, work, tmp_path, one_thread):
+def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, work, tmp_path, one_thread,
+                                                                monkeypatch):
+    import mlflow
     import optuna
 
     from finetune.run import run
@@ -75,8 +78,10 @@ def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_ber
 
     overrides = [a.replace("data=reviews.csv", f"data={work / 'reviews.csv'}") for a in TINY]
     heard = []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(*overrides, f"model={tiny_bert}", f"trainer={engine}", "trainer.max_steps=4",
-                      "trainer.eval_strategy=steps", "trainer.eval_steps=1")
+                      "trainer.eval_strategy=steps", "trainer.eval_steps=1", f"runs_dir={tmp_path}",
+                      "trainer.report_to=[tensorboard,mlflow]")
 
     def listener(value):
         heard.append(value)
@@ -87,6 +92,10 @@ def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_ber
         run(cfg, tmp_path / "run", on_evaluate=listener)
     assert len(heard) == 2 and all(0 <= v <= 1 for v in heard)  # validation accuracy, then training stopped
     assert not (tmp_path / "run" / "model").exists()
+    # the trackers closed as at the end of training: the events hold both evaluations, no MLflow run is left open
+    # (the next trial of a sweep in this process would log into it)
+    assert [v for _, v in scalars(tmp_path / "run" / "tensorboard")["eval/accuracy"]] == pytest.approx(heard)
+    assert mlflow.active_run() is None
 
 
 def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):

@@ -94,6 +94,16 @@ class AccelerateEngine:
 
     # --- training ---------------------------------------------------------------------------------
     def train(self, resume_from: str | Path | None = None) -> dict[str, float]:
+        try:
+            return self._train(resume_from)
+        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+            if self.tracking:
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
+                self.tracking = False
+            raise
+
+    def _train(self, resume_from: str | Path | None) -> dict[str, float]:
         acc, t, s = self.accelerator, self.args, self.state
         gas = t.gradient_accumulation_steps
         if resume_from:

@@ -171,9 +171,17 @@ class HFEngine:
                 callback.logging_dir = str(output_dir / TENSORBOARD)
 
     def train(self, resume_from: str | None = None) -> dict[str, float]:
-        metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-        for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and closed at its end
-            self.trainer.pop_callback(tracker)
+        try:
+            metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+            t = self.trainer
+            for callback in t.callback_handler.callbacks:
+                if isinstance(callback, (TensorBoardCallback, MLflowCallback)):
+                    callback.on_train_end(t.args, t.state, t.control)
+            raise
+        finally:
+            for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and close at its end
+                self.trainer.pop_callback(tracker)
         return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
