@@ -56,6 +56,75 @@ def test_fixed_overrides_pass_through_and_bad_forms_are_one_line_errors():
         search_space(["x=range(3, 3)"])
 
 
+# --- the sweeper's loop, with a stand-in launcher (no training) ---------------------------------------------
+class FakeLauncher:
+    """Runs each job as outcome(its overrides as a dict): a value, None (the trial failed and said so), an
+    optuna.TrialPruned (returned, as a pruned trial does), or an exception it raises (Hydra marks the job FAILED)."""
+
+    def __init__(self, outcome):
+        self.outcome, self.calls = outcome, []
+
+    def launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        self.calls.append((initial_job_idx, [list(o) for o in job_overrides]))
+        returns = []
+        for overrides in job_overrides:
+            try:
+                value = self.outcome(dict(o.split("=", 1) for o in overrides))
+                returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value=value))
+            except Exception as e:
+                returns.append(JobReturn(status=JobStatus.FAILED, _return_value=e))
+        return returns
+
+
+def _sweep(tmp_path, outcome, arguments=(), **settings):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.finetune_sweeper import FinetuneOptunaConf, FinetuneOptunaSweeper
+
+    cfg = OmegaConf.merge(OmegaConf.structured(FinetuneOptunaConf), {
+        "storage": f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}", "n_trials": 4, "n_jobs": 2,
+        "sampler": {"seed": 0}, "params": {"x": "interval(0.0, 1.0)", "seed": 3}, **settings})
+    sweeper = FinetuneOptunaSweeper(**{k: v for k, v in cfg.items() if k != "_target_"})
+    sweeper.launcher = FakeLauncher(outcome)
+    sweeper.sweep(list(arguments))
+    return sweeper.launcher.calls
+
+
+def test_the_sweeper_asks_in_batches_tells_each_outcome_and_counts_the_whole_study(tmp_path):
+    import optuna
+
+    results = iter([0.5, None, optuna.TrialPruned(), 0.75])
+    calls = _sweep(tmp_path, lambda params: next(results), arguments=["peft=lora", "n=1,2"])
+    assert [(first, len(batch)) for first, batch in calls] == [(0, 2), (2, 2)]  # job numbers = trial numbers
+    overrides = calls[0][1][0]
+    assert overrides[:2] == [o for o in overrides if o.split("=")[0] in ("x", "n")]  # the sampled ones first
+    assert overrides[2:] == ["seed=3", "peft=lora"] and overrides[1] in ("n=1", "n=2")
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
+    assert study.best_trial.number == 3 and study.trials[0].value == 0.5
+
+    # a killed launch left trial 4 running: marked failed, and replaced: n_trials counts the study's finished trials
+    study.ask()
+    results = iter([0.1, 0.2])
+    calls = _sweep(tmp_path, lambda params: next(results), n_trials=6)
+    assert [(first, len(batch)) for first, batch in calls] == [(5, 2)]  # numbered on after the study's trials
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials][4:] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert _sweep(tmp_path, lambda params: pytest.fail("the study is complete"), n_trials=6) == []
+
+
+def test_the_search_stops_past_its_failure_rate(tmp_path):
+    def crash(params):
+        raise RuntimeError("the job crashed")
+
+    calls = _sweep(tmp_path, crash, n_trials=6, max_failure_rate=0.5)
+    assert len(calls) == 1  # 2 of 2 failed (> 0.5): no second batch
+    calls = _sweep(tmp_path / "again", crash, n_trials=6)  # max_failure_rate=1.0: every trial runs
+    assert [len(batch) for _, batch in calls] == [2, 2, 2]
+
+
 # --- pruning ----------------------------------------------------------------------------------------------
 def _study_with_a_finished_trial(storage: str, curve: dict[int, float]):
     """A study whose one finished trial reported `curve` (evaluation -> value): under the median pruner (one startup

@@ -117,10 +117,9 @@ class FinetuneOptunaSweeper(Sweeper):
                 log.error("stopping the search: %d of %d trials failed (hydra.sweeper.max_failure_rate=%s)", failed,
                           launched, s.max_failure_rate)
                 break
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if done:
+        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             best = study.best_trial
-            log.info("best trial %d: %s=%s %s", best.number, s.direction, best.value, best.params)
+            log.info("best trial %d: value %s, %s", best.number, best.value, best.params)
 
 
 class _Settings:
