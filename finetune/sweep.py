@@ -74,13 +74,13 @@ def run_trial(cfg: DictConfig, run_dir: Path):
 
         record.update(status="ok", value=float(value), torch_threads=torch.get_num_threads())
         return float(value)
-    except Exception as e:
+    except Exception as e:  # recorded, and the sweep goes on; Ctrl-C (KeyboardInterrupt) still stops it
         if reporter is not None and reporter.pruned(e):
             record.update(status="pruned", step=reporter.step, value=reporter.value)
             log.info("trial %s pruned at evaluation %d: %s=%.4f", record["trial"], reporter.step,
                      record["objective"], reporter.value)
             shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # it will not be resumed
-            return e  # recorded, and the sweep goes on; Ctrl-C (KeyboardInterrupt) still stops it
+            return e
         record.update(status="failed", error=one_line(e))
         # the traceback of an unexpected error goes to the trial's finetune.log, not only its one line
         log.error("trial %s failed: %s", record["trial"], record["error"],
