@@ -16,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -82,7 +83,7 @@ class FinetuneOptunaSweeper(Sweeper):
 
         from hydra_plugins.finetune_sweeper import _space as space, _study as parts
 
-        s = _Settings(self.settings)
+        s = SimpleNamespace(**self.settings)
         _check(s)
         params = [f"{k}={v}" for k, v in (s.params or {}).items()]
         distributions, fixed = space.search_space(params + list(arguments))
@@ -122,12 +123,7 @@ class FinetuneOptunaSweeper(Sweeper):
             log.info("best trial %d: value %s, %s", best.number, best.value, best.params)
 
 
-class _Settings:
-    def __init__(self, settings: dict):
-        self.__dict__.update(settings)
-
-
-def _check(s: _Settings) -> None:
+def _check(s: SimpleNamespace) -> None:
     from finetune.errors import FinetuneError
     from hydra_plugins.finetune_sweeper._study import PRUNERS
 
