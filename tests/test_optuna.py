@@ -209,12 +209,13 @@ def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, work):
     sweep.mkdir()
     study = _study_with_a_finished_trial(storage, {1: 1.0})  # no tiny trial scores 1.0: any that evaluates is pruned
     for params in ({"trainer.eval_strategy": "no", "trainer.learning_rate": 1e-3},
-                   {"trainer.eval_strategy": "epoch", "trainer.learning_rate": 1e-3},
-                   {"trainer.eval_strategy": "epoch", "trainer.learning_rate": -1.0}):
+                   {"trainer.eval_strategy": "steps", "trainer.learning_rate": 1e-3},
+                   {"trainer.eval_strategy": "steps", "trainer.learning_rate": -1.0}):
         study.enqueue_trial(params)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = run_cli("-m", f"model={tiny_bert}", *TINY, "hydra/sweeper=finetune_optuna",
-                   "trainer.eval_strategy=choice(epoch, no)", "trainer.learning_rate=choice(-1.0, 1e-3)",
+                   "trainer.eval_strategy=choice(steps, no)", "trainer.eval_steps=1",
+                   "trainer.learning_rate=choice(-1.0, 1e-3)",
                    "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=median",
                    "hydra.sweeper.median.n_startup_trials=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                    f"hydra.sweep.dir={sweep}", cwd=work, env=env)
