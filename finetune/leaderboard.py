@@ -4,7 +4,8 @@ It reads what the trials wrote (<trial>/trial.json, metrics.json, .hydra/) and w
 leaderboard.md and leaderboard.csv (one row per trial: its overrides, validation / test / pipeline-check scores,
 runtime, training samples/s, status), leaderboard.png (the validation metric against each swept parameter, and
 for an Optuna search the best value over trials) and `best`, a link to the best trial's model directory.
-Trials are ranked on the validation split only: the test split plays no part in choosing the best.
+Trials are ranked on the validation split only: the test split plays no part in choosing the best. Finished
+trials come first, then pruned ones (by the value they were stopped at), then failed and unfinished ones.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from finetune.sweep import TRIAL_FILE
 @dataclass
 class Board:
     sweep_dir: Path
-    rows: list[dict]  # ranked: finished trials best first, then failed and unfinished ones
+    rows: list[dict]  # ranked: finished trials best first, then pruned, then failed and unfinished ones
     objective: str  # e.g. validation_accuracy
     direction: str  # maximize | minimize
     swept: list[str]  # parameters whose value differs between trials
@@ -41,7 +43,11 @@ class Board:
 
     @property
     def failed(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] != "ok"]
+        return [r for r in self.rows if r["status"] not in ("ok", "pruned")]
+
+    @property
+    def pruned(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "pruned"]
 
     def columns(self) -> list[str]:
         metric = self.objective.removeprefix("validation_")
@@ -50,6 +56,8 @@ class Board:
 
     def cells(self, row: dict, width: int | None = None) -> list[str]:
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('error') or ''}".rstrip(": ")
+        if row["status"] == "pruned":
+            status = f"pruned at evaluation {row['step']}"
         if width and len(status) > width:
             status = status[: width - 3] + "..."
         return [str(row["rank"] or "-"), str(row["trial"]), *(_param(row, p) for p in self.swept),
@@ -64,6 +72,8 @@ class Board:
         if self.fixed:
             lines.append("every trial: " + " ".join(self.fixed))
         lines.append(f"best: trial {best['trial']} -> {best['dir'] / 'model'}" if best else "best: none (no trial finished)")
+        if self.pruned:
+            lines.append(f"pruned: {len(self.pruned)} of {len(self.rows)} trials (stopped early by the pruner)")
         if self.failed:
             lines.append(f"failed or unfinished: {len(self.failed)} of {len(self.rows)} trials")
         return lines
@@ -109,8 +119,10 @@ class Board:
             link.unlink()
 
     def plot(self, path: Path) -> None:
-        """The validation metric against each swept parameter; for Optuna, also the best value over trials."""
+        """The validation metric against each swept parameter; for Optuna, also the best value over trials. Pruned
+        trials are drawn as crosses at the value they were stopped at."""
         done = [r for r in self.rows if r["status"] == "ok"]
+        pruned = [r for r in self.pruned if r["validation"] is not None]
         panels = len(self.swept) + self.optuna
         if not done or not panels:
             return
@@ -118,34 +130,47 @@ class Board:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
-        cols = min(panels, 3)
-        fig, axes = plt.subplots((panels + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((panels + cols - 1) // cols)),
-                                 squeeze=False)
+        cols, rows = min(panels, 3), (panels + min(panels, 3) - 1) // min(panels, 3)
+        width, height = max(4.2 * cols, 5.6), 3.4 * rows + 0.6  # + the title's two lines
+        fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+        styles = [(done, dict(marker="o", color="tab:blue", label="finished")),
+                  (pruned, dict(marker="x", color="tab:red", label="pruned (value when stopped)"))]
         for ax, name in zip(axes.flat, self.swept):
-            points = [(r["values"][name], r["validation"]) for r in done if name in r["values"]]
-            numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in points)
-            xs = [x if numeric else str(x) for x, _ in points]
-            ax.scatter(xs, [y for _, y in points], color="tab:blue")
+            numeric = all(isinstance(r["values"][name], (int, float)) and not isinstance(r["values"][name], bool)
+                          for r in done + pruned if name in r["values"])
+            for trials, style in styles:
+                points = [(r["values"][name], r["validation"]) for r in trials if name in r["values"]]
+                if points:
+                    ax.scatter([x if numeric else str(x) for x, _ in points], [y for _, y in points], **style)
             if numeric and name in self.log_scale:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # (its labels overlap)
             ax.set_xlabel(name + (" (log)" if numeric and name in self.log_scale else ""))
             ax.set_ylabel(self.objective)
+            if pruned:
+                ax.legend(fontsize=8)
         if self.optuna:
             ax = axes.flat[len(self.swept)]
             ordered = sorted(done, key=lambda r: r["trial"])
             pick = max if self.direction == "maximize" else min
             best = [pick(r["validation"] for r in ordered[: i + 1]) for i in range(len(ordered))]
-            ax.plot([r["trial"] for r in ordered], [r["validation"] for r in ordered], "o", color="tab:blue",
-                    alpha=0.5, label="trial")
+            for trials, style in styles:
+                if trials:
+                    ax.scatter([r["trial"] for r in trials], [r["validation"] for r in trials], alpha=0.6, **style)
             ax.step([r["trial"] for r in ordered], best, where="post", color="tab:green", label="best so far")
             ax.set_xlabel("trial")
             ax.set_ylabel(self.objective)
-            ax.legend()
+            ax.legend(fontsize=8)
         for ax in list(axes.flat)[panels:]:
             ax.axis("off")
-        fig.suptitle(f"{self.sweep_dir.name}: {self.objective} ({self.direction})")
-        fig.tight_layout()
+        counts = f"{len(self.rows)} trials" + (f", {len(self.pruned)} pruned" if self.pruned else "")
+        fig.suptitle(f"{self.objective} ({self.direction}), {counts}", fontsize=11, y=1 - 0.08 / height)
+        # the sweep's name in a smaller line, wrapped to the figure's width (about 15 characters an inch at 8 pt)
+        name = textwrap.fill(self.sweep_dir.name, width=int(width * 15), break_on_hyphens=False)
+        fig.text(0.5, 1 - 0.32 / height, name, fontsize=8, color="0.35", ha="center", va="top")
+        fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 + 0.13 * name.count("\n")) / height))
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
@@ -166,8 +191,9 @@ def build(sweep_dir: Path) -> Board | None:
         r["validation"] = r["validation"] if r["validation"] is not None else r["metrics"].get(objective)
         r["test"], r["pipeline"] = r["metrics"].get(test_key), r["metrics"].get("pipeline_" + test_key)
     sign = -1 if direction == "maximize" else 1
-    rows.sort(key=lambda r: (r["status"] != "ok", sign * r["validation"] if r["status"] == "ok" else 0,
-                             str(r["trial"]).zfill(9)))
+    order = {"ok": 0, "pruned": 1}
+    rows.sort(key=lambda r: (order.get(r["status"], 2), sign * _number_or(r["validation"], sign * math.inf)
+                             if r["status"] in order else 0, str(r["trial"]).zfill(9)))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank if r["status"] == "ok" else None
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
@@ -175,7 +201,8 @@ def build(sweep_dir: Path) -> Board | None:
     fixed = [f"{k}={rows[0]['params'][k]}" for k in keys if k not in swept]
     sweeper = _sweeper_config(Path(sweep_dir), trials)
     return Board(Path(sweep_dir), rows, objective, direction, swept, fixed,
-                 log_scale=_log_scale(sweeper, rows, swept), optuna="optuna" in str(sweeper.get("_target_", "")))
+                 log_scale=_log_scale(sweeper, rows, swept),
+                 optuna="optuna" in str(sweeper.get("_target_", "")).lower())
 
 
 def _row(trial_dir: Path) -> dict:
@@ -191,7 +218,7 @@ def _row(trial_dir: Path) -> dict:
     return {"trial": record.get("trial", _number(trial_dir.name)), "dir": trial_dir, "overrides": list(overrides),
             "params": params, "values": values, "status": "unfinished" if status == "running" else status,
             "error": record.get("error") or ("never finished: killed, or still running" if status == "running" else None),
-            "objective": record.get("objective"), "direction": record.get("direction"),
+            "objective": record.get("objective"), "direction": record.get("direction"), "step": record.get("step"),
             "validation": record.get("value"), "metrics": _read_json(trial_dir / "metrics.json"),
             "runtime_s": _read_json(trial_dir / "metrics.json").get("total_runtime_s", record.get("runtime_s")),
             "samples_per_s": _read_json(trial_dir / "metrics.json").get("train_samples_per_second")}
@@ -237,6 +264,10 @@ def _log_scale(sweeper: dict, rows: list[dict], swept: list[str]) -> set[str]:
                 and max(xs) / min(xs) >= 10:
             tagged.add(name)
     return tagged
+
+
+def _number_or(value, default: float) -> float:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else default
 
 
 def _param(row: dict, name: str) -> str:

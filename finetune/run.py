@@ -26,12 +26,14 @@ from finetune.tasks import get_task
 log = logging.getLogger("finetune")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
+    """on_evaluate(value): called with the validation main metric of each evaluation during training (a sweep's
+    trial reports it to its pruner, which stops the run by raising)."""
     with progress.console():  # in a terminal, log lines print above the progress bars
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, on_evaluate)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     import datasets
     import huggingface_hub
     import transformers
@@ -82,7 +84,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
              100 * params["trainable_params"] / params["total_params"])
 
-    engine = make_engine(cfg, task, model, tokenizer, features, run_dir)
+    engine = make_engine(cfg, task, model, tokenizer, features, run_dir, on_evaluate)
     loaded_mb = memory.usage_mb()  # the model loaded and on its device: the baseline of bytes per parameter
     base = {}
     if task.report_base_metrics:  # the pretrained model's score on the same test data, for comparison

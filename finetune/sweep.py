@@ -2,11 +2,15 @@
 
 Each trial runs the normal walk (finetune.run) and hands the sweeper its objective: the task's main metric on
 the validation split. It writes `trial.json` into its run directory when it starts ("running") and when it ends
-("ok" with the objective, or "failed" with a one-line error), so the leaderboard, which can only read what the
-trials wrote, tells finished, failed and killed trials apart. A failed trial -- bad input, an exception such as
-running out of memory, a non-finite loss or objective -- does not stop the sweep: the task function returns
-None, which Hydra's grid sweeper ignores and the Optuna sweeper records as a failed trial (a NaN would crash it).
-At the end, the leaderboard callback ranks the trials and the CLI exits 1 when any trial failed.
+("ok" with the objective, "pruned" with the evaluation and value it stopped at, or "failed" with a one-line error),
+so the leaderboard, which can only read what the trials wrote, tells finished, pruned, failed and killed trials
+apart. A failed trial -- bad input, an exception such as running out of memory, a non-finite loss or objective --
+does not stop the sweep: the task function returns None, which Hydra's grid sweeper ignores and the Optuna sweeper
+records as a failed trial. Under the Optuna sweeper with a storage, the trial attaches to its Optuna trial and
+reports the validation main metric of every evaluation (step = the evaluation's number: 1, 2, ...); when the pruner
+says stop, training ends there, the trial keeps no checkpoints and no export, and the task function returns the
+optuna.TrialPruned, which the sweeper records as PRUNED. At the end, the leaderboard callback ranks the trials and
+the CLI exits 1 when any trial failed (pruned trials are not failures).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -42,8 +47,10 @@ def direction(task_name: str) -> str:
 OmegaConf.register_new_resolver("task_direction", direction, replace=True)
 
 
-def run_trial(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Run one trial and return its objective, or None when it failed (recorded in <run_dir>/trial.json)."""
+def run_trial(cfg: DictConfig, run_dir: Path):
+    """Run one trial and return its objective, None when it failed, or the optuna.TrialPruned that stopped it
+    (recorded in <run_dir>/trial.json)."""
+    from finetune.engines import CHECKPOINTS
     from finetune.run import run
     from finetune.tasks import task_class
 
@@ -52,11 +59,13 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> float | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / TRIAL_FILE, record)
     start = time.perf_counter()
+    reporter = None
     try:
         task = task_class(cfg.task.name)
         record.update(objective=f"validation_{task.main_metric}", direction=direction(cfg.task.name))
         _check_sweeper_direction(hydra.sweeper, record["direction"], record["objective"])
-        metrics = run(cfg, run_dir)
+        reporter = Reporter.for_job(hydra)
+        metrics = run(cfg, run_dir, on_evaluate=reporter)
         value = metrics.get(record["objective"])
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise FinetuneError(f"the objective {record['objective']} is {value}: the trial diverged or scored "
@@ -66,6 +75,12 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> float | None:
         record.update(status="ok", value=float(value), torch_threads=torch.get_num_threads())
         return float(value)
     except Exception as e:  # recorded, and the sweep goes on; Ctrl-C (KeyboardInterrupt) still stops it
+        if reporter is not None and reporter.pruned(e):
+            record.update(status="pruned", step=reporter.step, value=reporter.value)
+            log.info("trial %s pruned at evaluation %d: %s=%.4f", record["trial"], reporter.step,
+                     record["objective"], reporter.value)
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # it will not be resumed
+            return e
         record.update(status="failed", error=one_line(e))
         # the traceback of an unexpected error goes to the trial's finetune.log, not only its one line
         log.error("trial %s failed: %s", record["trial"], record["error"],
@@ -75,6 +90,38 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> float | None:
         record["runtime_s"] = round(time.perf_counter() - start, 1)
         write_json(run_dir / TRIAL_FILE, record)
         _free_memory()
+
+
+class Reporter:
+    """engine on_evaluate for a trial of the Optuna sweeper: reports each validation main metric to the trial (step =
+    the evaluation's number) and raises optuna.TrialPruned when the study's pruner says so."""
+
+    def __init__(self, trial):
+        self.trial, self.step, self.value = trial, 0, None
+
+    @classmethod
+    def for_job(cls, hydra) -> Reporter | None:
+        """The reporter of this job's Optuna trial; None outside the Optuna sweeper or without its storage."""
+        sweeper = hydra.sweeper
+        if not str(sweeper.get("_target_", "")).startswith("hydra_plugins.finetune_sweeper.") or not sweeper.storage:
+            return None
+        from hydra_plugins.finetune_sweeper._study import attach
+
+        return cls(attach(sweeper, hydra.job.num))  # job number = trial number (the sweeper launches them so)
+
+    def __call__(self, value: float) -> None:
+        import optuna
+
+        self.step, self.value = self.step + 1, float(value)
+        self.trial.report(self.value, self.step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at evaluation {self.step} ({self.value:.4g})")
+
+    @staticmethod
+    def pruned(error: Exception) -> bool:
+        import optuna
+
+        return isinstance(error, optuna.TrialPruned)
 
 
 def one_line(error: BaseException) -> str:

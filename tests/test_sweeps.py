@@ -179,8 +179,8 @@ def test_leaderboard_ranks_by_the_task_direction_and_marks_failures(tmp_path):
 
 
 # --- one trial ---------------------------------------------------------------------------------------------
-def _trial_cfg(*hydra_overrides: str):
-    """The config a sweep's trial 7 sees, HydraConfig included."""
+def _trial_cfg(*hydra_overrides: str, num: int = 7):
+    """The config a sweep's trial `num` sees, HydraConfig included."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -192,7 +192,7 @@ def _trial_cfg(*hydra_overrides: str):
         cfg = compose("config", overrides=["task=sentiment", "trainer.learning_rate=0.5", *hydra_overrides],
                       return_hydra_config=True)
     with open_dict(cfg):
-        cfg.hydra.job.num = 7
+        cfg.hydra.job.num = num
     HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -216,7 +216,7 @@ def test_a_trial_records_its_outcome(trial_cfg, tmp_path, monkeypatch, outcome, 
     import finetune.run
     from finetune.sweep import run_trial
 
-    def fake_run(cfg, run_dir):
+    def fake_run(cfg, run_dir, on_evaluate=None):
         assert json.loads((run_dir / "trial.json").read_text())["status"] == "running"  # written before it runs
         if isinstance(outcome, Exception):
             raise outcome
@@ -234,7 +234,7 @@ def test_a_nan_objective_error_names_the_fix(trial_cfg, tmp_path, monkeypatch):
     import finetune.run
     from finetune.sweep import run_trial
 
-    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir: {"validation_accuracy": math.nan})
+    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir, on_evaluate=None: {"validation_accuracy": math.nan})
     assert run_trial(trial_cfg, tmp_path / "7") is None
     assert "lower trainer.learning_rate" in json.loads((tmp_path / "7" / "trial.json").read_text())["error"]
 
@@ -246,7 +246,7 @@ def test_the_sweeper_direction_must_match_the_task(tmp_path, monkeypatch):
     from finetune.sweep import run_trial
 
     cfg = _trial_cfg("hydra/sweeper=finetune_optuna", "hydra.sweeper.direction=minimize")
-    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir: pytest.fail("must not train"))
+    monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir, on_evaluate=None: pytest.fail("must not train"))
     try:
         assert run_trial(cfg, tmp_path / "7") is None
     finally:
@@ -264,8 +264,8 @@ class PerplexityTask:  # a stand-in for a language-modelling task: its main metr
                                                ("qa_optuna", "maximize"), ("generation_optuna", "minimize")])
 def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     from hydra import compose, initialize_config_dir
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    from optuna.distributions import LogUniformDistribution
+    from hydra_plugins.finetune_sweeper._space import search_space
+    from optuna.distributions import FloatDistribution
 
     import finetune.sweep  # noqa: F401  (registers the task_direction resolver)
     from finetune.config import CONFIG_DIR, register_configs
@@ -274,11 +274,12 @@ def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.finetune_sweeper.ResumableOptunaSweeper"
+    assert sweeper._target_ == "hydra_plugins.finetune_sweeper.FinetuneOptunaSweeper"
     assert sweeper.direction == direction  # perplexity is minimized, accuracy and F1 maximized
     assert sweeper.sampler.seed == cfg.seed and sweeper.max_failure_rate == 1.0
-    space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
-    assert isinstance(space["trainer.learning_rate"], LogUniformDistribution) and not fixed
+    space, fixed = search_space([f"{k}={v}" for k, v in sweeper.params.items()])
+    learning_rate = space["trainer.learning_rate"]
+    assert isinstance(learning_rate, FloatDistribution) and learning_rate.log and not fixed
     assert {"trainer.num_train_epochs", "trainer.warmup_ratio"} <= set(space)
     assert ({"peft.r", "peft.alpha"} <= set(space)) == (cfg.peft.method == "lora")
 

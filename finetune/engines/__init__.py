@@ -1,7 +1,7 @@
 """Training engines. Each takes the same task objects (model, features, collator, metrics) and knows
 nothing about which task it trains.
 
-    engine = make_engine(cfg, task, model, tokenizer, features, output_dir)
+    engine = make_engine(cfg, task, model, tokenizer, features, output_dir, on_evaluate=None)
     engine.train(resume_from=None) -> train metrics;  engine.evaluate("test") -> {"test_<metric>": ..., "test_loss": ...}
     engine.model (best checkpoint restored), engine.log_history (Trainer-style list of dicts),
     engine.best_validation(): the validation metrics ("validation_*") of the evaluation that chose engine.model,
@@ -9,6 +9,8 @@ nothing about which task it trains.
     engine.step_times (seconds of each optimizer step: forward, backward, update; for benchmarks)
     engine.full_state_dict(): a model sharded over the processes (FSDP, DeepSpeed) gathered whole on the main
         process (a collective: every process calls it); None when each process holds the whole model
+    on_evaluate(value): called with the main metric of each validation evaluation during training (a sweep's pruner
+        listens there); an exception it raises stops the training and leaves engine.train()
 
 Evaluation runs each split longest example first (see eval_order), in inference mode, and every evaluation
 scores the split's predictions (put back in dataset order) with task.compute_metrics and adds task.evaluate_model(model,
@@ -44,7 +46,7 @@ TENSORBOARD = "tensorboard"  # event files of the run, beside model/
 TRACKERS = ("tensorboard", "mlflow")
 
 
-def make_engine(cfg, task, model, tokenizer, features, output_dir):
+def make_engine(cfg, task, model, tokenizer, features, output_dir, on_evaluate: Callable[[float], None] | None = None):
     from finetune.checks import check_task
 
     check_trainer_config(cfg.trainer)
@@ -57,7 +59,7 @@ def make_engine(cfg, task, model, tokenizer, features, output_dir):
 
         lm_loss.attach(model, task.label_shift, cfg.trainer.lm_loss_chunk_size, cfg.trainer.label_smoothing)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
-    return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir))
+    return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir), on_evaluate)
 
 
 def check_trainer_config(t) -> None:

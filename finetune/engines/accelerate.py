@@ -46,9 +46,9 @@ SHARDED = "sharded"  # trainer.fsdp=true: the checkpoint's model and optimizer s
 
 
 class AccelerateEngine:
-    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path):
+    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path, on_evaluate=None):
         t = self.args = cfg.trainer
-        self.task, self.features, self.seed = task, features, cfg.seed
+        self.task, self.features, self.seed, self.on_evaluate = task, features, cfg.seed, on_evaluate
         set_seed(cfg.seed)  # as the Trainer does: training randomness starts from the seed, whatever ran before
         self.checkpoints = output_dir / CHECKPOINTS
         setup_tracking(cfg)
@@ -98,6 +98,16 @@ class AccelerateEngine:
 
     # --- training ---------------------------------------------------------------------------------
     def train(self, resume_from: str | Path | None = None) -> dict[str, float]:
+        try:
+            return self._train(resume_from)
+        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+            if self.tracking:
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
+                self.tracking = False
+            raise
+
+    def _train(self, resume_from: str | Path | None) -> dict[str, float]:
         acc, t, s = self.accelerator, self.args, self.state
         gas = t.gradient_accumulation_steps
         if resume_from:
@@ -175,6 +185,8 @@ class AccelerateEngine:
         metrics = self._evaluate("validation", prefix="eval")
         self._log(metrics)
         value, best = metrics[f"eval_{main}"], s["best_metric"]
+        if self.on_evaluate:  # before the checkpoint: a pruned trial stops here
+            self.on_evaluate(value)
         better = best is None or (value > best if self.task.greater_is_better else value < best)
         # early stopping counts evaluations that do not beat the best by more than the threshold
         if best is None or (better and abs(value - best) > self.args.early_stopping_threshold):

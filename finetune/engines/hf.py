@@ -118,8 +118,19 @@ class _EpochClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class _OnEvaluate(TrainerCallback):
+    """Hands the main metric of each validation evaluation during training to the engine's on_evaluate."""
+
+    def __init__(self, key: str, listener):
+        self.key, self.listener = key, listener
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and self.key in metrics:  # (the final validation and test evaluations use other prefixes)
+            self.listener(metrics[self.key])
+
+
 class HFEngine:
-    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path):
+    def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path, on_evaluate=None):
         t = cfg.trainer
         precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
@@ -170,6 +181,8 @@ class HFEngine:
         callbacks = [_LogCallback(meter), self.clock]
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
+        if on_evaluate:
+            callbacks.append(_OnEvaluate(f"eval_{task.main_metric}", on_evaluate))
         self.trainer = _Trainer(
             model=model,
             args=args,
@@ -194,9 +207,17 @@ class HFEngine:
                 callback.logging_dir = str(output_dir / TENSORBOARD)
 
     def train(self, resume_from: str | None = None) -> dict[str, float]:
-        metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-        for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and closed at its end
-            self.trainer.pop_callback(tracker)
+        try:
+            metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+            t = self.trainer
+            for callback in t.callback_handler.callbacks:
+                if isinstance(callback, (TensorBoardCallback, MLflowCallback)):
+                    callback.on_train_end(t.args, t.state, t.control)
+            raise
+        finally:
+            for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and close at its end
+                self.trainer.pop_callback(tracker)
         return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:

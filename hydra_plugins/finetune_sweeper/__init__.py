@@ -1,50 +1,162 @@
-"""finetune's Optuna sweeper: hydra-optuna-sweeper's, made resumable (configs/hydra/sweeper/finetune_optuna.yaml).
+"""finetune's Optuna sweeper (hydra/sweeper=finetune_optuna; settings in configs/hydra/sweeper/finetune_optuna.yaml).
 
-The plugin already re-opens a study that exists in its storage (load_if_exists), but each launch numbers its
-trials from 0 again -- overwriting the trial directories of the launch before -- runs n_trials more trials, and
-cannot create its sqlite file before the sweep directory exists. This subclass continues the study instead: trials
-are numbered after those already there (trial directory = Optuna trial number), n_trials counts the whole study,
-the trials a killed launch left running are marked failed, and the sampler is reseeded (a seeded sampler would
-repeat the first launch's trials). Hydra only loads plugins from `hydra_plugins.*`.
+A Hydra Sweeper on Optuna's ask-and-tell API: each batch of n_jobs trials is asked of the study with the search space
+of hydra.sweeper.params and the command line (_space.py maps Hydra's sweep syntax to Optuna distributions), launched
+as Hydra jobs numbered by their Optuna trial number (trial directory = trial number), and told back: the job's
+objective (COMPLETE), None (FAIL: the trial recorded why), or an optuna.TrialPruned it returns (PRUNED: the pruner
+stopped it; the job reported to its trial, see finetune/sweep.py). The study lives in `storage`; launching into the
+same sweep directory continues it: n_trials counts the whole study, the trials a killed launch left running are
+marked failed, and the seeded sampler is reseeded (it would replay the first launch's draws). Hydra loads plugins
+from `hydra_plugins.*` only; optuna is imported when a sweep starts, not when Hydra scans its plugins.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in sys.modules, where
+# dataclasses would look its string annotations up)
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Optional
 
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
 
-class ResumableOptunaSweeper(OptunaSweeper):
-    def sweep(self, arguments):
-        impl = self.sweeper
-        if isinstance(impl.storage, str) and impl.storage:
-            if impl.storage.startswith("sqlite:///"):
-                Path(impl.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._continue_study(impl)
-        return super().sweep(arguments)
+@dataclass
+class TPESettings:  # optuna.samplers.TPESampler
+    seed: Optional[int] = None
+    n_startup_trials: int = 10  # random trials before TPE models the results
+    n_ei_candidates: int = 24
+    multivariate: bool = False
 
-    @staticmethod
-    def _continue_study(impl) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # its set-up lines (on import) would fill the log
+
+@dataclass
+class MedianSettings:  # optuna.pruners.MedianPruner: stop a trial worse than the median of earlier ones at a step
+    n_startup_trials: int = 5  # finished trials before any trial is pruned
+    n_warmup_steps: int = 0  # a trial's evaluations before it can be pruned
+
+
+@dataclass
+class HyperbandSettings:  # optuna.pruners.HyperbandPruner; its resource is the trial's evaluations
+    min_resource: int = 1
+    max_resource: Any = "auto"  # evaluations of the longest trial; auto: Optuna estimates it from finished trials
+    reduction_factor: int = 3
+
+
+@dataclass
+class FinetuneOptunaConf:
+    _target_: str = "hydra_plugins.finetune_sweeper.FinetuneOptunaSweeper"
+    direction: str = "maximize"
+    study_name: str = "search"
+    storage: Optional[str] = None  # an RDB URL (sqlite:///...); None: in memory, nothing to resume or prune
+    n_trials: int = 16  # trials in the whole study, counting those of earlier launches
+    n_jobs: int = 1  # trials asked per batch, launched together
+    max_failure_rate: float = 1.0  # the search stops once more than this fraction of its trials failed
+    sampler: TPESettings = field(default_factory=TPESettings)
+    pruner: str = "none"  # none | median | hyperband
+    median: MedianSettings = field(default_factory=MedianSettings)
+    hyperband: HyperbandSettings = field(default_factory=HyperbandSettings)
+    params: Optional[Dict[str, Any]] = None  # the search space: key -> Hydra sweep syntax (or a fixed value)
+
+
+# a name of its own: hydra-optuna-sweeper, if installed too, registers hydra/sweeper=optuna
+ConfigStore.instance().store(group="hydra/sweeper", name="finetune_optuna_schema", node=FinetuneOptunaConf,
+                             provider="finetune")
+
+
+class FinetuneOptunaSweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.launcher = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def sweep(self, arguments) -> None:
         import optuna
         from optuna.trial import TrialState
 
-        try:
-            study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
-        except KeyError:  # no such study yet: a new search
-            return
+        from hydra_plugins.finetune_sweeper import _space as space, _study as parts
+
+        s = SimpleNamespace(**self.settings)
+        _check(s)
+        params = [f"{k}={v}" for k, v in (s.params or {}).items()]
+        distributions, fixed = space.search_space(params + list(arguments))
+        if s.storage and s.storage.startswith("sqlite:///"):
+            Path(s.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        sampler = parts.sampler(s.sampler)
+        study = optuna.create_study(study_name=s.study_name, storage=parts.storage(s.storage), sampler=sampler,
+                                    pruner=parts.pruner(s), direction=s.direction, load_if_exists=True)
         trials = study.get_trials(deepcopy=False)
         finished = sum(t.state.is_finished() for t in trials)
-        for t in trials:
-            if t.state == TrialState.RUNNING:  # its launch was killed: it will never report
-                study.tell(t.number, state=TrialState.FAIL)
-        # the seeded sampler would replay the first launch's draws: continue with fresh random numbers instead
-        impl.sampler.reseed_rng()
-        impl.job_idx = len(trials)
-        impl.n_trials = max(0, impl.n_trials - finished)
-        log.info("continuing study '%s': %d trials finished, %d interrupted, %d to go", impl.study_name, finished,
-                 len(trials) - finished, impl.n_trials)
+        if trials:
+            for t in trials:
+                if t.state == TrialState.RUNNING:  # its launch was killed: it will never report
+                    study.tell(t.number, state=TrialState.FAIL)
+            sampler.reseed_rng()  # the seeded sampler would replay the first launch's draws
+            log.info("continuing study '%s': %d trials finished, %d interrupted, %d to go", s.study_name, finished,
+                     len(trials) - finished, max(0, s.n_trials - finished))
+        to_go, launched, failed = s.n_trials - finished, 0, 0
+        while to_go > 0:
+            batch = [study.ask(fixed_distributions=distributions) for _ in range(min(s.n_jobs, to_go))]
+            numbers = [t.number for t in batch]
+            if numbers != list(range(numbers[0], numbers[0] + len(batch))):  # job number = trial number = its dir
+                raise RuntimeError(f"study '{s.study_name}' got trials {numbers} from another process: run one "
+                                   "launch per sweep directory")
+            overrides = [tuple(f"{k}={v}" for k, v in t.params.items()) + tuple(fixed) for t in batch]
+            returns = self.launcher.launch(overrides, initial_job_idx=numbers[0])
+            for trial, ret in zip(batch, returns):
+                failed += _tell(study, trial.number, ret) == TrialState.FAIL
+            launched += len(batch)
+            to_go -= len(batch)
+            if to_go > 0 and failed / launched > s.max_failure_rate:
+                log.error("stopping the search: %d of %d trials failed (hydra.sweeper.max_failure_rate=%s)", failed,
+                          launched, s.max_failure_rate)
+                break
+        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            best = study.best_trial
+            log.info("best trial %d: value %s, %s", best.number, best.value, best.params)
+
+
+def _check(s: SimpleNamespace) -> None:
+    from finetune.errors import FinetuneError
+    from hydra_plugins.finetune_sweeper._study import PRUNERS
+
+    if s.direction not in ("maximize", "minimize"):
+        raise FinetuneError(f"hydra.sweeper.direction must be maximize or minimize (got '{s.direction}')")
+    if s.n_trials < 0 or s.n_jobs < 1:
+        raise FinetuneError(f"hydra.sweeper.n_trials must be >= 0 and n_jobs >= 1 (got {s.n_trials}, {s.n_jobs})")
+    if s.pruner not in PRUNERS:
+        raise FinetuneError(f"unknown hydra.sweeper.pruner '{s.pruner}': choose one of {', '.join(PRUNERS)}")
+    if s.pruner != "none" and not s.storage:
+        raise FinetuneError(f"hydra.sweeper.pruner={s.pruner} needs the study in a storage the trials can reach "
+                            "(hydra.sweeper.storage=sqlite:///<file>), not in memory")
+
+
+def _tell(study, number: int, ret) -> Any:
+    """Tell the study how the job of trial `number` ended; returns the trial's state."""
+    import optuna
+    from hydra.core.utils import JobStatus
+    from optuna.trial import TrialState
+
+    value = None
+    if ret.status == JobStatus.COMPLETED:
+        value = ret.return_value
+    else:
+        try:
+            ret.return_value  # raises the job's exception
+        except Exception as e:
+            log.error("trial %d failed: %s: %s", number, type(e).__name__, e)
+    if isinstance(value, optuna.TrialPruned):
+        study.tell(number, state=TrialState.PRUNED)  # its value: the last one it reported
+        return TrialState.PRUNED
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        study.tell(number, float(value))
+        return TrialState.COMPLETE
+    study.tell(number, state=TrialState.FAIL)  # the trial's own record (trial.json) says why
+    return TrialState.FAIL
