@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 METHODS = ("none", "lora")
 
 
+def base_model(model):
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def wrap(model, peft_cfg, task) -> Any:
     """The model with LoRA adapters (and its head trainable), or unchanged for peft.method=none."""
     if peft_cfg.method not in METHODS:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from finetune import adapters
+
 SQUARE = (2048, 2048, 2048)
 
 
@@ -46,7 +48,7 @@ def matmul_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
 def flops_per_token(model) -> float:
     """(4 + 2 x trainable fraction) x N: forward 2N, input gradients 2N, weight gradients 2N of the trained part.
     N counts the weights that multiply: not the input embedding table (a lookup), unless the LM head shares it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = adapters.base_model(model)
     lookup = {id(p) for n, p in base.named_parameters() if "embed" in n}
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is not None:

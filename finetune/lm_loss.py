@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from finetune.adapters import base_model
+
 log = logging.getLogger(__name__)
 
 
@@ -35,11 +37,6 @@ class LMLossOutput(ModelOutput):
     loss: torch.Tensor | None = None
     token_nll: torch.Tensor | None = None
     token_top1: torch.Tensor | None = None
-
-
-def base_model(model):
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def attach(model, shift: int, chunk_size: int, label_smoothing: float = 0.0) -> bool:

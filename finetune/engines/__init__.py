@@ -112,7 +112,9 @@ CHECKPOINTING = {"use_reentrant": False}  # torch.utils.checkpoint's arguments f
 
 def check_checkpointing(t, model) -> None:
     """trainer.gradient_checkpointing=true needs a model whose blocks can recompute their activations."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    from finetune.adapters import base_model
+
+    base = base_model(model)
     if t.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
         raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
                             "checkpointing; set trainer.gradient_checkpointing=false")
@@ -153,9 +155,9 @@ def check_fsdp(t) -> None:
 def smoothed_by_task(model, t) -> float:
     """The trainer.label_smoothing an engine applies through task.loss: none when the chunked LM loss the model was
     given (finetune/lm_loss.py) smooths it inside the forward already."""
-    from finetune import lm_loss
+    from finetune.adapters import base_model
 
-    return 0.0 if getattr(lm_loss.base_model(model).forward, "_chunked_lm_loss", False) else t.label_smoothing
+    return 0.0 if getattr(base_model(model).forward, "_chunked_lm_loss", False) else t.label_smoothing
 
 
 def param_groups(model, decay: set[str], weight_decay: float, new: set[str], new_lr: float) -> list[dict]:

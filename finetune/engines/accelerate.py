@@ -60,7 +60,7 @@ class AccelerateEngine:
             # as the Trainer: a head that leaves some weights unused (e.g. an unused pooler) must not fail DDP
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+        base = adapters.base_model(model)
         self.label_names = find_labels(type(base))
         self.ignore_keys = [*getattr(base.config, "keys_to_ignore_at_inference", []), "loss"]
         self.collate = without_length(task.collator(tokenizer))
@@ -380,7 +380,7 @@ def _fully_shard(model):
 
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = adapters.base_model(model)
     blocks = set(getattr(base, "_no_split_modules", None) or ())
     for module in reversed(list(model.modules())):  # inner blocks before the blocks that hold them
         if type(module).__name__ in blocks:
