@@ -128,7 +128,7 @@ def test_checkpointing_gives_the_same_gradients(family, peft, tiny_llama, tiny_b
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
-def test_engines_turn_checkpointing_on(engine, tiny_llama, tmp_path):
+def test_engines_turn_checkpointing_on_and_free_the_training_state(engine, tiny_llama, tmp_path):
     from datasets import Dataset, DatasetDict
 
     cfg, task = _generation(tiny_llama, f"trainer={engine}", "peft=lora", "trainer.gradient_checkpointing=true",
@@ -143,6 +143,9 @@ def test_engines_turn_checkpointing_on(engine, tiny_llama, tmp_path):
     # LoRA freezes the embeddings: their output must require grad, or no gradient reaches the checkpointed blocks
     embeddings = engine_.model.get_input_embeddings()(torch.tensor([[5, 6]]))
     assert embeddings.requires_grad
+    # training over, its optimizer states and gradients are freed before the test evaluation and the export
+    optimizer = engine_.trainer.optimizer if engine == "hf" else engine_.optimizer
+    assert len(optimizer.state) == 0 and all(p.grad is None for p in engine_.model.parameters())
 
 
 def test_checkpointing_a_model_without_support_is_an_error(tiny_llama, tmp_path):

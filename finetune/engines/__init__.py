@@ -190,6 +190,13 @@ def new_parameters(model, t) -> tuple[set[str], float]:
     return new, t.learning_rate * scale
 
 
+def drop_training_state(optimizer, model) -> None:
+    """Training is over: free the optimizer's states (AdamW: twice the trainable weights) and any gradients, so the
+    test evaluation, generation, export and pipeline check after it reuse that memory instead of adding to the peak."""
+    optimizer.state.clear()
+    model.zero_grad(set_to_none=True)
+
+
 def gathered_state_dict(accelerator, model) -> dict | None:
     """The whole state dict of a model accelerate sharded (FSDP, DeepSpeed; needs every process), else None."""
     from accelerate.utils import DistributedType

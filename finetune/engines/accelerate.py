@@ -33,9 +33,10 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, accelerate_trackers, eval_order,
-                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
-                              restore_order, setup_tracking, smoothed_by_task, train_sampler, without_length)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, accelerate_trackers, drop_training_state,
+                              eval_order, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
+                              param_groups, restore_order, setup_tracking, smoothed_by_task, train_sampler,
+                              without_length)
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
@@ -245,6 +246,7 @@ class AccelerateEngine:
             self._load(best)  # the best weights (optimizer and RNG state no longer matter)
             self.best_step = int(best.name.split("-")[-1])
             self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
+        drop_training_state(self.optimizer, self._model)
         self._flush_losses()
         samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(samples / max(runtime, 1e-9), 3),

@@ -12,9 +12,9 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, eval_order, gathered_state_dict,
-                              logged_validation, mixed_precision, new_parameters, param_groups, restore_order,
-                              setup_tracking, smoothed_by_task, train_sampler, without_length)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, drop_training_state, eval_order,
+                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
+                              restore_order, setup_tracking, smoothed_by_task, train_sampler, without_length)
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
@@ -78,6 +78,10 @@ class _Trainer(Trainer):
     def _save_checkpoint(self, *args, **kwargs):
         with self.meter.paused():
             return super()._save_checkpoint(*args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        drop_training_state(self.optimizer, self.model)  # training is over: the reload fits where AdamW's states were
+        super()._load_best_model()
 
 
 class _LogCallback(TrainerCallback):
@@ -218,6 +222,7 @@ class HFEngine:
         finally:
             for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and close at its end
                 self.trainer.pop_callback(tracker)
+        drop_training_state(self.trainer.optimizer, self.trainer.model)
         return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
