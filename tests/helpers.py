@@ -1,4 +1,5 @@
-"""The CLI in this process: compose the real config tree the way it does, or call its entry point with argv."""
+"""The CLI in this process: compose the real config tree the way it does, call its entry point with argv, or build
+what run.py builds before it trains (a task's engine on a tiny model)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,27 @@ def fail(args: list[str], tmp_path: Path, monkeypatch, capfd) -> str:
     runs = tmp_path / "runs"
     assert not runs.exists() or not any(runs.rglob("*")), list(runs.rglob("*"))
     return errors[0][len("error: "):]
+
+
+def prepared(*overrides: str):
+    """What run.py builds before its engine from `python -m finetune <overrides>`: (cfg, task, tokenizer, features,
+    model), the seed set and the model wrapped as cfg.peft says."""
+    import transformers
+
+    from finetune import adapters, data
+    from finetune.tasks import get_task
+
+    cfg = compose_cfg(*overrides)
+    transformers.set_seed(cfg.seed)
+    task, path = get_task(cfg.task), cfg.model.name_or_path
+    tokenizer = task.load_tokenizer(path, cfg.model)
+    features = task.tokenize(data.load(cfg.data, task), tokenizer)
+    return cfg, task, tokenizer, features, adapters.wrap(task.load_model(path, cfg.model), cfg.peft, task)
+
+
+def engine_for(output_dir: Path, *overrides: str):
+    """The engine run.py would train, writing to output_dir."""
+    from finetune.engines import make_engine
+
+    cfg, task, tokenizer, features, model = prepared(*overrides)
+    return make_engine(cfg, task, model, tokenizer, features, output_dir)

@@ -165,20 +165,14 @@ def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
 def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment_csv, tmp_path, one_thread):
     """MFU and tokens/s count the real tokens of the batches trained (the first, a warm-up, left out), not the
     split's mean length: length-grouped batches come longest first."""
-    import transformers
-
-    from finetune import bench, data
+    from finetune import bench
     from finetune.engines import make_engine
-    from finetune.tasks import get_task
-    from helpers import compose_cfg
+    from helpers import prepared
 
-    cfg = compose_cfg(f"trainer={engine}", f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review",
-                      "data.label_column=sentiment", "trainer.max_steps=3", "trainer.per_device_train_batch_size=4",
-                      "trainer.eval_strategy=no")
-    transformers.set_seed(cfg.seed)
-    task = get_task(cfg.task)
-    tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
-    features = task.tokenize(data.load(cfg.data, task), tokenizer)
+    cfg, task, tokenizer, features, model = prepared(
+        f"trainer={engine}", f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review",
+        "data.label_column=sentiment", "trainer.max_steps=3", "trainer.per_device_train_batch_size=4",
+        "trainer.eval_strategy=no")
     seen = []
     collator = task.collator
 
@@ -187,7 +181,7 @@ def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment
         return lambda rows: seen.append([len(r["input_ids"]) for r in rows]) or collate(rows)
 
     task.collator = spy
-    engine_ = make_engine(cfg, task, task.load_model(str(tiny_bert), cfg.model), tokenizer, features, tmp_path)
+    engine_ = make_engine(cfg, task, model, tokenizer, features, tmp_path)
     engine_.train()
     mean = sum(features["train"]["length"]) / len(features["train"])
     counted = bench._trained_lengths(features["train"], 4, 3, cfg.seed, True)

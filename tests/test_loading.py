@@ -11,7 +11,7 @@ import pytest
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import compose_cfg
+from helpers import compose_cfg, engine_for
 from test_generation import build_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,22 +84,13 @@ def tied_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
 def test_best_checkpoint_of_a_tied_model_restores_without_missing_keys(engine, tied_llama, tmp_path, logs):
-    from finetune import data
-    from finetune.engines import make_engine
-    from finetune.tasks import get_task
-
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(["to", "be", "or", "not", "that", "is", "the", "question"][i % 8:]) * 3
                               for i in range(40)))
-    cfg = compose_cfg("task=generation", f"model={tied_llama}", f"data={text}", f"trainer={engine}",
-                      "task.block_size=16", "trainer.max_steps=4", "trainer.per_device_train_batch_size=4",
-                      "trainer.eval_strategy=steps", "trainer.eval_steps=2", "trainer.report_to=[]",
-                      "task.eval_prompts=0")
-    transformers.set_seed(cfg.seed)
-    task = get_task(cfg.task)
-    tokenizer = task.load_tokenizer(str(tied_llama), cfg.model)
-    features = task.tokenize(data.load(cfg.data, task), tokenizer)
-    trainer = make_engine(cfg, task, task.load_model(str(tied_llama), cfg.model), tokenizer, features, tmp_path / "run")
+    trainer = engine_for(tmp_path / "run", "task=generation", f"model={tied_llama}", f"data={text}",
+                         f"trainer={engine}", "task.block_size=16", "trainer.max_steps=4",
+                         "trainer.per_device_train_batch_size=4", "trainer.eval_strategy=steps", "trainer.eval_steps=2",
+                         "trainer.report_to=[]", "task.eval_prompts=0")
     logs.clear()
     trainer.train()
     assert trainer.best_validation() is not None  # a best checkpoint was restored

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-from helpers import compose_cfg
+import helpers
+from helpers import compose_cfg, prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCALE = 10.0
@@ -28,27 +29,18 @@ def csv(tmp_path_factory):
     return path
 
 
+def sentiment(tiny_bert, csv) -> list[str]:
+    return ["task=sentiment", f"model={tiny_bert}", f"data={csv}", "data.text_column=review",
+            "data.label_column=sentiment", *FAST]
+
+
 def build(tiny_bert, csv, *overrides):
     """What run.py builds before the engine: config, task, tokenizer, features and the (wrapped) model."""
-    import transformers
-
-    from finetune import adapters, data
-    from finetune.tasks import get_task
-
-    cfg = compose_cfg("task=sentiment", f"model={tiny_bert}", f"data={csv}", "data.text_column=review",
-                      "data.label_column=sentiment", *FAST, *overrides)
-    transformers.set_seed(cfg.seed)
-    task = get_task(cfg.task)
-    tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
-    features = task.tokenize(data.load(cfg.data, task), tokenizer)
-    return cfg, task, tokenizer, features, adapters.wrap(task.load_model(str(tiny_bert), cfg.model), cfg.peft, task)
+    return prepared(*sentiment(tiny_bert, csv), *overrides)
 
 
 def engine_for(tiny_bert, csv, out, *overrides):
-    from finetune.engines import make_engine
-
-    cfg, task, tokenizer, features, model = build(tiny_bert, csv, *overrides)
-    return make_engine(cfg, task, model, tokenizer, features, out)
+    return helpers.engine_for(out, *sentiment(tiny_bert, csv), *overrides)
 
 
 def optimizer_of(engine):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from helpers import compose_cfg
+from helpers import engine_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -31,19 +31,8 @@ def csv(tmp_path_factory):
 
 
 def train(tiny_bert, csv, out, *overrides):
-    import transformers
-
-    from finetune import data
-    from finetune.engines import make_engine
-    from finetune.tasks import get_task
-
-    cfg = compose_cfg("task=sentiment", f"model={tiny_bert}", f"data={csv}", "data.text_column=review",
-                      "data.label_column=sentiment", f"runs_dir={out.parent}", *FAST, *overrides)
-    transformers.set_seed(cfg.seed)
-    task = get_task(cfg.task)
-    tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
-    features = task.tokenize(data.load(cfg.data, task), tokenizer)
-    engine = make_engine(cfg, task, task.load_model(str(tiny_bert), cfg.model), tokenizer, features, out)
+    engine = engine_for(out, "task=sentiment", f"model={tiny_bert}", f"data={csv}", "data.text_column=review",
+                        "data.label_column=sentiment", f"runs_dir={out.parent}", *FAST, *overrides)
     engine.train()
     engine.evaluate("test")
     return engine
