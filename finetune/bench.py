@@ -21,9 +21,10 @@ bench took 7 min 50 s on a 2-core CPU):
               ROUGE-L and generation speed on 8 held-out abstracts
   mem_*       memory rows: task=generation on Hamlet's 512-token blocks, 2 steps, training only (no evaluation): peak
               memory, the memory once the model is loaded, bytes per parameter (in total and above the loaded model)
-              and tokens/s. SmolLM2-135M at the task's 4 x 512-token micro-batch: full fine-tuning (mem_135m), with
-              gradient checkpointing (_ckpt), LoRA on its fp32 weights (_lora), on a bf16 base (_lora_bf16, and with
-              checkpointing); SmolLM2-360M's and SmolLM2-1.7B's shapes with random weights (no download) at 1 x 512
+              and tokens/s. SmolLM2-135M full fine-tuning at the task's own micro-batch (mem_135m: 1 x 512 tokens);
+              at 4 x 512 tokens (the task's micro-batch before): full fine-tuning (_4x512), with gradient checkpointing
+              (_ckpt), LoRA on its fp32 weights (_lora), on a bf16 base (_lora_bf16, and with checkpointing);
+              SmolLM2-360M's and SmolLM2-1.7B's shapes with random weights (no download) at 1 x 512
 
 and prints samples/s, peak RSS, the test metric after those steps (comparable between rows of the same steps
 only: rows this short are speed figures, not trained models), and model-FLOPs utilisation (MFU):
@@ -97,10 +98,11 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
                        "trainer.per_device_train_batch_size=2", "data.max_test_samples=8"],
                       None, "task=summarization, SmolLM2 on SciTLDR, 2 pairs, 4 steps, 8 test abstracts"),
     # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
-    "mem_135m": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
-                 "SmolLM2-135M full fine-tuning, 4 x 512 tokens (the task's micro-batch), 2 steps"),
+    "mem_135m": (_MEM, None, "SmolLM2-135M full fine-tuning, the task's micro-batch (1 x 512 tokens), 2 steps"),
+    "mem_135m_4x512": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
+                       "SmolLM2-135M full fine-tuning, 4 x 512 tokens, 2 steps"),
     "mem_135m_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", _CKPT], None,
-                      "the same, gradient checkpointing"),
+                      "the same (4 x 512), gradient checkpointing"),
     "mem_135m_lora": ([*_MEM, "trainer.per_device_train_batch_size=4", "peft=lora"], None,
                       "SmolLM2-135M LoRA on its fp32 weights, 4 x 512 tokens, 2 steps"),
     "mem_135m_lora_bf16": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16], None,
