@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from helpers import compose_cfg
+from helpers import prepared
 from test_seq2seq import ROWS, features, models, write_parallel  # noqa: F401 (models: the tiny models' fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,19 +16,13 @@ SMALL = (("train", 0, 40), ("val", 40, 50), ("test", 50, 60))
 
 def smoothing_setup(model, tmp_path, *overrides):
     """The task, its model and one batch of all the training pairs, as the engines collate them."""
-    from finetune import data
-    from finetune.tasks import get_task
-
     data_dir = write_parallel(tmp_path / "data", ROWS[:60], SMALL)
-    cfg = compose_cfg("task=translation", f"model={model}", f"data={data_dir}",
-                      "trainer.learning_rate=0", "trainer.max_steps=1", "trainer.per_device_train_batch_size=64",
-                      "trainer.eval_strategy=no", "trainer.report_to=[]", *overrides)
-    task = get_task(cfg.task)
-    tokenizer = task.load_tokenizer(model, cfg.model)
-    features = task.tokenize(data.load(cfg.data, task), tokenizer)
+    cfg, task, tokenizer, features, model = prepared(
+        "task=translation", f"model={model}", f"data={data_dir}", "trainer.learning_rate=0", "trainer.max_steps=1",
+        "trainer.per_device_train_batch_size=64", "trainer.eval_strategy=no", "trainer.report_to=[]", *overrides)
     train = features["train"].remove_columns("length")
     batch = task.collator(tokenizer)([train[i] for i in range(len(train))])
-    return cfg, task, tokenizer, features, task.load_model(model, cfg.model), batch
+    return cfg, task, tokenizer, features, model, batch
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
