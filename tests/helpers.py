@@ -26,7 +26,9 @@ def cli_main(args: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, 
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["finetune", *args])
-    monkeypatch.setattr(sys, "stderr", sys.stderr)  # the CLI re-points sys.stderr: restore it after the test
+    # the CLI re-points sys.stderr: put it back here, while capfd's stream is open (monkeypatch's undo can run after
+    # capfd has closed it, and every later test would write to a closed file)
+    stderr = sys.stderr
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
@@ -35,6 +37,7 @@ def cli_main(args: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, 
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:  # a run's console and log-file handlers (Hydra's job logging) must not outlive the captured streams
+        sys.stderr = stderr
         for handler in root.handlers:
             if handler not in handlers:
                 handler.close()
