@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -32,3 +33,14 @@ def keep_freed_memory() -> bool:
         return False
     # no mmap for large blocks (they go to the heap, which is reused), and keep up to 1 GiB free at the heap's top
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+def release_freed_memory() -> None:
+    """Collect what is no longer referenced (cycles too) and give the heap's free pages back to the kernel: the heap
+    keeps freed memory (keep_freed_memory), so a large object's memory would otherwise stay resident beside the next."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

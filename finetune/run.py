@@ -103,8 +103,12 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     metrics.update(params)
     peaks = memory.gather_peaks()  # every process's peak (the main process adds its export and check to its own)
     model = _whole_model(engine, build, main)
+    history = engine.log_history
+    model_dir = export(model, tokenizer, task, cfg, metrics, run_dir / "model") if main else None
+    del model, trained, engine  # the export was their last use: the pipeline check's copy takes their memory
+    cpu.release_freed_memory()
     if main:
-        _export_and_report(cfg, run_dir, task, engine, model, tokenizer, raw, metrics, start, (loaded_mb, peaks))
+        _verify_and_report(cfg, run_dir, task, model_dir, history, raw, metrics, start, (loaded_mb, peaks))
     # the other processes wait for the export, then all leave the process group together: a process that
     # exits while gloo's threads still run aborts ("terminate called without an active exception")
     state.wait_for_everyone()
@@ -144,9 +148,8 @@ def _whole_model(engine, build, main: bool):
     return model
 
 
-def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, metrics: dict, start: float,
-                       memory_so_far: tuple[float, list[float]]) -> None:
-    model_dir = export(model, tokenizer, task, cfg, metrics, run_dir / "model")
+def _verify_and_report(cfg, run_dir: Path, task, model_dir: Path, history: list[dict], raw, metrics: dict,
+                       start: float, memory_so_far: tuple[float, list[float]]) -> None:
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)
@@ -157,7 +160,7 @@ def _export_and_report(cfg, run_dir: Path, task, engine, model, tokenizer, raw, 
     report.write_json(run_dir / "metrics.json", metrics)
     if task.samples():
         report.write_jsonl(run_dir / "samples.jsonl", task.samples())
-    report.learning_curve(engine.log_history, task.main_metric, run_dir / "learning_curve.png")
+    report.learning_curve(history, task.main_metric, run_dir / "learning_curve.png")
     key, checked = f"test_{task.main_metric}", f"test_{task.verify_metric or task.main_metric}"
     log.info("done in %.0fs: %s=%.4f (pipeline %s %.4f) -> %s", metrics["total_runtime_s"], key, metrics[key],
              checked, metrics[f"pipeline_{checked}"], model_dir)

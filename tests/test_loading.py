@@ -8,6 +8,7 @@ import json
 import logging
 
 import pytest
+import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -83,7 +84,13 @@ def tied_llama(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
-def test_best_checkpoint_of_a_tied_model_restores_without_missing_keys(engine, tied_llama, tmp_path, logs):
+@pytest.mark.parametrize("best", [2, 4])
+def test_best_checkpoint_of_a_tied_model_restores_without_missing_keys(engine, best, tied_llama, tmp_path, logs,
+                                                                        monkeypatch):
+    from finetune.tasks.causal_lm import CausalLMTask
+
+    # perplexity falls over these 4 steps: counting a higher one as better makes step 2's checkpoint the best
+    monkeypatch.setattr(CausalLMTask, "greater_is_better", best == 2)
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(["to", "be", "or", "not", "that", "is", "the", "question"][i % 8:]) * 3
                               for i in range(40)))
@@ -92,11 +99,20 @@ def test_best_checkpoint_of_a_tied_model_restores_without_missing_keys(engine, t
                          "trainer.per_device_train_batch_size=4", "trainer.eval_strategy=steps", "trainer.eval_steps=2",
                          "trainer.report_to=[]", "task.eval_prompts=0")
     logs.clear()
+    reloads = []
+    load_state_dict = torch.nn.Module.load_state_dict
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda *a, **k: reloads.append(1) or load_state_dict(*a, **k))
     trainer.train()
-    assert trainer.best_validation() is not None  # a best checkpoint was restored
+    assert trainer.best_validation() is not None
     assert not [r for r in lines(logs) if "missing" in r[2].lower() or "unexpected" in r[2].lower()], lines(logs)
     model = trainer.model
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    # the model holds the best checkpoint's weights; the last one's are already there, so only an earlier one is
+    # loaded (a reload maps a second copy of the weights: the peak of a run whose best is its last)
+    saved = load_file(tmp_path / "run" / "checkpoints" / f"checkpoint-{best}" / "model.safetensors")
+    weights = model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in saved.items())
+    assert bool(reloads) == (best == 2)
 
 
 def test_a_really_missing_key_of_the_best_checkpoint_is_still_a_warning(tied_llama, logs):

@@ -34,6 +34,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.cpu import release_freed_memory
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune.train")
@@ -191,10 +192,11 @@ def new_parameters(model, t) -> tuple[set[str], float]:
 
 
 def drop_training_state(optimizer, model) -> None:
-    """Training is over: free the optimizer's states (AdamW: twice the trainable weights) and any gradients, so the
-    test evaluation, generation, export and pipeline check after it reuse that memory instead of adding to the peak."""
+    """Training is over: free the optimizer's states (AdamW: twice the trainable weights) and any gradients, and give
+    the memory back to the kernel, so the test evaluation, generation, export and pipeline check do not add to it."""
     optimizer.state.clear()
     model.zero_grad(set_to_none=True)
+    release_freed_memory()
 
 
 def gathered_state_dict(accelerator, model) -> dict | None:

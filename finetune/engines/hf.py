@@ -81,6 +81,8 @@ class _Trainer(Trainer):
 
     def _load_best_model(self) -> None:
         drop_training_state(self.optimizer, self.model)  # training is over: the reload fits where AdamW's states were
+        if Path(self.state.best_model_checkpoint).name == f"checkpoint-{self.state.global_step}":
+            return  # the best is the last: its weights are the model's, and a reload would only map a second copy
         super()._load_best_model()
 
 
