@@ -242,13 +242,12 @@ class AccelerateEngine:
         acc, s, t = self.accelerator, self.state, self.args
         best = s["best_checkpoint"] and self.checkpoints / s["best_checkpoint"]
         self.best_step = None
-        drop_training_state(self.optimizer, self._model)
         if best and best.is_dir():
             self.best_step = int(best.name.split("-")[-1])
             if self.best_step != s["global_step"]:  # the last one's weights are the model's: no second copy
                 self._load(best)  # the best weights (optimizer and RNG state no longer matter)
-                drop_training_state(self.optimizer, self._model)  # (load_state restored the optimizer's states)
             self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
+        drop_training_state(self.optimizer, self._model)
         self._flush_losses()
         samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(samples / max(runtime, 1e-9), 3),

@@ -10,6 +10,7 @@ import torch
 from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallback, Trainer, TrainerCallback,
                           TrainingArguments)
 from transformers.integrations import MLflowCallback, TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from finetune import adapters, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, drop_training_state, eval_order,
@@ -81,7 +82,7 @@ class _Trainer(Trainer):
 
     def _load_best_model(self) -> None:
         drop_training_state(self.optimizer, self.model)  # training is over: the reload fits where AdamW's states were
-        if Path(self.state.best_model_checkpoint).name == f"checkpoint-{self.state.global_step}":
+        if Path(self.state.best_model_checkpoint).name == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}":
             return  # the best is the last: its weights are the model's, and a reload would only map a second copy
         super()._load_best_model()
 
