@@ -12,13 +12,14 @@ bench took 7 min 50 s on a 2-core CPU):
   ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent); 40 steps
   qa          task=qa on SQuAD v1.1 articles, 256-token windows (../shared/data, as ner); 10 steps
   mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity); 30 steps
-  generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 2 x 512-token blocks a step,
-              3 steps; also new tokens/s of batched greedy generation from 8 test prompts (KV cache)
+  generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 2 512-token blocks a step (one
+              a micro-batch, as the task trains), 3 steps; also new tokens/s of batched greedy generation from 8 test
+              prompts (KV cache)
   generation_lora  the same with peft=lora
-  translation task=translation: SmolLM2 fine-tuned on Multi30k en->de (../shared/data), 8 sentence pairs a step,
-              6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
-  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step, 4 steps;
-              ROUGE-L and generation speed on 8 held-out abstracts
+  translation task=translation: SmolLM2 fine-tuned on Multi30k en->de (../shared/data), 8 sentence pairs a step (4
+              a micro-batch), 6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
+  summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step (1 a
+              micro-batch), 4 steps; ROUGE-L and generation speed on 8 held-out abstracts
   mem_*       memory rows: task=generation on Hamlet's 512-token blocks, 2 steps, training only (no evaluation): peak
               memory, the memory once the model is loaded, bytes per parameter (in total and above the loaded model)
               and tokens/s. SmolLM2-135M full fine-tuning at the task's own micro-batch (mem_135m: 1 x 512 tokens);
@@ -68,9 +69,10 @@ SQUAD = "{shared}/squad_v1.1/train.json"
 MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
 
-_GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
+# the tasks' own micro-batches (one 512-token block, one document, 4 pairs), fewer of them a step
+_GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
         "task.eval_prompts=8"]
-_S2S = ["trainer.gradient_accumulation_steps=1", "data.max_train_samples=512", "data.max_eval_samples=16"]
+_S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "data.max_eval_samples=16"]
 _MEM = ["task=generation", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
 _BIG = ["trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
@@ -89,14 +91,14 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions, 10 steps"),
     "mlm": (["task=mlm", "trainer.max_steps=30", "data.max_test_samples=500"], None,
             "task=mlm, 15% of tokens masked, length-grouped, 500 test snippets, 30 steps"),
-    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 2 x 512 tokens, 3 steps"),
+    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 2 x 1 x 512 tokens, 3 steps"),
     "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
     "translation": (["task=translation", f"data.source={MULTI30K}", *_S2S, "trainer.max_steps=6",
-                     "trainer.per_device_train_batch_size=8", "data.max_test_samples=16"],
-                    None, "task=translation, SmolLM2 on Multi30k en->de, 8 pairs, 6 steps, 16 test sentences"),
+                     "trainer.per_device_train_batch_size=4", "data.max_test_samples=16"],
+                    None, "task=translation, SmolLM2 on Multi30k en->de, 2 x 4 pairs, 6 steps, 16 test sentences"),
     "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=4",
-                       "trainer.per_device_train_batch_size=2", "data.max_test_samples=8"],
-                      None, "task=summarization, SmolLM2 on SciTLDR, 2 pairs, 4 steps, 8 test abstracts"),
+                       "trainer.per_device_train_batch_size=1", "data.max_test_samples=8"],
+                      None, "task=summarization, SmolLM2 on SciTLDR, 2 x 1 pair, 4 steps, 8 test abstracts"),
     # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
     "mem_135m": (_MEM, None, "SmolLM2-135M full fine-tuning, the task's micro-batch (1 x 512 tokens), 2 steps"),
     "mem_135m_4x512": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
