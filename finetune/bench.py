@@ -73,7 +73,9 @@ SCITLDR = "{shared}/scitldr"
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
         "task.eval_prompts=8"]
 _S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "data.max_eval_samples=16"]
-_MEM = ["task=generation", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
+# (rows of other tasks set their micro-batch: --batch-size is the MiniLM rows', 32 x 512 SmolLM2 tokens needed 24 GB)
+_MEM = ["task=generation", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1",
+        "trainer.max_steps=2"]
 _BIG = ["trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
@@ -124,6 +126,14 @@ SHAPES = {"mem_360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_l
                            num_key_value_heads=32)}
 
 
+def row_overrides(name: str, steps: int, batch_size: int, extra: list[str]) -> list[str]:
+    """The config overrides a row trains with: a row's own (steps, batch size) win over --steps / --batch-size."""
+    own = [o.replace("{shared}", str(SHARED_DATA)) for o in ROWS[name][0]]
+    # no validation pass or checkpoint while training: a run does them, but they are not training speed
+    return [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}", *own, *extra,
+            "trainer.eval_strategy=no"]
+
+
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
     from transformers import set_seed
@@ -135,12 +145,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     from finetune.tasks import get_task
     from hydra import compose, initialize_config_dir
 
-    overrides, pad_to, _ = ROWS[name]
-    overrides = [o.replace("{shared}", str(SHARED_DATA)) for o in overrides]
-    overrides = [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}",
-                 *overrides, *extra]  # a row's own overrides (steps, batch size) win
-    # no validation pass or checkpoint while training: a run does them, but they are not training speed
-    overrides += ["trainer.eval_strategy=no"]
+    overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=overrides)

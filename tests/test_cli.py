@@ -161,6 +161,19 @@ def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
 
 
 
+def test_bench_rows_of_the_smollm2_tasks_keep_their_own_micro_batch():
+    """--batch-size (32) is the MiniLM rows': a row of a SmolLM2 task, the memory rows included, trains the
+    micro-batch it sets (32 x 512 tokens of SmolLM2 took 24 GB)."""
+    from finetune import bench
+
+    rows = [name for name, (own, _, _) in bench.ROWS.items()
+            if {"task=generation", "task=translation", "task=summarization"} & set(own)]
+    assert "mem_135m" in rows and "translation" in rows
+    for name in rows:
+        trainer = compose_cfg(*bench.row_overrides(name, 60, 32, [])).trainer
+        assert trainer.per_device_train_batch_size <= 4 and trainer.eval_strategy == "no", name
+
+
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
 def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment_csv, tmp_path, one_thread):
     """MFU and tokens/s count the real tokens of the batches trained (the first, a warm-up, left out), not the
