@@ -76,7 +76,6 @@ _S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "
 # (rows of other tasks set their micro-batch: --batch-size is the MiniLM rows', 32 x 512 SmolLM2 tokens needed 24 GB)
 _MEM = ["task=generation", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1",
         "trainer.max_steps=2"]
-_BIG = ["trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1", "trainer.max_steps=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
 # name -> (config overrides, pad every example to this length or None, description)
@@ -113,9 +112,9 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
                            "SmolLM2-135M LoRA on a bf16 base, 4 x 512 tokens, 2 steps"),
     "mem_135m_lora_bf16_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16, _CKPT], None,
                                 "SmolLM2-135M LoRA on a bf16 base, gradient checkpointing, 4 x 512 tokens, 2 steps"),
-    "mem_360m": ([*_MEM, *_BIG], None, "360M shape (random weights), full fine-tuning, 1 x 512 tokens, 2 steps"),
-    "mem_360m_ckpt": ([*_MEM, *_BIG, _CKPT], None, "the same, gradient checkpointing"),
-    "mem_1.7b_lora_bf16_ckpt": ([*_MEM, *_BIG, *_LORA_BF16, _CKPT], None,
+    "mem_360m": (_MEM, None, "360M shape (random weights), full fine-tuning, 1 x 512 tokens, 2 steps"),
+    "mem_360m_ckpt": ([*_MEM, _CKPT], None, "the same, gradient checkpointing"),
+    "mem_1.7b_lora_bf16_ckpt": ([*_MEM, *_LORA_BF16, _CKPT], None,
                                 "1.7B shape (random weights), LoRA on a bf16 base, checkpointing, 1 x 512, 2 steps"),
 }
 # memory rows with another model's shape: SmolLM2-360M's and SmolLM2-1.7B's (their config.json), built with random
