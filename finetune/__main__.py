@@ -29,11 +29,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune import checks, resume, sources, sweep
-from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
-from finetune.engines import check_trainer_config
+from finetune import compose, leaderboard, resume, sources, sweep, validate
+from finetune.config import CONFIG_DIR, config_options, did_you_mean
 from finetune.errors import FinetuneError
-from finetune.memory import check_dtype
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
 _FREE_GROUPS = {"model": "name_or_path", "data": "source"}
@@ -202,8 +200,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     global _job_started, _resumed_dir, _new_dir
     _job_started, _resumed_dir, _new_dir = False, None, None
-    sweep.failed_trials.clear()
-    register_configs()
+    leaderboard.failed_trials.clear()
+    compose.register_configs()
     debug, argv = False, sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         print(usage())
@@ -213,11 +211,9 @@ def main() -> None:
         if any(a.startswith("-") for a in argv):  # --cfg/--help/--multirun (sweep syntax): Hydra composes
             os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # it raises its errors instead of printing them: one line
         else:
-            cfg = checks.compose(argv)  # a bad key or value fails here, before anything is written
+            cfg = compose.compose(argv)  # a bad key or value fails here, before anything is written
             debug = cfg.debug
-            check_trainer_config(cfg.trainer)
-            check_dtype(cfg.model.dtype)
-            checks.check_task(cfg)  # label smoothing and generation settings the task cannot take
+            validate.config(cfg)
             sources.check(cfg)  # a missing path or an unreachable model fails in a second, not after the imports
             argv += pin_run_dir(argv, cfg)
         sys.argv[1:] = argv
@@ -227,7 +223,7 @@ def main() -> None:
     except (FinetuneError, HydraException, OmegaConfBaseException) as e:
         if debug:
             traceback.print_exc()
-        _fail(str(e) if isinstance(e, FinetuneError) else checks.config_error(e, argv))
+        _fail(str(e) if isinstance(e, FinetuneError) else compose.config_error(e, argv))
     except SystemExit as e:
         if e.code == 1 and not _job_started:  # Hydra rejected the command line or the config
             _fail(None)
@@ -235,8 +231,8 @@ def main() -> None:
     finally:
         if _new_dir is not None and not _job_started:  # (once the job runs, it removes its directory on failure)
             _remove_run_dir(*_new_dir)
-    if sweep.failed_trials:  # a sweep ended with failed trials: their trial.json and the leaderboard say why
-        failed = sweep.failed_trials
+    if leaderboard.failed_trials:  # a sweep ended with failed trials: their trial.json and the leaderboard say why
+        failed = leaderboard.failed_trials
         print(f"error: {len(failed)} trial(s) failed (see their trial.json): {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
 

@@ -137,17 +137,16 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
     from transformers import set_seed
 
-    from finetune import adapters, assets, cpu, data, memory
-    from finetune.config import CONFIG_DIR, register_configs
+    from finetune import adapters, assets, compose, cpu, data, memory, validate
     from finetune.engines import make_engine
     from finetune.export import export, verify
     from finetune.tasks import get_task
-    from hydra import compose, initialize_config_dir
+    from finetune.tasks.base import auto_class
 
     overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
-        cfg = compose("config", overrides=overrides)
+    compose.register_configs()
+    cfg = compose.compose(overrides)
+    validate.config(cfg)
     cpu.tune()
     set_seed(cfg.seed)
     task = get_task(cfg.task)
@@ -164,10 +163,11 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
 
         config = AutoConfig.from_pretrained(path)
         config.update(shape)
-        base = task.auto_model.from_config(config, dtype=dtype)
+        base = auto_class(task.auto_model).from_config(config, dtype=dtype)
     else:
         base = task.load_model(path, cfg.model, dtype)
     model = adapters.wrap(base, cfg.peft, task)
+    validate.training(cfg, model)
     dense_flops = flops_per_token(model)
     only_training = name.startswith("mem_")
 
@@ -227,7 +227,7 @@ def _mean(values) -> float:
 def _trained_lengths(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> list[int]:
     """Real (non-pad) lengths of the examples the engines trained in steps 2..steps: the engines' own training order
     replayed (length-grouped batches come longest first, so a short run's batches are not the split's average)."""
-    from finetune.engines import train_sampler
+    from finetune.engines.batches import train_sampler
 
     sampler, batches, epoch = train_sampler(train, per_step, seed, group_by_length), [], 0
     while len(batches) < steps:

@@ -21,13 +21,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune import adapters, assets
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, VerificationError
 
 log = logging.getLogger(__name__)
-
-
-class VerificationError(RuntimeError):
-    """The exported pipeline does not reproduce the trainer's score: the export is not trustworthy."""
 
 
 def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path) -> Path:
@@ -172,19 +168,6 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 - max sequence length: {task.max_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
 {adapters.card_section(cfg, task, base)}{task.card_section()}"""
     return ModelCard(content)
-
-
-def check_card_names(cfg) -> None:
-    """data.dataset_name and model.base_model go on the model card as Hub ids: a bad one fails now, not at export."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    for key, value in (("data.dataset_name", cfg.data.dataset_name), ("model.base_model", cfg.model.base_model)):
-        try:
-            if value:
-                validate_repo_id(str(value))
-        except HFValidationError as e:
-            raise FinetuneError(f"{key}='{value}' is not a Hub id, which the model card needs ({e}); use a name "
-                                "of letters, digits, '-', '_' and '.' (or <owner>/<name>), or leave it unset") from e
 
 
 def check_card(card) -> None:

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import yaml
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
 from finetune.sweep import TRIAL_FILE
+
+failed_trials: list[str] = []  # trial dirs of the sweep that just ended: set by the callback, read by the CLI
 
 
 @dataclass
@@ -298,6 +303,19 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class LeaderboardCallback(Callback):
+    """hydra.callbacks.leaderboard (configs/config.yaml): ranks the trials when a sweep ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        board = build(sweep_dir)
+        if board is None:
+            return
+        print(board.table(), flush=True)
+        board.write(sweep_dir)
+        failed_trials[:] = [str(row["dir"]) for row in board.failed]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report.
+"""One run, one straight walk: config -> data -> task -> engine -> export -> verify -> report. Its config was checked
+before (finetune/validate.py: the command line, a sweep's trial); what needs the model is checked here.
 
 With several processes (accelerate launch / torchrun) every process trains and evaluates; the main
 process alone writes files: config, export, verification, metrics, plot. A model sharded over the
@@ -17,10 +18,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, cpu, data, hub, memory, progress, report, resume
+from finetune import adapters, assets, cpu, data, hub, memory, progress, report, resume, validate
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine, own_precision
 from finetune.errors import FinetuneError
-from finetune.export import check_card_names, export, verify
+from finetune.export import export, verify
 from finetune.tasks import get_task
 
 log = logging.getLogger("finetune")
@@ -42,8 +43,6 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     from accelerate.utils import set_seed  # transformers' seeds the same generators, but imports peft (seconds)
 
     start = time.time()
-    hub.check(cfg.hub)  # a push that cannot work (no token, bad repo id) must fail now, not after training
-    check_card_names(cfg)  # the model card's Hub ids, before training rather than at export
     state = PartialState()
     main = state.is_main_process
     cpu.tune(processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # share the cores between this machine's processes
@@ -80,6 +79,7 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
         return adapters.wrap(task.load_model(model_path, cfg.model, dtype), cfg.peft, task)
 
     model = build()
+    validate.training(cfg, model)
     params = adapters.parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
              100 * params["trainable_params"] / params["total_params"])

@@ -9,8 +9,8 @@ does not stop the sweep: the task function returns None, which Hydra's grid swee
 records as a failed trial. Under the Optuna sweeper with a storage, the trial attaches to its Optuna trial and
 reports the validation main metric of every evaluation (step = the evaluation's number: 1, 2, ...); when the pruner
 says stop, training ends there, the trial keeps no checkpoints and no export, and the task function returns the
-optuna.TrialPruned, which the sweeper records as PRUNED. At the end, the leaderboard callback ranks the trials and
-the CLI exits 1 when any trial failed (pruned trials are not failures).
+optuna.TrialPruned, which the sweeper records as PRUNED. At the end, the leaderboard callback (finetune/leaderboard.py) ranks
+the trials and the CLI exits 1 when any trial failed (pruned trials are not failures).
 """
 
 from __future__ import annotations
@@ -23,22 +23,21 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import validate
+from finetune.engines import CHECKPOINTS
 from finetune.errors import FinetuneError
 from finetune.report import write_json
+from finetune.tasks import task_class
 
 log = logging.getLogger("finetune")
 
 TRIAL_FILE = "trial.json"
-failed_trials: list[str] = []  # trial dirs of the sweep that just ended: set by the callback, read by the CLI
 
 
 def direction(task_name: str) -> str:
     """Whether a sweeper maximizes or minimizes the task's main metric (accuracy: maximize, perplexity: minimize)."""
-    from finetune.tasks import task_class
-
     return "maximize" if task_class(task_name).greater_is_better else "minimize"
 
 
@@ -50,9 +49,7 @@ OmegaConf.register_new_resolver("task_direction", direction, replace=True)
 def run_trial(cfg: DictConfig, run_dir: Path):
     """Run one trial and return its objective, None when it failed, or the optuna.TrialPruned that stopped it
     (recorded in <run_dir>/trial.json)."""
-    from finetune.engines import CHECKPOINTS
-    from finetune.run import run
-    from finetune.tasks import task_class
+    from finetune.run import run  # (the training libraries: imported when a trial runs, not to resolve a config)
 
     hydra = HydraConfig.get()
     record: dict = {"trial": hydra.job.num, "status": "running", "overrides": list(hydra.overrides.task)}
@@ -64,6 +61,7 @@ def run_trial(cfg: DictConfig, run_dir: Path):
         task = task_class(cfg.task.name)
         record.update(objective=f"validation_{task.main_metric}", direction=direction(cfg.task.name))
         _check_sweeper_direction(hydra.sweeper, record["direction"], record["objective"])
+        validate.config(cfg)
         reporter = Reporter.for_job(hydra)
         metrics = run(cfg, run_dir, on_evaluate=reporter)
         value = metrics.get(record["objective"])
@@ -148,18 +146,3 @@ def _free_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class LeaderboardCallback(Callback):
-    """hydra.callbacks.leaderboard (configs/config.yaml): ranks the trials when a sweep ends."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from finetune import leaderboard
-
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        board = leaderboard.build(sweep_dir)
-        if board is None:
-            return
-        print(board.table(), flush=True)
-        board.write(sweep_dir)
-        failed_trials[:] = [str(row["dir"]) for row in board.failed]

@@ -10,7 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from finetune.__main__ import rewrite_overrides
-from finetune.config import CONFIG_DIR, register_configs
+from finetune.compose import register_configs
+from finetune.config import CONFIG_DIR
 
 
 def compose_cfg(*overrides: str):

@@ -223,8 +223,8 @@ def test_hub_names_a_cache_holds_pass_the_early_check(tmp_path, monkeypatch):
     import datasets
     from huggingface_hub import constants
 
-    from finetune import checks, sources
-    from finetune.config import register_configs
+    from finetune import compose, sources
+    from finetune.compose import register_configs
     from finetune.errors import FinetuneError
 
     register_configs()
@@ -235,7 +235,7 @@ def test_hub_names_a_cache_holds_pass_the_early_check(tmp_path, monkeypatch):
     model, data = ["model=someone/some-model"], ["data=someone/Some-Data", "task=sentiment"]
     for args, what in ((model, "the Hub cache"), (data, "the datasets cache")):
         with pytest.raises(FinetuneError, match=f"nor is it in {what}"):
-            sources.check(checks.compose(cli.rewrite_overrides(args)))
+            sources.check(compose.compose(cli.rewrite_overrides(args)))
     repo, commit = tmp_path / "hub" / "models--someone--some-model", "0" * 40  # huggingface_hub's cache layout
     (repo / "snapshots" / commit).mkdir(parents=True)
     (repo / "snapshots" / commit / "config.json").write_text("{}")
@@ -243,7 +243,7 @@ def test_hub_names_a_cache_holds_pass_the_early_check(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     (tmp_path / "datasets" / "someone___some_data").mkdir(parents=True)  # datasets' own layout of a cached dataset
     for args in (model, data):
-        sources.check(checks.compose(cli.rewrite_overrides(args)))
+        sources.check(compose.compose(cli.rewrite_overrides(args)))
     assets.hub_unreachable.cache_clear()
 
 
@@ -300,7 +300,7 @@ def test_debug_shows_the_traceback_of_a_config_error(tmp_path, monkeypatch, capf
 
 # --- run directories ---------------------------------------------------------------------------------
 def test_run_dir_taken_gets_a_suffix(tmp_path, monkeypatch):
-    from finetune.checks import compose
+    from finetune.compose import compose
 
     monkeypatch.chdir(tmp_path)
     cfg = compose(["hydra.run.dir=runs/sentiment/t"])

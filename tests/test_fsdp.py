@@ -161,7 +161,7 @@ def test_where_fsdp_applies(kind, use_fsdp, fsdp, engine, error, monkeypatch):
     import accelerate
     from accelerate.utils import DistributedType
 
-    from finetune.engines import check_fsdp
+    from finetune.validate import fsdp as check_fsdp
     from finetune.errors import FinetuneError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", use_fsdp)  # what `accelerate launch` sets for an FSDP config

@@ -213,7 +213,7 @@ def test_cli_run_reports_base_and_fine_tuned_and_verifies_the_pipeline(cli_run):
     assert abs(m["pipeline_test_fill_mask_accuracy"] - m["test_fill_mask_accuracy"]) <= 0.01
     assert {"test_accuracy", "base_test_accuracy", "base_test_fill_mask_accuracy", "validation_perplexity"} <= set(m)
     cfg = yaml.safe_load((cli_run / "config.yaml").read_text())
-    assert cfg["task"]["name"] == "masked_lm" and "label_column" not in cfg["data"]  # its own schemas only
+    assert cfg["task"]["name"] == "mlm" and "label_column" not in cfg["data"]  # its own schemas only
     card = (cli_run / "model" / "README.md").read_text()
     assert "pipeline_tag: fill-mask" in card and "`cls.predictions.transform.dense.weight`" in card
     assert "| base_test_perplexity |" in card and "preparation_time" not in card

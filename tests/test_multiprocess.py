@@ -73,7 +73,7 @@ def _single_process_test_scores(model_dir: Path, tiny_bert, work: Path, args) ->
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune import data
-    from finetune.engines import without_length
+    from finetune.engines.batches import without_length
     from finetune.tasks import get_task
     from helpers import compose_cfg
 

@@ -13,7 +13,8 @@ from finetune import data
 from finetune.errors import FinetuneError
 from finetune.metrics import entity_metrics
 from finetune.tasks import get_task
-from finetune.tasks.token_classification import align_labels, entities_to_tags, read_conll, word_anchors
+from finetune.tagging import read_conll
+from finetune.tasks.ner import align_labels, entities_to_tags, word_anchors
 from helpers import compose_cfg
 
 ENTITIES = {"PER": ["alice", "bob smith", "carol"], "LOC": ["paris", "new york", "berlin"],
@@ -342,9 +343,9 @@ def test_pipeline_round_trip_matches_trainer_metrics(checkpoint, request, tmp_pa
 
 def test_export_check_uses_the_task_tolerance_when_larger():
     from finetune.export import VerificationError, verify
-    from finetune.tasks.token_classification import TokenClassificationTask
+    from finetune.tasks.ner import NerTask
 
-    class Fixed(TokenClassificationTask):
+    class Fixed(NerTask):
         def verify(self, model_dir, raw):
             return {"f1": 0.492}
 

@@ -115,7 +115,7 @@ def test_lora_trains_the_new_head_at_the_scaled_rate(tiny_bert, csv, tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_scale_must_be_positive(value):
-    from finetune.engines import check_trainer_config
+    from finetune import validate
 
     with pytest.raises(FinetuneError, match="new_parameters_lr_scale must be above 0"):
-        check_trainer_config(compose_cfg(f"trainer.new_parameters_lr_scale={value}").trainer)
+        validate.trainer(compose_cfg(f"trainer.new_parameters_lr_scale={value}").trainer)

@@ -185,7 +185,8 @@ def _trial_cfg(*hydra_overrides: str, num: int = 7):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from finetune.config import CONFIG_DIR, register_configs
+    from finetune.compose import register_configs
+    from finetune.config import CONFIG_DIR
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
@@ -268,7 +269,8 @@ def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     from optuna.distributions import FloatDistribution
 
     import finetune.sweep  # noqa: F401  (registers the task_direction resolver)
-    from finetune.config import CONFIG_DIR, register_configs
+    from finetune.compose import register_configs
+    from finetune.config import CONFIG_DIR
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
@@ -311,7 +313,8 @@ def test_slurm_launcher_config_fits_the_plugin():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional finetune[slurm] extra")
     from hydra import compose, initialize_config_dir
 
-    from finetune.config import CONFIG_DIR, register_configs
+    from finetune.compose import register_configs
+    from finetune.config import CONFIG_DIR
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):

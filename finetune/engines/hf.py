@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -13,31 +14,37 @@ from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, drop_training_state, eval_order,
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, drop_training_state, eval_keys, eval_step,
                               gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
-                              restore_order, setup_tracking, smoothed_by_task, train_sampler, without_length)
+                              process_scale, step_items)
+from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
+from finetune.engines.tracking import TENSORBOARD, setup_tracking
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
 
 
 class _Trainer(Trainer):
-    """The Trainer with the engines' shared training order; evaluation runs in inference mode."""
+    """The Trainer with the task's objective, normalised as both engines normalise a step (finetune/engines), and the
+    engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task,
-                 label_smoothing: float, **kwargs):
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task, **kwargs):
         self.epoch_sampler, self.meter = sampler, meter
         self.new_parameters, self.new_lr = new_parameters
-        self.task, self.label_smoothing = task, label_smoothing
+        self.task, self.train_logs = task, TrainLogs()
         super().__init__(*args, **kwargs)
-        if label_smoothing:
-            self.loss_is_scaled_for_ga = False  # the task's loss is a mean over one micro-batch
+        self.loss_is_scaled_for_ga = True  # the task's loss divides by the items of the whole step
+        self.eval_ignore = eval_keys(self.model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """A step's micro-batches, and the items its loss averages over (engines.step_items)."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        return batches, step_items(self.task, batches, self.accelerator) if batches else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (self.label_smoothing and model.training):  # (evaluation losses stay unsmoothed)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = model(**inputs)
-        loss = self.task.loss(outputs, inputs["labels"], self.label_smoothing)
+        loss, outputs = self.task.loss(model, inputs, num_items_in_batch)
+        self.train_logs.add(outputs)
+        loss = process_scale(loss, self.accelerator.num_processes)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
@@ -57,11 +64,13 @@ class _Trainer(Trainer):
             rate = self.meter.read(self.state.global_step)
             if rate is not None:
                 logs["samples_per_second"] = rate
+            logs.update(self.train_logs.pop(self.accelerator))
         super().log(logs, start_time)
 
-    def prediction_step(self, *args, **kwargs):
-        with torch.inference_mode():
-            return super().prediction_step(*args, **kwargs)
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, kept, labels = eval_step(self.task, model, self._prepare_inputs(inputs), self.eval_ignore,
+                                       self.label_names)
+        return (loss, None, None) if prediction_loss_only else (loss, kept, labels)
 
     def evaluate(self, *args, **kwargs):
         with self.meter.paused(), adapters.merged_for_inference(self.model):
@@ -174,8 +183,7 @@ class HFEngine:
             dataloader_num_workers=t.dataloader_num_workers,
             activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
             activation_checkpointing_kwargs=CHECKPOINTING,
-            # True multiplies every loss by the process count for models whose forward takes **kwargs, assuming
-            # it normalises by the global token count; mean-reduced losses (classification) came out doubled
+            # the items of a step across the processes are counted by the engine (engines.step_items), for every task
             average_tokens_across_devices=False,
             remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
             dataloader_pin_memory=torch.cuda.is_available(),
@@ -197,7 +205,6 @@ class HFEngine:
             meter=meter,
             new_parameters=new_parameters(model, t),
             task=task,
-            label_smoothing=smoothed_by_task(model, t),
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),
