@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune import compose, leaderboard, resume, sources, sweep, validate
 from finetune.config import CONFIG_DIR, config_options, did_you_mean
 from finetune.errors import FinetuneError
+from finetune.tasks import registry
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
 _FREE_GROUPS = {"model": "name_or_path", "data": "source"}
@@ -54,8 +55,8 @@ def rewrite_overrides(argv: list[str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if not sep or not value or _SWEEP.search(value) or key not in (*_FREE_GROUPS, *_CHECKED_GROUPS):
             out.append(arg)
-        elif value in config_options(key):
-            out.append(arg)
+        elif value in config_options(key) or (key == "task" and value in registry()):
+            out.append(arg)  # (a task registered from elsewhere brings its yaml on hydra.searchpath)
         elif key in _FREE_GROUPS:
             out += [f"{key}=custom", f"{key}.{_FREE_GROUPS[key]}={_quote(value)}"]
         else:

@@ -35,27 +35,14 @@ def run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
 
 
 def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
-    import datasets
-    import huggingface_hub
-    import transformers
-
     from accelerate import PartialState
     from accelerate.utils import set_seed  # transformers' seeds the same generators, but imports peft (seconds)
 
     start = time.time()
     state = PartialState()
     main = state.is_main_process
-    cpu.tune(processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # share the cores between this machine's processes
-    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
-        log.warning("accelerate launch started a single process: on a machine without GPUs add --multi_gpu "
-                    "(or use torchrun --nproc_per_node N) to train with several")
+    _set_up_process()
     set_seed(cfg.seed)
-    transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
-    transformers.utils.logging.enable_propagation()
-    if not progress.is_terminal():  # bars are for people at a terminal; a log file gets log lines
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
     resume_from = None
     if resume.target(cfg.resume):
         resume_from = last_checkpoint(run_dir)  # the CLI pointed run_dir at the run to continue
@@ -64,8 +51,7 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
         log.info("resuming %s from %s", run_dir, resume_from.name)
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / resume.HASH_FILE).write_text(resume.config_hash(cfg) + "\n")
+        (run_dir / resume.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     task = get_task(cfg.task)
     model_path = assets.resolve(cfg.model.name_or_path)
@@ -114,6 +100,24 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     state.wait_for_everyone()
     state.destroy_process_group()
     return metrics
+
+
+def _set_up_process() -> None:
+    """This process's share of the cores; the libraries' logs through the run's (bars only at a terminal)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    cpu.tune(processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # share the cores between this machine's processes
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        log.warning("accelerate launch started a single process: on a machine without GPUs add --multi_gpu "
+                    "(or use torchrun --nproc_per_node N) to train with several")
+    transformers.utils.logging.disable_default_handler()  # transformers logs go through ours (console + log file)
+    transformers.utils.logging.enable_propagation()
+    if not progress.is_terminal():  # bars are for people at a terminal; a log file gets log lines
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def _check_finite_loss(metrics: dict, learning_rate: float) -> None:

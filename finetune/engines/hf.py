@@ -148,47 +148,10 @@ class _OnEvaluate(TrainerCallback):
 class HFEngine:
     def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path, on_evaluate=None):
         t = cfg.trainer
-        precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
         self.eval_sets = {split: eval_order(ds) for split, ds in features.items() if split != "train"}
         setup_tracking(cfg)
-        args = TrainingArguments(
-            output_dir=str(output_dir / CHECKPOINTS),
-            num_train_epochs=t.num_train_epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-            warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-            lr_scheduler_type=t.lr_scheduler_type,
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            per_device_eval_batch_size=t.per_device_eval_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            max_grad_norm=t.max_grad_norm,
-            eval_strategy=t.eval_strategy,
-            eval_steps=t.eval_steps,
-            save_strategy=t.eval_strategy,
-            save_steps=t.eval_steps,
-            save_total_limit=t.save_total_limit,
-            load_best_model_at_end=t.eval_strategy != "no",
-            metric_for_best_model=task.main_metric,
-            greater_is_better=task.greater_is_better,
-            logging_steps=t.logging_steps,
-            logging_first_step=True,
-            report_to=list(t.report_to) or "none",
-            run_name=output_dir.name,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            dataloader_num_workers=t.dataloader_num_workers,
-            activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
-            activation_checkpointing_kwargs=CHECKPOINTING,
-            # the items of a step across the processes are counted by the engine (engines.step_items), for every task
-            average_tokens_across_devices=False,
-            remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=not progress.is_terminal(),
-        )
+        args = _training_arguments(cfg, task, output_dir)
         sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                 cfg.seed, t.group_by_length)
         self.clock = _EpochClock(sampler)
@@ -264,3 +227,46 @@ class HFEngine:
 
     def full_state_dict(self) -> dict | None:
         return gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
+
+
+def _training_arguments(cfg, task, output_dir: Path) -> TrainingArguments:
+    """The Trainer's settings from the trainer config group (checkpoints under <output_dir>/checkpoints)."""
+    t = cfg.trainer
+    precision = mixed_precision(t.mixed_precision)
+    return TrainingArguments(
+        output_dir=str(output_dir / CHECKPOINTS),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler_type,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=t.eval_strategy,
+        save_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.eval_strategy != "no",
+        metric_for_best_model=task.main_metric,
+        greater_is_better=task.greater_is_better,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=list(t.report_to) or "none",
+        run_name=output_dir.name,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        dataloader_num_workers=t.dataloader_num_workers,
+        activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
+        activation_checkpointing_kwargs=CHECKPOINTING,
+        # the items of a step across the processes are counted by the engine (engines.step_items), for every task
+        average_tokens_across_devices=False,
+        remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not progress.is_terminal(),
+    )

@@ -1,5 +1,6 @@
 """The task registry, derived from the classes: every subclass of Task that sets `name`, found by importing the modules
-of this package (a task defined elsewhere registers by being imported before the registry is read).
+of this package and those a distribution declares under the entry-point group "finetune.tasks" (a task defined
+elsewhere registers by being imported; its configs/task/<name>.yaml comes on hydra.searchpath).
 
     get_task(cfg.task)        # the task of a composed config, or of a config an earlier release saved
     task_class("ner")         # a class by its name (or a name an earlier release used: token_classification)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import pkgutil
 from importlib import import_module
+from importlib.metadata import entry_points
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +24,8 @@ def registry() -> dict[str, type[Task]]:
     """{name: task class} of every concrete task."""
     for module in pkgutil.iter_modules(__path__):
         import_module(f"{__name__}.{module.name}")
+    for entry in entry_points(group="finetune.tasks"):
+        entry.load()
     found: dict[str, type[Task]] = {}
     pending = list(Task.__subclasses__())
     while pending:
