@@ -48,7 +48,7 @@ CHECKPOINTING = {"use_reentrant": False}  # torch.utils.checkpoint's arguments f
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir, on_evaluate: Callable[[float], None] | None = None):
     """The engine of trainer.engine, its task's objective set up on `model` (finetune/validate.py checked both)."""
-    task.prepare_training(model, cfg.trainer)
+    features = task.prepare_training(model, cfg.trainer, features)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir), on_evaluate)
 

@@ -116,14 +116,16 @@ class Task:
         raise NotImplementedError
 
     # --- objective: the engines call loss() for every batch, in training and in evaluation --------------
-    def prepare_training(self, model: Any, trainer_cfg: TrainerConfig) -> None:
-        """Set the objective up before the engines train `model`: a vocabulary head computes its loss chunk by chunk
-        (trainer.lm_loss_chunk_size; finetune/lm_loss.py), smoothed by trainer.label_smoothing."""
+    def prepare_training(self, model: Any, trainer_cfg: TrainerConfig, features: DatasetDict) -> DatasetDict:
+        """Set the objective up before the engines train `model` on `features`, and return the features they train
+        and evaluate on (a task may add what its loss needs). Default: a vocabulary head computes its loss chunk by
+        chunk (trainer.lm_loss_chunk_size; finetune/lm_loss.py), smoothed by trainer.label_smoothing."""
         from finetune import lm_loss  # (torch: see the module docstring)
 
         self.label_smoothing = trainer_cfg.label_smoothing
         self.chunked = bool(self.vocabulary_loss and trainer_cfg.lm_loss_chunk_size and lm_loss.attach(
             model, self.label_shift, trainer_cfg.lm_loss_chunk_size, self.label_smoothing))
+        return features
 
     def items(self, batch: dict[str, Any]) -> Any:
         """What a batch's loss averages over: its labelled positions (-100: none), or its rows when it has no labels.
