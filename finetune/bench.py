@@ -3,7 +3,7 @@
 Each row trains in its own process (forked from one that imported the libraries once, so peak RSS is the
 row's own), on this machine; the bundled MiniLM on the bundled Rotten Tomatoes training split unless it says.
 Rows train --steps optimizer steps of --batch-size unless they set their own (short: speed figures; the whole
-bench took 7 min 50 s on a 2-core CPU):
+bench's time: docs/benchmarks.md#bench-table):
 
   default     the project's sentiment setup: dynamic padding + length-grouped batches (trainer=hf)
   accelerate  the same setup on the plain accelerate loop (trainer=accelerate)
@@ -35,9 +35,9 @@ engines' training order replayed: length-grouped batches come longest first) -- 
 for LoRA, which computes no gradients for frozen weights -- plus attention's matmuls, 12 x layers x width x T^2 for
 a sequence of T real tokens (as PaLM's MFU), over the best matmul rate measured right after the row on the shapes
 the row runs (each linear layer's forward, input-gradient and weight-gradient matmuls at the row's tokens a
-micro-batch, and 2048 x 2048 x 2048), in the dtype of its weights, each the best of 5 timings: the speed of this
-kind of machine drifts by 15% within minutes. Each row prints its FLOPs a token, its tokens/s and the probe's best
-shape, so the division can be redone.
+micro-batch, and 2048 x 2048 x 2048), in the dtype of its weights, each the best of 5 timings: the speed of a
+shared machine drifts within minutes (docs/benchmarks.md#bench-stability). Each row prints its FLOPs a token, its
+tokens/s and the probe's best shape, so the division can be redone.
 Padding is work the hardware does but the model does not need, so it lowers MFU.
 Time is what the engines measure themselves (engine.step_times): forward, backward and optimizer
 update of every step but the first (a warm-up: it allocates the buffers and picks the kernels), not evaluation or
@@ -73,7 +73,8 @@ SCITLDR = "{shared}/scitldr"
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
         "task.eval_prompts=8"]
 _S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "data.max_eval_samples=16"]
-# (rows of other tasks set their micro-batch: --batch-size is the MiniLM rows', 32 x 512 SmolLM2 tokens needed 24 GB)
+# (rows of other tasks set their micro-batch: --batch-size is the MiniLM rows', far too many SmolLM2 tokens for memory:
+# docs/benchmarks.md#bench-table)
 _MEM = ["task=generation", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1",
         "trainer.max_steps=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]

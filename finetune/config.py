@@ -32,7 +32,7 @@ class ModelConfig:
     # attention kernel run, which keeps no attention matrices for backward (faster, less memory on long inputs)
     attention_dropout: Optional[float] = None
     # dropout on hidden states (residual branches, embeddings) while training; None: the checkpoint's own (BERT: 0.1).
-    # On CPU, drawing its masks is 12-18% of a small encoder's step
+    # On a CPU, drawing its masks is a sizeable part of a small encoder's step (docs/benchmarks.md#dropout)
     hidden_dropout: Optional[float] = None
     # a warm-started encoder-decoder (EncoderDecoderModel, e.g. BERT2BERT) from two checkpoints sharing a vocabulary
     encoder: Optional[str] = None
@@ -103,7 +103,8 @@ class TrainerConfig:
     fsdp: bool = False  # FSDP2 over a launch's CPU processes (trainer=accelerate); GPUs: configs/accelerate/fsdp.yaml
     # language-model heads (generation, translation, summarization, mlm): the output layer + cross-entropy run on this
     # many labelled tokens at a time (finetune/lm_loss.py), so the tokens x vocabulary logits never exist whole;
-    # 0: the model's own loss. 512: SmolLM2's loss at 4 x 512 tokens peaks 517 MB above its input, not 1,153 (1024: 801)
+    # 0: the model's own loss. 512: less memory than larger chunks, while smaller ones' matmuls run slower
+    # (docs/benchmarks.md#chunked-loss)
     lm_loss_chunk_size: int = 512
 
 

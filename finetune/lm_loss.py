@@ -83,7 +83,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable, targets: torch.T
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Forward computes the gradients too (the loss is the last step before backward, so they are only scaled there):
-    torch.utils.checkpoint would free a chunk's logits the same way but compute them twice (+7% of a SmolLM2 step)."""
+    torch.utils.checkpoint would free a chunk's logits the same way but compute them twice (one more output-layer
+    matmul a chunk: docs/benchmarks.md#chunked-loss)."""
 
     @staticmethod
     def forward(ctx, hidden, targets, head, chunk_size, label_smoothing, *params):

@@ -30,8 +30,8 @@ def model_dtype(cfg) -> str:
 
     name = cfg.model.dtype
     if name == "auto":
-        # not on a CPU: with AVX512-BF16 a LoRA step on a bf16 base ran 1.4x faster there, but CPUs without it
-        # emulate bf16 (not measured): docs/memory.md#dtype
+        # not on a CPU: with AVX512-BF16 a LoRA step on a bf16 base ran faster (docs/benchmarks.md#lora-bf16), but
+        # CPUs without it emulate bf16 (not measured): docs/memory.md#dtype
         gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         name = "bfloat16" if cfg.peft.method == "lora" and gpu_bf16 else "float32"
     elif name != "float32" and cfg.peft.method == "none":
