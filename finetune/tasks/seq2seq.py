@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# texts per generation batch, in evaluation and (by default) in the exported pipeline: a decoding step of 32 texts costs
-# little more than one of 16 on a CPU, the weights being read once a step either way (docs/benchmarks.md#seq2seq-batch)
+# texts per generation batch, in evaluation and (by default) in the exported pipeline: the weights are read once a
+# decoding step whatever the batch, so larger batches generate faster (docs/benchmarks.md#generation-batch)
 BATCH = 32
 SAMPLES = 5
 REPEATED = 0.5  # the run warns when fewer of its test outputs than this are distinct
