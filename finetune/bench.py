@@ -136,39 +136,12 @@ def row_overrides(name: str, steps: int, batch_size: int, extra: list[str]) -> l
 
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
-    from transformers import set_seed
-
-    from finetune import adapters, assets, compose, cpu, data, memory, validate
+    from finetune import memory
     from finetune.engines import make_engine
     from finetune.export import export, verify
-    from finetune.tasks import get_task
-    from finetune.tasks.base import auto_class
 
-    overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
-    compose.register_configs()
-    cfg = compose.compose(overrides)
-    validate.config(cfg)
-    cpu.tune()
-    set_seed(cfg.seed)
-    task = get_task(cfg.task)
-    raw = data.load(cfg.data, task)
-    path = assets.resolve(cfg.model.name_or_path)
-    tokenizer = task.load_tokenizer(path, cfg.model)
-    features = task.tokenize(raw, tokenizer)
-    if pad_to:
-        features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
+    cfg, task, raw, tokenizer, features, model = _build(name, steps, batch_size, extra)
     dtype = memory.model_dtype(cfg)
-    shape = next((shape for prefix, shape in SHAPES.items() if name.startswith(prefix)), None)
-    if shape:  # another model's shape, random weights
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        config.update(shape)
-        base = auto_class(task.auto_model).from_config(config, dtype=dtype)
-    else:
-        base = task.load_model(path, cfg.model, dtype)
-    model = adapters.wrap(base, cfg.peft, task)
-    validate.training(cfg, model)
     dense_flops = flops_per_token(model)
     only_training = name.startswith("mem_")
 
@@ -218,6 +191,42 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "all_steps_seconds": sum(engine.step_times),
         "steps": len(engine.step_times),
     }
+
+
+def _build(name: str, steps: int, batch_size: int, extra: list[str]) -> tuple:
+    """What run.py builds before its engine, for one row: (cfg, task, raw splits, tokenizer, features, model)."""
+    from transformers import set_seed
+
+    from finetune import adapters, assets, compose, cpu, data, memory, validate
+    from finetune.tasks import get_task
+    from finetune.tasks.base import auto_class
+
+    overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
+    compose.register_configs()
+    cfg = compose.compose(overrides)
+    validate.config(cfg)
+    cpu.tune()
+    set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    raw = data.load(cfg.data, task)
+    path = assets.resolve(cfg.model.name_or_path)
+    tokenizer = task.load_tokenizer(path, cfg.model)
+    features = task.tokenize(raw, tokenizer)
+    if pad_to:
+        features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
+    dtype = memory.model_dtype(cfg)
+    shape = next((shape for prefix, shape in SHAPES.items() if name.startswith(prefix)), None)
+    if shape:  # another model's shape, random weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        config.update(shape)
+        base = auto_class(task.auto_model).from_config(config, dtype=dtype)
+    else:
+        base = task.load_model(path, cfg.model, dtype)
+    model = adapters.wrap(base, cfg.peft, task)
+    validate.training(cfg, model)
+    return cfg, task, raw, tokenizer, features, model
 
 
 def _mean(values) -> float:
@@ -320,7 +329,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes in {result['dtype']}", flush=True)
         results.append({**result, "row_seconds": row_seconds, "peak": rates[best]})
 
-    print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
+    _report(results, args.steps, args.batch_size)
+    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s; matmul peak {min(peaks) / 1e9:.1f}-"
+          f"{max(peaks) / 1e9:.1f} GFLOP/s over the invocation\n")
+    _compare(results)
+    return 0
+
+
+def _report(results: list[dict], steps: int, batch_size: int) -> None:
+    """The rows' tables: training rows, then memory rows."""
+    print(f"\n{steps} steps x batch {batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
           "unless said\n")
     print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU (MFLOP a token) "
           "| eval samples/s (x train per token) "
@@ -344,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_mb']:.0f} | {r['peak_mb'] * 2**20 / r['params']:.1f} | "
               f"{(r['peak_mb'] - r['loaded_mb']) * 2**20 / r['params']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | {r['row_seconds']:.0f} |")
-    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s; matmul peak {min(peaks) / 1e9:.1f}-"
-          f"{max(peaks) / 1e9:.1f} GFLOP/s over the invocation\n")
+
+
+def _compare(results: list[dict]) -> None:
+    """How stable a repeated row's figure is, and the ratios of the rows measured against each other."""
     for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is
         rates = [r["samples_per_s"] for r in results if r["row"] == name]
         if len(rates) > 1:
@@ -360,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
                 metric = "test_" + a["metric"]
                 line += f"; {metric} {(a[metric] - b[metric]) * 100:+.1f} points"
             print(line)
-    return 0
 
 
 if __name__ == "__main__":
