@@ -17,7 +17,7 @@ from finetune import memory
 from finetune.engines import ENGINES, TRACKERS
 from finetune.errors import FinetuneError
 from finetune.loading import DROPOUT_KEYS
-from finetune.tasks import task_class
+from finetune.tasks import registry, task_class
 
 _PRECISIONS = ("auto", "no", "fp16", "bf16")
 PEFT_METHODS = ("none", "lora")
@@ -30,8 +30,9 @@ def config(cfg) -> None:
     model(cfg)
     peft(cfg.peft)
     if cfg.trainer.label_smoothing and not task.vocabulary_loss:
-        raise FinetuneError(f"trainer.label_smoothing smooths the token cross-entropy of a vocabulary head; this "
-                            f"task's ({cfg.task.name}) loss is not one: remove it")
+        smoothed = ", ".join(name for name, cls in registry().items() if cls.vocabulary_loss)
+        raise FinetuneError(f"trainer.label_smoothing smooths language-model losses (tasks {smoothed}); this "
+                            f"task's ({cfg.task.name}) is not one: remove it")
     task.check_config(cfg.task, cfg.data)
     if "generation" in cfg.task:
         from finetune.decoding import generation_config
@@ -84,8 +85,6 @@ def trainer(t) -> None:
     if t.mixed_precision not in _PRECISIONS:
         raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
                             f"(got '{t.mixed_precision}')")
-    if t.fsdp and t.engine != "accelerate":
-        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
     unknown = [name for name in t.report_to if name not in TRACKERS]
     if unknown:
         raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
@@ -201,6 +200,8 @@ def fsdp(t) -> None:
                             "add trainer=accelerate trainer.fsdp=true to shard over the CPU processes with FSDP2")
     if not t.fsdp:
         return
+    if t.engine != "accelerate":
+        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
     if kind == DistributedType.NO:
         raise FinetuneError("trainer.fsdp=true shards over several CPU processes, but this is a single process: "
                             "launch several (torchrun --nproc_per_node 2 -m finetune ...)")

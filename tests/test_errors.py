@@ -95,7 +95,7 @@ CONFIG_CASES = [
     (["task=sentimnt"], "unknown task 'sentimnt': did you mean task=sentiment? choose one of"),
     (["trainer.new_parameters_lr_scale=0"], "trainer.new_parameters_lr_scale must be above 0 (got 0.0)"),
     (["trainer.label_smoothing=1"], "trainer.label_smoothing must be at least 0 and below 1 (got 1.0)"),
-    (["trainer.label_smoothing=0.1"], "trainer.label_smoothing smooths language-model losses (tasks causal_lm, "),
+    (["trainer.label_smoothing=0.1"], "trainer.label_smoothing smooths language-model losses (tasks generation, mlm, "),
     # generation settings transformers refuses only once generate() runs, after training (every generating task)
     (["task=generation", "task.generation.do_sample=true", "task.generation.temperature=0"],
      "task.generation.temperature=0.0: `temperature` (=0.0) has to be a strictly positive float"),

@@ -199,10 +199,10 @@ def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv, m
 def test_repo_id_is_checked_before_training(repo_id, message):
     from finetune.config import HubConfig
     from finetune.errors import FinetuneError
-    from finetune.hub import check
+    from finetune.validate import hub
 
     with pytest.raises(FinetuneError, match=re.escape(message)):
-        check(HubConfig(push=True, repo_id=repo_id))
+        hub(HubConfig(push=True, repo_id=repo_id))
 
 
 def test_hub_configs_compose():

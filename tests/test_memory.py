@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from finetune import adapters, memory
+from finetune import adapters, memory, validate
 from finetune.engines import make_engine
 from finetune.errors import FinetuneError
 from finetune.tasks import get_task
@@ -60,7 +60,7 @@ def test_bad_dtype_is_a_one_line_error(tmp_path, monkeypatch, capfd):
     assert message == "model.dtype must be one of auto, float32, bfloat16, float16 (got 'bf16')"
     cfg = compose_cfg("model.dtype=float16", "trainer.mixed_precision=fp16")  # (GradScaler refuses fp16 weights)
     with pytest.raises(FinetuneError, match="with full fine-tuning use model.dtype=auto"):
-        memory.model_dtype(cfg)
+        validate.model(cfg)
 
 
 def test_lora_merge_on_a_bf16_base_is_done_in_fp32_then_cast(tiny_llama):
@@ -154,4 +154,4 @@ def test_checkpointing_a_model_without_support_is_an_error(tiny_llama, tmp_path)
     model.supports_gradient_checkpointing = False
     with pytest.raises(FinetuneError, match="LlamaForCausalLM does not support gradient checkpointing; set "
                                             "trainer.gradient_checkpointing=false"):
-        make_engine(cfg, task, model, None, None, tmp_path)
+        validate.training(cfg, model)

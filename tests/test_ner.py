@@ -9,7 +9,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from conftest import FILLER, build_tiny_bert, run_cli, tiny_variant
-from finetune import data
+from finetune import data, validate
 from finetune.errors import FinetuneError
 from finetune.metrics import entity_metrics
 from finetune.tasks import get_task
@@ -181,7 +181,7 @@ def test_tags_outside_the_scheme_are_rejected(tags, scheme, message):
 
 def test_other_tag_errors():
     with pytest.raises(FinetuneError, match="unknown task.tag_scheme 'IOE2'"):
-        prepare([(["a"], ["B-PER"])], "task.tag_scheme=IOE2")
+        validate.config(compose_cfg("task=ner", "task.tag_scheme=IOE2"))
     with pytest.raises(FinetuneError, match="train sentence 2 has 2 tokens but 1 tags"):
         prepare([(["a"], ["B-PER"]), (["a", "b"], ["O"])])
     with pytest.raises(FinetuneError, match="no entities"):

@@ -30,16 +30,28 @@ def test_label_smoothing_is_cross_entropy_with_label_smoothing(family, models, t
     import torch
     import torch.nn.functional as F
 
-    _, task, _, _, model, batch = smoothing_setup(models[family], tmp_path)
+    from omegaconf import OmegaConf
+
+    from finetune.lm_loss import token_cross_entropy
+
+    cfg, task, _, features_, model, batch = smoothing_setup(models[family], tmp_path, "trainer.lm_loss_chunk_size=0")
     with torch.no_grad():
         outputs = model(**batch)
     logits, labels = outputs.logits, batch["labels"]
     if family == "llama":  # a causal LM: position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
-    assert task.loss(outputs, batch["labels"], 0.0).item() == pytest.approx(outputs.loss.item(), rel=1e-6)  # 0: same
-    assert task.loss(outputs, batch["labels"], 0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+    items = task.items(batch)
+    assert token_cross_entropy(outputs.logits, batch["labels"], 0.0, task.label_shift, items).item() == \
+        pytest.approx(outputs.loss.item(), rel=1e-6)  # 0: the model's own loss
+    assert token_cross_entropy(outputs.logits, batch["labels"], 0.1, task.label_shift, items).item() == \
+        pytest.approx(expected.item(), rel=1e-6)
     assert abs(expected.item() - outputs.loss.item()) > 1e-3
+    # the task's objective smooths in training only (its model has no dropout: training mode computes the same)
+    task.prepare_training(model, OmegaConf.merge(cfg.trainer, {"label_smoothing": 0.1}), features_)
+    with torch.no_grad():
+        assert task.loss(model.train(), batch, items)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+        assert task.loss(model.eval(), batch, items)[0].item() == pytest.approx(outputs.loss.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("chunk", ["512", "0"])  # the chunked LM loss smooths in the forward, the model's own: the task
@@ -52,8 +64,11 @@ def test_both_engines_train_on_the_smoothed_loss_and_evaluate_the_plain_one(engi
     cfg, task, tokenizer, features, model, batch = smoothing_setup(models["t5"], tmp_path, f"trainer={engine}",
                                                                    "trainer.label_smoothing=0.2",
                                                                    f"trainer.lm_loss_chunk_size={chunk}")
-    with torch.no_grad():
-        expected = task.loss(model(**batch), batch["labels"], 0.2).item()  # one step of all pairs, at rate 0
+    from finetune.lm_loss import token_cross_entropy
+
+    with torch.no_grad():  # one step of all pairs, at rate 0
+        expected = token_cross_entropy(model(**batch).logits, batch["labels"], 0.2, task.label_shift,
+                                       task.items(batch)).item()
     trained = make_engine(cfg, task, model, tokenizer, features, tmp_path / "out")
     assert trained.train()["train_loss"] == pytest.approx(expected, rel=1e-4)
     with torch.no_grad():

@@ -78,12 +78,14 @@ def test_report_to_empty_writes_no_events(tiny_bert, csv, tmp_path):
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
-def test_unknown_tracker_is_an_input_error(tiny_bert, csv, tmp_path):
+def test_unknown_tracker_is_an_input_error():
+    from finetune import validate
     from finetune.errors import FinetuneError
+    from helpers import compose_cfg
 
     with pytest.raises(FinetuneError, match=r"unknown tracker wandb in trainer.report_to: choose from tensorboard, "
                                             r"mlflow, or \[\] for none"):
-        train(tiny_bert, csv, tmp_path / "run", "trainer.report_to=[wandb]")
+        validate.trainer(compose_cfg("trainer.report_to=[wandb]").trainer)
 
 
 def test_mlflow_local_store(tiny_bert, csv, tmp_path, monkeypatch):

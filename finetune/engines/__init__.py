@@ -100,7 +100,7 @@ class TrainLogs:
 def eval_keys(model) -> list[str]:
     """The outputs evaluation does not keep as predictions: the loss, the model's cache, a task's logged scalars."""
     config = getattr(adapters.base_model(model), "config", None)
-    return [*getattr(config, "keys_to_ignore_at_inference", []), "loss", "metrics"]
+    return [*getattr(config, "keys_to_ignore_at_inference", ["cache"]), "loss", "metrics"]  # (the Trainer's default)
 
 
 def eval_step(task, model, batch: dict, ignore: list[str], label_names: list[str]) -> tuple[Any, Any, Any]:
