@@ -13,7 +13,7 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from finetune import adapters, progress
+from finetune import adapters, interrupt, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, drop_training_state, eval_keys, eval_step,
                               gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
                               process_scale, step_items)
@@ -134,6 +134,18 @@ class _EpochClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class _StopOnSignal(TrainerCallback):
+    """After each optimizer step: a signal any process received stops training there, with a checkpoint."""
+
+    def __init__(self):
+        self.trainer, self.signum = None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.signum = interrupt.stop_requested(self.trainer.accelerator)
+        if self.signum is not None:
+            control.should_save = control.should_training_stop = True
+
+
 class _OnEvaluate(TrainerCallback):
     """Hands the main metric of each validation evaluation during training to the engine's on_evaluate."""
 
@@ -156,7 +168,8 @@ class HFEngine:
                                 cfg.seed, t.group_by_length)
         self.clock = _EpochClock(sampler)
         meter = Meter(args.per_device_train_batch_size * t.gradient_accumulation_steps * args.world_size)
-        callbacks = [_LogCallback(meter), self.clock]
+        self.stop = _StopOnSignal()
+        callbacks = [_LogCallback(meter), self.clock, self.stop]
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
         if on_evaluate:
@@ -176,6 +189,7 @@ class HFEngine:
             preprocess_logits_for_metrics=task.preprocess_logits,
             callbacks=callbacks,
         )
+        self.stop.trainer = self.trainer
         self.trainer.remove_callback(PrinterCallback)
         if self.trainer.pop_callback(ProgressCallback):  # a terminal: bars, without printing logs a second time
             self.trainer.add_callback(_Bars)
@@ -186,7 +200,7 @@ class HFEngine:
     def train(self, resume_from: str | None = None) -> dict[str, float]:
         try:
             metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+        except BaseException:  # stopped (a sweep's pruner, a second signal): the trackers flush and close as at the end
             t = self.trainer
             for callback in t.callback_handler.callbacks:
                 if isinstance(callback, (TensorBoardCallback, MLflowCallback)):
@@ -195,6 +209,10 @@ class HFEngine:
         finally:
             for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and close at its end
                 self.trainer.pop_callback(tracker)
+        if self.stop.signum is not None:
+            state = self.trainer.state
+            raise interrupt.Interrupted(self.stop.signum, f"at step {state.global_step} of {state.max_steps}",
+                                        Path(self.trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         drop_training_state(self.trainer.optimizer, self.trainer.model)
         return metrics
 
