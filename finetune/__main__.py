@@ -219,7 +219,7 @@ def _stopped(e: Interrupted, run_dir: Path) -> NoReturn:
                   "end of training); run it again", file=sys.stderr)
         else:
             args = [a for a in _user_args if not a.startswith("resume=")] + [f"resume={run_dir}"]
-            launcher = " under the same launcher" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            launcher = " (under the same launcher)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"error: {e}; {checkpoint.name} is in {run_dir}; resume with{launcher}: python -m finetune "
                   f"{shlex.join(args)}", file=sys.stderr)
     sys.exit(e.exit_code)
