@@ -12,6 +12,7 @@ warnings only, to the console, and write no files of their own).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import shlex
@@ -33,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune import compose, leaderboard, resume, sources, sweep, validate
 from finetune.engines import last_checkpoint
 from finetune.config import CONFIG_DIR, config_options, did_you_mean
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, disk_error
 from finetune.interrupt import Interrupted
 from finetune.tasks import registry
 
@@ -188,14 +189,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         from finetune.run import run
 
         run(cfg, run_dir)
-    except FinetuneError as e:
+    except (FinetuneError, OSError) as e:
+        if isinstance(e, OSError) and not (e := disk_error(e)):
+            raise
+        message = str(e)
         if _is_main_process():
-            # never delete a run being resumed, nor a finished one (a failed push is retried with finetune.push)
-            if run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
+            # never delete a run being resumed, a finished one (a failed push is retried with finetune.push), nor
+            # one with checkpoints (the work to resume, when a disk filled up midway)
+            if last_checkpoint(run_dir) is not None:
+                message += f"; resume with resume={run_dir} once it is fixed"
+            elif run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
                 _remove_run_dir(run_dir, Path(cfg.runs_dir).resolve())
             if cfg.debug:
                 traceback.print_exc()
-        _fail(str(e))
+        _fail(message)
     except Interrupted as e:
         _stopped(e, run_dir)
     except KeyboardInterrupt:  # a second signal: stopped at once
@@ -229,6 +236,7 @@ def main() -> None:
     global _job_started, _resumed_dir, _new_dir, _user_args
     _job_started, _resumed_dir, _new_dir = False, None, None
     _user_args = sys.argv[1:]
+    logging.raiseExceptions = False  # a log file on a full disk: its lines are lost, not a traceback printed for each
     leaderboard.failed_trials.clear()
     compose.register_configs()
     debug, argv = False, sys.argv[1:]

@@ -33,9 +33,9 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
 from finetune import adapters, interrupt, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, drop_training_state,
-                              eval_keys, eval_step, logged_validation, mixed_precision, new_parameters, param_groups,
-                              process_scale, step_items)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, checkpoint_write,
+                              drop_training_state, eval_keys, eval_step, logged_validation, mixed_precision,
+                              new_parameters, param_groups, process_scale, step_items)
 from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
 from finetune.engines.sharding import CpuFsdp, Replicated
 from finetune.engines.tracking import accelerate_trackers, setup_tracking
@@ -246,10 +246,12 @@ class AccelerateEngine:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        self.placement.save(acc, self._model, self.optimizer, tmp)
-        acc.wait_for_everyone()
+        with checkpoint_write(tmp, self._model, self.optimizer):
+            self.placement.save(acc, self._model, self.optimizer, tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                s.write(tmp / STATE_FILE)
         if acc.is_main_process:
-            s.write(tmp / STATE_FILE)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             best = str(self.checkpoints / s.best_checkpoint) if s.best_checkpoint else None

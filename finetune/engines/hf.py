@@ -14,9 +14,9 @@ from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from finetune import adapters, interrupt, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, drop_training_state, eval_keys, eval_step,
-                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
-                              process_scale, step_items)
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, checkpoint_write, drop_training_state, eval_keys,
+                              eval_step, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
+                              param_groups, process_scale, step_items)
 from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
 from finetune.engines.tracking import TENSORBOARD, setup_tracking
 from finetune.progress import Meter
@@ -86,7 +86,8 @@ class _Trainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, *args, **kwargs):
-        with self.meter.paused():
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with self.meter.paused(), checkpoint_write(folder, self.model, self.optimizer):
             return super()._save_checkpoint(*args, **kwargs)
 
     def _load_best_model(self) -> None:
