@@ -5,15 +5,15 @@ import json
 import pytest
 import yaml
 
-from conftest import TINY_TRAINER, run_cli
-from helpers import cli_main, compose_cfg, fail
+from helpers.cli import TINY_TRAINER, cli_main, compose_cfg, fail
+from helpers.data import make_sentences
+from helpers.processes import run_cli
 
 SECRET = "hf_test_token_never_written_0123456789"
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_bert, tmp_path_factory):
-    from conftest import make_sentences
     import pandas as pd
 
     work = tmp_path_factory.mktemp("cli")
@@ -140,7 +140,7 @@ def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers.processes import REPO
 
     args = ["--rows", "default", "lora", "default", "--steps", "4", "--batch-size", "8", f"model={tiny_bert}",
             f"data={sentiment_csv}", "data.text_column=review", "data.label_column=sentiment"]
@@ -180,7 +180,7 @@ def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment
     split's mean length: length-grouped batches come longest first."""
     from finetune import bench
     from finetune.engines import make_engine
-    from helpers import prepared
+    from helpers.cli import prepared
 
     cfg, task, tokenizer, features, model = prepared(
         f"trainer={engine}", f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review",

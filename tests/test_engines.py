@@ -14,7 +14,8 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from finetune.tasks.base import Task
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
+from helpers.data import make_sentences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -54,8 +55,6 @@ def train(tiny_bert, csv, out: Path, *overrides):
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
     import pandas as pd
-
-    from conftest import make_sentences
 
     path = tmp_path_factory.mktemp("data") / "reviews.csv"
     pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(path, index=False)
@@ -168,8 +167,6 @@ class _ProbeTask(Task):
         self.auto_model = AutoModelForTokenClassification if kind == "token" else AutoModelForQuestionAnswering
 
     def features(self, tokenizer) -> DatasetDict:
-        from conftest import make_sentences
-
         texts = [t for t, _ in make_sentences(24, seed=3)]
         enc = tokenizer(texts, truncation=True)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]

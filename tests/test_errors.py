@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, make_sentences, run_cli
 from finetune import __main__ as cli
 from finetune import assets
-from helpers import fail
+from helpers.cli import fail
+from helpers.data import make_sentences
+from helpers.processes import ENV, accelerate_launch, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SENTIMENT = ["data.text_column=review", "data.label_column=sentiment"]
@@ -322,7 +323,7 @@ main()
 
 def test_two_launches_in_the_same_second_get_two_run_dirs(tiny_bert, files, tmp_path):
     args = [f"model={tiny_bert}", f"data={files / 'reviews.csv'}", *SENTIMENT, *QUICK, "data.max_train_samples=32"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **ENV}
     procs = [subprocess.Popen([sys.executable, "-c", _START_TOGETHER, f"ready{seed}", *args, f"seed={seed}"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]
@@ -355,9 +356,8 @@ def test_hydra_errors_are_one_line_in_a_real_process(tmp_path):
 
 
 def test_two_process_launch_reports_a_config_error_once(tmp_path):
-    from test_multiprocess import launch
-
-    proc = launch(["--multi_gpu", "--num_processes", "2"], "trainer.per_device_train_batch_size=0", cwd=tmp_path)
+    proc = accelerate_launch(["--multi_gpu", "--num_processes", "2"], "trainer.per_device_train_batch_size=0",
+                             cwd=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: trainer.per_device_train_batch_size must be at least 1 (got 0)"], proc.stderr[-3000:]

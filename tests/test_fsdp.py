@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_sentences
+from helpers.data import make_sentences
+from helpers.processes import REPO
 
 ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 # 128 training rows, effective batch 8 (2 processes x 4, or 1 x 8) in random order without length grouping (so the
@@ -60,7 +61,7 @@ def _start(args: list[str], work: Path, log: str) -> subprocess.Popen:
 def _unsharded(work: Path, *args: str) -> Path:
     """The same training in this process, unsharded (while the sharded launch runs)."""
     from finetune.run import run
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     run(compose_cfg(*args), work / "single")
     return work / "single"

@@ -1,6 +1,6 @@
-"""hub=push and python -m finetune.push against a fake Hub on 127.0.0.1 (tests/fake_hub.py): what arrives (files,
-bytes, token, branch, commit message), what the run records, the token never written, and failures that name
-the fix, exit 2 and leave the run as it was so the push can be retried."""
+"""hub=push and python -m finetune.push against a fake Hub on 127.0.0.1 (tests/helpers/fake_hub.py): what arrives
+(files, bytes, token, branch, commit message), what the run records, the token never written, and failures that
+name the fix, exit 2 and leave the run as it was so the push can be retried."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import HUB_SECRET, REPO, hub_env
-from fake_hub import FakeHub
+from helpers.fake_hub import HUB_SECRET, FakeHub, hub_env
+from helpers.processes import REPO
 
 REPO_ID = "me/tiny-sentiment"
 
@@ -179,7 +179,7 @@ def test_push_cli_failure_exits_2(run_copy, monkeypatch, capsys):
 def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv, monkeypatch, capfd):
     import huggingface_hub.constants
 
-    from helpers import fail
+    from helpers.cli import fail
 
     (tmp_path / "reviews.csv").write_text(sentiment_csv.read_text())
     monkeypatch.setenv("HF_TOKEN", "")  # no token: none in the environment, no login cache
@@ -206,7 +206,7 @@ def test_repo_id_is_checked_before_training(repo_id, message):
 
 
 def test_hub_configs_compose():
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     cfg = compose_cfg("hub=push", "hub.repo_id=me/x", "hub.revision=dev", "hub.dry_run=true")
     assert cfg.hub.push and cfg.hub.private and cfg.hub.revision == "dev" and cfg.hub.dry_run

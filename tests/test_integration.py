@@ -5,7 +5,7 @@ import json
 import pytest
 
 from finetune.run import run
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import TINY_TRAINER, make_sentences
 from finetune import adapters
 from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.tasks import get_task
-from helpers import compose_cfg
+from helpers.cli import TINY_TRAINER, compose_cfg
+from helpers.data import make_sentences
 
 TEXTS = ["the movie was wonderful", "a dull and tedious film", "the acting was superb", "boring plot",
          "really great cast", "an awful script"]
@@ -229,7 +229,7 @@ def test_adapter_folder_loads_onto_the_base_with_peft(trained_export, tiny_bert)
 
 
 def test_cli_run_with_lora(tiny_bert, tmp_path, monkeypatch, capfd):
-    from helpers import cli_main
+    from helpers.cli import cli_main
 
     import pandas as pd
 

@@ -18,8 +18,9 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 
-from conftest import REPO, TINY_TRAINER, make_sentences, run_cli
-from helpers import cli_main, compose_cfg, fail
+from helpers.cli import TINY_TRAINER, cli_main, compose_cfg, fail
+from helpers.data import make_sentences
+from helpers.processes import REPO, run_cli
 
 TEXTS = [t for t, _ in make_sentences(300)]
 # words outside the tiny vocabulary: split into several pieces

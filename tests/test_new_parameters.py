@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-import helpers
-from helpers import compose_cfg, prepared
+from helpers.cli import compose_cfg, engine_for, prepared
+from helpers.data import make_sentences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCALE = 10.0
@@ -21,8 +21,6 @@ FAST = ["trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16", 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
     import pandas as pd
-
-    from conftest import make_sentences
 
     path = tmp_path_factory.mktemp("data") / "reviews.csv"
     pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
@@ -40,7 +38,7 @@ def build(tiny_bert, csv, *overrides):
 
 
 def engine_for(tiny_bert, csv, out, *overrides):
-    return helpers.engine_for(out, *sentiment(tiny_bert, csv), *overrides)
+    return engine_for(out, *sentiment(tiny_bert, csv), *overrides)
 
 
 def optimizer_of(engine):

@@ -10,25 +10,14 @@ import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import make_sentences
-from helpers import compose_cfg
+from helpers.cli import compose_cfg, run_main
+from helpers.data import make_ner, make_sentences, read_jsonl, write_conll
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def texts(n: int = 40) -> list[str]:
     return [t for t, _ in make_sentences(n, seed=7)]
-
-
-def run_main(module, argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(argv)
-        raise SystemExit(0)
-    return exit_info.value.code
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -161,25 +150,22 @@ def test_evaluate_single_file_with_other_columns_and_one_class(pushed_run, tmp_p
 
 
 @pytest.fixture(scope="module")
-def ner_export(tmp_path_factory):
+def ner_export(ner_bert, tmp_path_factory):
     """A tiny random NER model exported the way a run exports it."""
     import torch
     from transformers import AutoModelForTokenClassification
 
-    from conftest import build_tiny_bert
     from finetune.export import export
     from finetune.tasks import get_task
-    from test_ner import corpus, make_ner
 
     folder = tmp_path_factory.mktemp("ner-export")
-    bert = build_tiny_bert(folder / "bert", corpus())
-    cfg = compose_cfg("task=ner", f"model={bert}")
+    cfg = compose_cfg("task=ner", f"model={ner_bert}")
     task = get_task(cfg.task)
     tokens, tags = zip(*make_ner(30, 1))
     raw = task.prepare(DatasetDict({"test": Dataset.from_dict({"tokens": tokens, "tags": tags})}), cfg.data)
     torch.manual_seed(1)
-    model = AutoModelForTokenClassification.from_pretrained(bert, **task.model_kwargs()).eval()
-    export(model, task.load_tokenizer(str(bert), cfg.model), task, cfg, {}, folder / "model")
+    model = AutoModelForTokenClassification.from_pretrained(ner_bert, **task.model_kwargs()).eval()
+    export(model, task.load_tokenizer(str(ner_bert), cfg.model), task, cfg, {}, folder / "model")
     return folder / "model", task, raw["test"], make_ner(30, 1)
 
 
@@ -188,7 +174,6 @@ def test_ner_predict_and_evaluate(ner_export, tmp_path):
 
     from finetune import predict
     from finetune.evaluate import evaluate
-    from test_ner import write_conll
 
     model_dir, task, raw, sentences = ner_export
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": w}) + "\n" for w, _ in sentences))

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_sentences, run_cli
+from helpers.data import make_sentences
+from helpers.processes import ENV, run_cli, scores, start
 
 # Extra overrides per resumable setup
 SETUPS = [pytest.param(["trainer=hf"], id="hf"), pytest.param(["trainer=accelerate"], id="accelerate"),
@@ -24,7 +23,6 @@ STEPS_PER_EPOCH = 16  # 128 training rows / batch 8
 TRAINER = ["trainer.num_train_epochs=6", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
            "trainer.warmup_ratio=0.1", "trainer.weight_decay=0", "trainer.eval_strategy=steps",
            "trainer.eval_steps=6", "trainer.logging_steps=6"]
-ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def _args(tiny_bert, extra):
@@ -32,23 +30,11 @@ def _args(tiny_bert, extra):
             "data.label_column=sentiment", *TRAINER, *extra]
 
 
-def _start(args, cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env={**os.environ, **ENV},
-                                stdout=out, stderr=subprocess.STDOUT)
-
-
 def _newest_complete_step(runs_dir: Path) -> int:
     from finetune.engines import last_checkpoint
 
     found = [last_checkpoint(run) for run in runs_dir.glob("sentiment/*")]
     return max((int(c.name.split("-")[1]) for c in found if c), default=0)
-
-
-def _scores(run_dir: Path) -> dict[str, float]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if k.startswith(("validation_", "test_", "pipeline_"))
-            and not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
 
 
 @pytest.fixture
@@ -62,8 +48,8 @@ def work(tmp_path):
 @pytest.mark.parametrize("extra", SETUPS)
 def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
     args = _args(tiny_bert, extra)
-    full = _start([*args, "runs_dir=full"], work, work / "full.log")
-    killed = _start([*args, "runs_dir=killed"], work, work / "killed.log")
+    full = start([*args, "runs_dir=full"], work, work / "full.log")
+    killed = start([*args, "runs_dir=killed"], work, work / "killed.log")
     deadline = time.time() + 400
     while _newest_complete_step(work / "killed") < 18:
         assert killed.poll() is None, (work / "killed.log").read_text()[-3000:]
@@ -84,7 +70,7 @@ def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
 
     assert full.wait(timeout=400) == 0, (work / "full.log").read_text()[-3000:]
     (full_dir,) = list((work / "full" / "sentiment").iterdir())
-    expected, got = _scores(full_dir), _scores(run_dir)
+    expected, got = scores(full_dir), scores(run_dir)
     assert expected.keys() == got.keys()
     if "peft=lora" not in extra:  # (LoRA on a frozen random tiny base moves its losses, not yet its accuracy)
         assert expected["test_accuracy"] >= 0.85  # it learned: the metrics moved with the steps
@@ -93,7 +79,7 @@ def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
 
 
 def test_resume_with_nothing_to_resume_is_one_line(work, monkeypatch, capfd):
-    from helpers import fail
+    from helpers.cli import fail
 
     assert fail(["resume=true"], work, monkeypatch, capfd).startswith("nothing to resume")
     assert not (work / "runs").exists()
@@ -102,7 +88,7 @@ def test_resume_with_nothing_to_resume_is_one_line(work, monkeypatch, capfd):
 def test_resume_of_a_run_with_another_config_names_the_difference(tiny_bert, work, monkeypatch, capfd):
     from omegaconf import OmegaConf
 
-    from helpers import cli_main, compose_cfg
+    from helpers.cli import cli_main, compose_cfg
 
     args = _args(tiny_bert, ["trainer=accelerate"])
     run_dir = work / "runs" / "sentiment" / "old"

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from helpers import engine_for
+from helpers.cli import engine_for
+from helpers.data import make_sentences, scalars
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -23,8 +24,6 @@ SCALARS = {"train/loss", "train/learning_rate", "train/grad_norm", "train/sample
 def csv(tmp_path_factory):
     import pandas as pd
 
-    from conftest import make_sentences
-
     path = tmp_path_factory.mktemp("data") / "reviews.csv"
     pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
     return path
@@ -36,15 +35,6 @@ def train(tiny_bert, csv, out, *overrides):
     engine.train()
     engine.evaluate("test")
     return engine
-
-
-def scalars(folder) -> dict[str, list]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (events,) = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents")]
-    acc = EventAccumulator(str(events))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
