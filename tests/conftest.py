@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.mkdtemp(prefix="finetune-tests-"), "datasets"))
 
 from helpers import seq2seq_models  # noqa: E402
-from helpers.data import make_sentences, ner_corpus  # noqa: E402
+from helpers.data import make_sentences, ner_corpus, write_sentiment_csv  # noqa: E402
 from helpers.models import build_tiny_bert, build_tiny_lm  # noqa: E402
 
 
@@ -75,22 +75,16 @@ def s2s_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture
 def sentiment_csv(tmp_path) -> Path:
     """tmp_path/reviews.csv: 160 rows (columns review, sentiment) the tiny BERT learns."""
-    import pandas as pd
-
-    path = tmp_path / "reviews.csv"
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path / "reviews.csv")
 
 
 @pytest.fixture(scope="module")
 def sweep_work(tmp_path_factory) -> Path:
     """A working directory for sweeps (helpers.sweeps.TINY): reviews.csv of SWEEP_ROWS rows."""
-    import pandas as pd
-
     from helpers.sweeps import SWEEP_ROWS
 
     path = tmp_path_factory.mktemp("sweeps")
-    pd.DataFrame(make_sentences(SWEEP_ROWS), columns=["review", "sentiment"]).to_csv(path / "reviews.csv", index=False)
+    write_sentiment_csv(path / "reviews.csv", SWEEP_ROWS)
     return path
 
 
@@ -101,8 +95,6 @@ def pushed_run(tiny_bert, tmp_path_factory):
     127.0.0.1 (branch dev): for the push, predict, evaluate, tracking and permission tests."""
     from types import SimpleNamespace
 
-    import pandas as pd
-
     from helpers.cli import TINY_TRAINER
     from helpers.fake_hub import FakeHub, hub_env
     from helpers.processes import run_cli
@@ -110,8 +102,8 @@ def pushed_run(tiny_bert, tmp_path_factory):
     work = tmp_path_factory.mktemp("pushed")
     rows = make_sentences(200)
     (work / "data").mkdir()
-    pd.DataFrame(rows[:160], columns=["review", "sentiment"]).to_csv(work / "data" / "train.csv", index=False)
-    pd.DataFrame(rows[160:], columns=["review", "sentiment"]).to_csv(work / "data" / "test.csv", index=False)
+    write_sentiment_csv(work / "data" / "train.csv", rows=rows[:160])
+    write_sentiment_csv(work / "data" / "test.csv", rows=rows[160:])
     with FakeHub() as hub:
         proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=data", "data.text_column=review",
                        "data.label_column=sentiment", *TINY_TRAINER, "hub=push", "hub.repo_id=me/tiny-sentiment",

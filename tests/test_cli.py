@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from helpers.cli import TINY_TRAINER, cli_main, compose_cfg, fail
-from helpers.data import make_sentences
+from helpers.data import write_sentiment_csv
 from helpers.processes import run_cli
 
 SECRET = "hf_test_token_never_written_0123456789"
@@ -14,10 +14,8 @@ SECRET = "hf_test_token_never_written_0123456789"
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_bert, tmp_path_factory):
-    import pandas as pd
-
     work = tmp_path_factory.mktemp("cli")
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(work / "reviews.csv", index=False)
+    write_sentiment_csv(work / "reviews.csv")
     proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
                    "data.label_column=sentiment", *TINY_TRAINER, cwd=work, env={"HF_TOKEN": SECRET})
     assert proc.returncode == 0, proc.stderr[-3000:]

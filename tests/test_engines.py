@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict
 
 from finetune.tasks.base import Task
 from helpers.cli import compose_cfg
-from helpers.data import make_sentences
+from helpers.data import make_sentences, write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -54,11 +54,7 @@ def train(tiny_bert, csv, out: Path, *overrides):
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
-    import pandas as pd
-
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
 @pytest.fixture(scope="module", params=ENGINES)

@@ -14,13 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from finetune import __main__ as cli
 from finetune import assets
 from helpers.cli import fail
-from helpers.data import make_sentences
+from helpers.data import make_sentences, write_sentiment_csv
 from helpers.processes import ENV, accelerate_launch, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,10 +32,9 @@ def files(tmp_path_factory) -> Path:
     """Good and bad data files for every task, in one directory."""
     d = tmp_path_factory.mktemp("inputs")
     rows = make_sentences(160)
-    pd.DataFrame(rows, columns=["review", "sentiment"]).to_csv(d / "reviews.csv", index=False)
-    pd.DataFrame([(t, "pos") for t, _ in rows], columns=["review", "sentiment"]).to_csv(d / "one_class.csv", index=False)
-    pd.DataFrame([(t, i % 3 - 1) for i, (t, _) in enumerate(rows)],
-                 columns=["review", "sentiment"]).to_csv(d / "int_labels.csv", index=False)
+    write_sentiment_csv(d / "reviews.csv", rows=rows)
+    write_sentiment_csv(d / "one_class.csv", rows=[(t, "pos") for t, _ in rows])
+    write_sentiment_csv(d / "int_labels.csv", rows=[(t, i % 3 - 1) for i, (t, _) in enumerate(rows)])
     (d / "header_only.csv").write_text("review,sentiment\n")
     (d / "broken.json").write_text('{"review": "good", "sentiment": ')
     (d / "broken.csv").write_text('review,sentiment\n"unclosed,pos\n')

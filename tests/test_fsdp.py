@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers.data import make_sentences
 from helpers.processes import REPO
 
 ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -30,10 +29,8 @@ TOLERANCE = 1e-4  # splitting a batch over processes changes float sums: 3.7e-5 
 
 
 @pytest.fixture
-def work(tmp_path, tiny_bert):
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
+def work(sentiment_csv, tiny_bert):
+    tmp_path = sentiment_csv.parent
     # without dropout, whose masks differ between one process and two, both runs compute the same function
     model = shutil.copytree(tiny_bert, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())

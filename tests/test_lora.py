@@ -228,12 +228,10 @@ def test_adapter_folder_loads_onto_the_base_with_peft(trained_export, tiny_bert)
     assert f"PEFT: lora (r={cfg.peft.r})" in card and "## LoRA" in card and "`adapter/`" in card
 
 
+@pytest.mark.usefixtures("sentiment_csv")  # tmp_path/reviews.csv
 def test_cli_run_with_lora(tiny_bert, tmp_path, monkeypatch, capfd):
     from helpers.cli import cli_main
 
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
     code, _, err = cli_main(["task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
                              "data.label_column=sentiment", "peft=lora", *TINY_TRAINER, "trainer.learning_rate=5e-3"],
                             tmp_path, monkeypatch, capfd)

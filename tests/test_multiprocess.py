@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.data import make_sentences
 from helpers.processes import REPO, accelerate_launch
 
 # on a machine without GPUs `accelerate launch` starts several processes only through its torchrun path:
@@ -23,11 +22,8 @@ TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.
 
 
 @pytest.fixture
-def work(tmp_path):
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
-    return tmp_path
+def work(sentiment_csv):
+    return sentiment_csv.parent
 
 
 @pytest.mark.parametrize("launcher_args, trainer", LAUNCHES)

@@ -9,7 +9,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from helpers.cli import compose_cfg, engine_for, prepared
-from helpers.data import make_sentences
+from helpers.data import write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCALE = 10.0
@@ -20,11 +20,7 @@ FAST = ["trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16", 
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
-    import pandas as pd
-
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "reviews.csv", 96)
 
 
 def sentiment(tiny_bert, csv) -> list[str]:

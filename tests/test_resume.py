@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers.data import make_sentences
 from helpers.processes import ENV, run_cli, scores, start
 
 # Extra overrides per resumable setup
@@ -38,11 +37,8 @@ def _newest_complete_step(runs_dir: Path) -> int:
 
 
 @pytest.fixture
-def work(tmp_path):
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
-    return tmp_path
+def work(sentiment_csv):
+    return sentiment_csv.parent
 
 
 @pytest.mark.parametrize("extra", SETUPS)

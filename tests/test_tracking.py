@@ -10,7 +10,7 @@ import re
 import pytest
 
 from helpers.cli import engine_for
-from helpers.data import make_sentences, scalars
+from helpers.data import scalars, write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -22,11 +22,7 @@ SCALARS = {"train/loss", "train/learning_rate", "train/grad_norm", "train/sample
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
-    import pandas as pd
-
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "reviews.csv", 96)
 
 
 def train(tiny_bert, csv, out, *overrides):

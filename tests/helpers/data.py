@@ -26,6 +26,15 @@ def make_sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
+def write_sentiment_csv(path: Path, n: int = 160, rows: list[tuple] | None = None) -> Path:
+    """A csv with columns review, sentiment: make_sentences(n), or the rows given. 160 rows split 128 train /
+    16 validation / 16 test."""
+    import pandas as pd
+
+    pd.DataFrame(make_sentences(n) if rows is None else rows, columns=["review", "sentiment"]).to_csv(path, index=False)
+    return path
+
+
 # --- NER ----------------------------------------------------------------------------------------------------------
 ENTITIES = {"PER": ["alice", "bob smith", "carol"], "LOC": ["paris", "new york", "berlin"],
             "ORG": ["acme", "globex corp"]}
