@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 
 from helpers.cli import LM_TRAINER, cli_main, compose_cfg, fail
 from helpers.data import lm_corpus
-from helpers.processes import ENV, run_cli, scores, start
+from helpers.processes import assert_same_scores, kill_and_resume
 
 
 def make_task(*overrides: str):
@@ -160,33 +160,12 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, mon
 
 
 def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama):
-    import os
-    import signal
-    import time
-
     (tmp_path / "data.txt").write_text("\n".join(lm_corpus(240)))
     args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *LM_TRAINER, "trainer.num_train_epochs=3",
             "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3",
             "trainer.gradient_checkpointing=true"]  # (checkpointing changes nothing a resume needs)
-    full = start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
-    killed = start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/generation/*/checkpoints/checkpoint-9/trainer_state.json")):
-        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    (run_dir,) = list((tmp_path / "killed" / "generation").iterdir())
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in (run_dir / "finetune.log").read_text()
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    (full_dir,) = list((tmp_path / "full" / "generation").iterdir())
-    expected, got = scores(full_dir), scores(run_dir)
-    assert expected.keys() == got.keys() and "test_perplexity" in got
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-4), key
+    resumed = kill_and_resume(args, tmp_path, "generation", 9)
+    assert "test_perplexity" in assert_same_scores(resumed.run_dir, resumed.reference, rel=1e-4)
 
 
 def test_generation_after_mixed_precision_training_runs_in_the_exported_precision(tiny_llama):

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +15,7 @@ from datasets import Dataset, DatasetDict
 
 from helpers.cli import TINY_TRAINER, cli_main, compose_cfg, fail
 from helpers.data import make_sentences
-from helpers.processes import REPO, run_cli
+from helpers.processes import assert_same_scores, kill_and_resume, run_cli
 
 TEXTS = [t for t, _ in make_sentences(300)]
 # words outside the tiny vocabulary: split into several pieces
@@ -258,35 +253,8 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_bert, text_file, tmp_path):
     args = ["task=mlm", f"model={tiny_bert}", f"data={text_file}", "trainer.num_train_epochs=2",
             "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8", "trainer.warmup_ratio=0",
             "trainer.eval_strategy=steps", "trainer.eval_steps=6", "trainer.logging_steps=6"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), **ENV}
-
-    def start(runs: str) -> subprocess.Popen:
-        with open(tmp_path / f"{runs}.log", "w") as log:
-            return subprocess.Popen([sys.executable, "-m", "finetune", *args, f"runs_dir={runs}"], cwd=tmp_path,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    full, killed = start("full"), start("killed")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/mlm/*/checkpoints/checkpoint-18/trainer_state.json")):
-        assert killed.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-
-    def scores(runs: str) -> dict[str, float]:
-        (run_dir,) = list((tmp_path / runs / "mlm").iterdir())
-        m = json.loads((run_dir / "metrics.json").read_text())
-        return {k: v for k, v in m.items() if k.startswith(("validation_", "test_", "pipeline_")) and
-                not k.endswith(("_runtime", "_per_second", "_time"))}
-
-    expected, got = scores("full"), scores("killed")
-    assert "resuming" in next((tmp_path / "killed" / "mlm").iterdir()).joinpath("finetune.log").read_text()
-    assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, abs=1e-4), key
+    resumed = kill_and_resume(args, tmp_path, "mlm", 18)
+    assert_same_scores(resumed.run_dir, resumed.reference, abs=1e-4)
 
 
 @pytest.mark.parametrize("problem", ["no mask token", "empty file"])

@@ -4,14 +4,10 @@ checkpoint and ends with the metrics of an uninterrupted run of the same config 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
-from pathlib import Path
 
 import pytest
 
-from helpers.processes import ENV, run_cli, scores, start
+from helpers.processes import assert_same_scores, kill_and_resume
 
 # Extra overrides per resumable setup
 SETUPS = [pytest.param(["trainer=hf"], id="hf"), pytest.param(["trainer=accelerate"], id="accelerate"),
@@ -29,13 +25,6 @@ def _args(tiny_bert, extra):
             "data.label_column=sentiment", *TRAINER, *extra]
 
 
-def _newest_complete_step(runs_dir: Path) -> int:
-    from finetune.engines import last_checkpoint
-
-    found = [last_checkpoint(run) for run in runs_dir.glob("sentiment/*")]
-    return max((int(c.name.split("-")[1]) for c in found if c), default=0)
-
-
 @pytest.fixture
 def work(sentiment_csv):
     return sentiment_csv.parent
@@ -43,35 +32,12 @@ def work(sentiment_csv):
 
 @pytest.mark.parametrize("extra", SETUPS)
 def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
-    args = _args(tiny_bert, extra)
-    full = start([*args, "runs_dir=full"], work, work / "full.log")
-    killed = start([*args, "runs_dir=killed"], work, work / "killed.log")
-    deadline = time.time() + 400
-    while _newest_complete_step(work / "killed") < 18:
-        assert killed.poll() is None, (work / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL
-    (run_dir,) = list((work / "killed" / "sentiment").iterdir())
-    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
-
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=work, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert list((work / "killed" / "sentiment").iterdir()) == [run_dir]  # continued in place, no new run dir
-    log = (run_dir / "finetune.log").read_text()
-    assert "step 1/" in log and "resuming" in log  # the resumed launch appended to the run's log
-    step = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
-    assert step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH, step  # mid-epoch, after the first epoch
-
-    assert full.wait(timeout=400) == 0, (work / "full.log").read_text()[-3000:]
-    (full_dir,) = list((work / "full" / "sentiment").iterdir())
-    expected, got = scores(full_dir), scores(run_dir)
-    assert expected.keys() == got.keys()
+    resumed = kill_and_resume(_args(tiny_bert, extra), work, "sentiment", 18)
+    assert "step 1/" in resumed.log  # the resumed launch appended to the run's log
+    assert resumed.step > STEPS_PER_EPOCH and resumed.step % STEPS_PER_EPOCH, resumed.step  # mid-epoch, epoch 2
+    expected = assert_same_scores(resumed.run_dir, resumed.reference, abs=1e-4)
     if "peft=lora" not in extra:  # (LoRA on a frozen random tiny base moves its losses, not yet its accuracy)
         assert expected["test_accuracy"] >= 0.85  # it learned: the metrics moved with the steps
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, abs=1e-4), key
 
 
 def test_resume_with_nothing_to_resume_is_one_line(work, monkeypatch, capfd):

@@ -12,7 +12,7 @@ import pytest
 from helpers import seq2seq_models as tiny
 from helpers.cli import compose_cfg, run_main
 from helpers.data import read_jsonl, write_jsonl
-from helpers.processes import ENV, run_cli, scores, start
+from helpers.processes import assert_same_scores, kill_and_resume, run_cli
 from helpers.seq2seq_models import ROWS, features, write_parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -329,29 +329,8 @@ def test_cli_summarization_decoder_only(s2s_models, tmp_path):
 
 
 def test_killed_translation_run_resumes_to_the_same_metrics(s2s_models, tmp_path):
-    import os
-    import signal
-    import time
-
     write_parallel(tmp_path / "data")
     args = [*TRANSLATION, f"model={s2s_models['t5']}", "data=data", *TRAIN, "trainer.eval_strategy=steps",
             "trainer.eval_steps=10"]
-    full = start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
-    killed = start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/translation/*/checkpoints/checkpoint-20/trainer_state.json")):
-        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    (run_dir,) = list((tmp_path / "killed" / "translation").iterdir())
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in (run_dir / "finetune.log").read_text()
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    (full_dir,) = list((tmp_path / "full" / "translation").iterdir())
-    expected, got = scores(full_dir), scores(run_dir)
-    assert expected.keys() == got.keys() and "test_bleu" in got
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    resumed = kill_and_resume(args, tmp_path, "translation", 20)
+    assert "test_bleu" in assert_same_scores(resumed.run_dir, resumed.reference, rel=1e-4, abs=1e-6)
