@@ -249,12 +249,17 @@ def test_a_run_model_dir_is_a_valid_model_for_sentiment(cli_run, sentiment_csv, 
 
 
 def test_killed_run_resumes_to_the_same_metrics(tiny_bert, text_file, tmp_path):
-    """Training masks are seeded by the batch, so a resumed run replays them (cf. tests/test_resume.py)."""
+    """Training masks are seeded by the batch, so a resumed run replays them. Also the full fine-tuning case on the
+    default engine (hf) of tests/test_resume.py, which covers the other engine and LoRA."""
     args = ["task=mlm", f"model={tiny_bert}", f"data={text_file}", "trainer.num_train_epochs=2",
             "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8", "trainer.warmup_ratio=0",
             "trainer.eval_strategy=steps", "trainer.eval_steps=6", "trainer.logging_steps=6"]
     resumed = kill_and_resume(args, tmp_path, "mlm", 18)
+    assert "step 1/" in resumed.log  # the resumed launch appended to the run's log
+    assert resumed.step > 16 and resumed.step % 16, resumed.step  # mid-epoch (128 lines / batch 8), epoch 2
     assert_same_scores(resumed.run_dir, resumed.reference, abs=1e-4)
+    expected = json.loads((resumed.reference / "metrics.json").read_text())
+    assert expected["test_perplexity"] < 0.9 * expected["base_test_perplexity"]  # it learned: the metrics moved
 
 
 @pytest.mark.parametrize("problem", ["no mask token", "empty file"])
