@@ -139,6 +139,7 @@ def test_last_step_is_evaluated_and_eval_strategy_no(engine, tiny_bert, csv, tmp
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_same_seed_same_metrics(engine, tiny_bert, csv, tmp_path):
     args = [f"trainer={engine}", *LEARNING, "trainer.num_train_epochs=4"]
     first = train(tiny_bert, csv, tmp_path / "a", *args)[1]

@@ -319,6 +319,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_two_launches_in_the_same_second_get_two_run_dirs(tiny_bert, files, tmp_path):
     args = [f"model={tiny_bert}", f"data={files / 'reviews.csv'}", *SENTIMENT, *QUICK, "data.max_train_samples=32"]
     env = {**os.environ, **ENV}
@@ -353,6 +354,7 @@ def test_hydra_errors_are_one_line_in_a_real_process(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_two_process_launch_reports_a_config_error_once(tmp_path):
     proc = accelerate_launch(["--multi_gpu", "--num_processes", "2"], "trainer.per_device_train_batch_size=0",
                              cwd=tmp_path)

@@ -66,6 +66,7 @@ def _max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_sharded_run_resumed_after_a_kill_exports_the_unsharded_weights(work, one_thread):
     from finetune.engines import last_checkpoint
 
@@ -92,6 +93,7 @@ def test_sharded_run_resumed_after_a_kill_exports_the_unsharded_weights(work, on
                for k in exported if k.removeprefix("bert.") in base) > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_sharded_lora_exports_gathered_merged_weights_and_adapter(work, one_thread):
     lora = ["peft=lora", "peft.r=4", "trainer.num_train_epochs=2"]
     launch = start([*_args(work, *SHARDED, *lora), "runs_dir=sharded"], work, work / "sharded.log", processes=2)

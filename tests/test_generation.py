@@ -108,6 +108,7 @@ def test_generation_input_errors(tmp_path, tiny_llama, tiny_gpt2, monkeypatch, c
     ("chat", []),
     ("pc", ["peft=lora", "peft.r=4"]),
 ])
+@pytest.mark.slow
 def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, monkeypatch, capfd):
     rows = lm_corpus(240)
     if shape == "text":
@@ -159,6 +160,7 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, mon
     assert out[0]["generated_text"][-1]["role"] == "assistant"  # chat messages work on the exported model
 
 
+@pytest.mark.slow
 def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama):
     (tmp_path / "data.txt").write_text("\n".join(lm_corpus(240)))
     args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *LM_TRAINER, "trainer.num_train_epochs=3",

@@ -69,6 +69,7 @@ def test_lora_merge_on_a_bf16_base_is_done_in_fp32_then_cast(tiny_llama):
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected)
 
 
+@pytest.mark.slow
 def test_lora_on_a_bf16_base_exports_in_bf16_and_passes_its_pipeline_check(tiny_llama, tmp_path):
     (tmp_path / "data.txt").write_text("\n".join(lm_corpus(240)))
     proc = run_cli("task=generation", f"model={tiny_llama}", "data=data.txt", *LM_TRAINER, "trainer.num_train_epochs=1",

@@ -193,6 +193,7 @@ def test_fill_mask_pipeline_predicts_what_the_model_does(tiny_bert, tmp_path, on
 
 @pytest.fixture(scope="module")
 def cli_run(tiny_bert, text_file):
+    """One real CLI run (its tests are marked slow: they share its cost)."""
     work = text_file.parent
     proc = run_cli("task=mlm", f"model={tiny_bert}", f"data={text_file}", *TINY_TRAINER, cwd=work, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -200,6 +201,7 @@ def cli_run(tiny_bert, text_file):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_run_reports_base_and_fine_tuned_and_verifies_the_pipeline(cli_run):
     m = json.loads((cli_run / "metrics.json").read_text())
     assert m["num_train_examples"] == 128 and m["num_test_examples"] == 16  # 160 lines; blank lines dropped
@@ -218,6 +220,7 @@ def test_cli_run_reports_base_and_fine_tuned_and_verifies_the_pipeline(cli_run):
     assert "LOAD REPORT" not in log and "\x1b[" not in log  # one plain line, not transformers' table
 
 
+@pytest.mark.slow
 def test_engines_score_the_same_base_and_lora_exports_merged_and_adapter(tiny_bert, text_file, cli_run, tmp_path):
     from finetune.run import run
 
@@ -236,6 +239,7 @@ def test_engines_score_the_same_base_and_lora_exports_merged_and_adapter(tiny_be
     assert (tmp_path / "lora" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_model_dir_is_a_valid_model_for_sentiment(cli_run, sentiment_csv, monkeypatch, capfd, one_thread):
     work = sentiment_csv.parent
     code, _, err = cli_main(["task=sentiment", f"model={cli_run / 'model'}", f"data={sentiment_csv}",
@@ -248,6 +252,7 @@ def test_a_run_model_dir_is_a_valid_model_for_sentiment(cli_run, sentiment_csv, 
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name_or_path"] == str(cli_run / "model")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tiny_bert, text_file, tmp_path):
     """Training masks are seeded by the batch, so a resumed run replays them. Also the full fine-tuning case on the
     default engine (hf) of tests/test_resume.py, which covers the other engine and LoRA."""

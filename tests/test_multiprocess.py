@@ -11,6 +11,7 @@ import torch
 
 from helpers.processes import REPO, accelerate_launch
 
+pytestmark = pytest.mark.slow  # every test launches 2 processes
 # on a machine without GPUs `accelerate launch` starts several processes only through its torchrun path:
 # --multi_gpu on the command line, or an accelerate config with distributed_type MULTI_GPU (our ddp.yaml)
 LAUNCHES = [pytest.param(["--multi_gpu", "--num_processes", "2"], ["trainer=hf"], id="hf-multi_gpu-flag"),

@@ -324,6 +324,7 @@ def test_export_check_uses_the_task_tolerance_when_larger():
 
 # --- the CLI -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setup", [[], ["trainer=accelerate"], ["peft=lora"]], ids=["hf", "accelerate", "lora"])
+@pytest.mark.slow
 def test_cli_ner_run(setup, ner_bert, tmp_path):
     (tmp_path / "conll").mkdir()
     for split, n, seed in (("train", 160, 1), ("dev", 30, 2), ("test", 30, 3)):

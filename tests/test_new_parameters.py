@@ -80,6 +80,7 @@ def test_only_the_new_parameters_get_the_scaled_rate_and_keep_the_decay_split(en
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
+@pytest.mark.slow
 def test_the_schedule_scales_every_group_and_a_resumed_run_restores_them(engine, tiny_bert, csv, tmp_path):
     first = engine_for(tiny_bert, csv, tmp_path / "a", f"trainer={engine}")
     first.train()

@@ -137,6 +137,7 @@ def _study_with_a_finished_trial(storage: str, curve: dict[int, float]):
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
+@pytest.mark.slow
 def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, sweep_work, tmp_path,
                                                                 one_thread, monkeypatch):
     import mlflow
@@ -198,6 +199,7 @@ def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
     assert study.trials[1].intermediate_values == {1: 0.5, 2: 0.25}
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, sweep_work):
     """Trials in worker processes attach to their Optuna trials in the sweep's sqlite storage. Trial 1 does not
     evaluate while training (it cannot be pruned) and finishes, trial 2 is pruned at its first evaluation, trial 3

@@ -373,6 +373,7 @@ def test_metrics_refuse_predictions_out_of_order(tiny_bert):
 # --- the CLI ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setup", [[], ["trainer=accelerate"], ["peft=lora"]], ids=["hf", "accelerate", "lora"])
+@pytest.mark.slow
 def test_cli_qa_run(setup, tiny_bert, tmp_path):
     (tmp_path / "squad.json").write_text(json.dumps(squad_json(10)))
     proc = run_cli("task=qa", f"model={tiny_bert}", "data=squad.json", "data.group_column=title", *WINDOW,

@@ -30,6 +30,7 @@ def work(sentiment_csv):
 
 
 @pytest.mark.parametrize("extra", SETUPS)
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
     resumed = kill_and_resume(_args(tiny_bert, extra), work, "sentiment", 18)
     assert "step 1/" in resumed.log  # the resumed launch appended to the run's log

@@ -212,6 +212,7 @@ def check_learned_and_verified(metrics, main, score, margin):
     assert metrics[f"pipeline_test_{main}"] == pytest.approx(metrics[f"test_{main}"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_t5_translation_round_trip_through_the_shipped_pipeline(s2s_models, tmp_path, caplog):
     import logging
 
@@ -254,6 +255,7 @@ def test_t5_translation_round_trip_through_the_shipped_pipeline(s2s_models, tmp_
     assert result["split"] == "test" and result["bleu"] == pytest.approx(metrics["pipeline_test_bleu"])
 
 
+@pytest.mark.slow
 def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentence_lists(s2s_models, tmp_path):
     rows = [{"source": s.split(" on "), "target": [t, t.split()[0]]} for s, t in ROWS]
     data = write_jsonl(tmp_path / "tldr.jsonl", rows)
@@ -275,6 +277,7 @@ def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentenc
     assert summarizer("a man runs on the street")[0]["summary_text"] == expected
 
 
+@pytest.mark.slow
 def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(s2s_models, tmp_path):
     metrics, model_dir = train(tmp_path, *TRANSLATION, "model=bert2bert", f"model.encoder={s2s_models['bert']}",
                                f"model.decoder={s2s_models['bert']}", f"data={write_parallel(tmp_path / 'data')}",
@@ -299,6 +302,7 @@ def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(s2s_models, 
     assert scope["model"].generate(**inputs).tolist() == expected
 
 
+@pytest.mark.slow
 def test_decoder_only_translation_also_loads_as_text_generation(s2s_models, tmp_path):
     metrics, model_dir = train(tmp_path, *TRANSLATION, f"model={s2s_models['llama']}",
                                f"data={write_parallel(tmp_path / 'data')}", *DECODER_ONLY)
@@ -309,6 +313,7 @@ def test_decoder_only_translation_also_loads_as_text_generation(s2s_models, tmp_
     assert config["seq2seq"]["chat_template"] is True
 
 
+@pytest.mark.slow
 def test_cli_summarization_decoder_only(s2s_models, tmp_path):
     rows = [{"source": s, "target": t} for s, t in ROWS]
     write_jsonl(tmp_path / "docs.jsonl", rows)
@@ -328,6 +333,7 @@ def test_cli_summarization_decoder_only(s2s_models, tmp_path):
     assert generator("summarize: a man runs", return_full_text=False)[0]["generated_text"].strip() == text
 
 
+@pytest.mark.slow
 def test_killed_translation_run_resumes_to_the_same_metrics(s2s_models, tmp_path):
     write_parallel(tmp_path / "data")
     args = [*TRANSLATION, f"model={s2s_models['t5']}", "data=data", *TRAIN, "trainer.eval_strategy=steps",

@@ -18,6 +18,7 @@ from helpers.sweeps import TINY, fake_trial, trial_config, trial_record
 # --- a grid: every combination, one failing, two trials at a time (joblib) -----------------------------------
 @pytest.fixture(scope="module")
 def grid(tiny_bert, sweep_work):
+    """A real sweep of 4 trials (its tests are marked slow: they share its cost)."""
     # peft.r=0 is a bad value only for LoRA: trial 3 (lora, r=0) fails, full fine-tuning ignores r
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # joblib sets it per worker
     proc = run_cli("-m", f"model={tiny_bert}", *TINY, "trainer.learning_rate=1e-3", "peft=none,lora", "peft.r=8,0",
@@ -26,6 +27,7 @@ def grid(tiny_bert, sweep_work):
     return proc, sweep_work / "grid"
 
 
+@pytest.mark.slow
 def test_grid_runs_every_combination_and_survives_a_failure(grid):
     proc, sweep = grid
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -44,6 +46,7 @@ def test_grid_runs_every_combination_and_survives_a_failure(grid):
     assert not (sweep / "3" / "model").exists()
 
 
+@pytest.mark.slow
 def test_grid_leaderboard_files_and_best_link(grid):
     _, sweep = grid
     rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
@@ -63,6 +66,7 @@ def test_grid_leaderboard_files_and_best_link(grid):
     assert (best / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_leaderboard_cli(grid, capsys, tmp_path):
     from finetune.leaderboard import main
 
@@ -77,6 +81,7 @@ def test_leaderboard_cli(grid, capsys, tmp_path):
 
 
 # --- an Optuna search, interrupted and resumed from its storage ---------------------------------------------
+@pytest.mark.slow
 def test_optuna_search_resumes_from_its_storage(tiny_bert, sweep_work, monkeypatch, capfd, one_thread):
     import optuna
 
@@ -113,6 +118,7 @@ def test_optuna_search_resumes_from_its_storage(tiny_bert, sweep_work, monkeypat
     assert (sweep / "leaderboard.png").is_file() and (sweep / "best" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_joblib_runs_two_trials_at_a_time_with_the_cores_split(grid):
     from joblib import cpu_count
 

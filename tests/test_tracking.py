@@ -72,6 +72,7 @@ def test_unknown_tracker_is_an_input_error(tiny_bert, csv, tmp_path):
         train(tiny_bert, csv, tmp_path / "run", "trainer.report_to=[wandb]")
 
 
+@pytest.mark.slow
 def test_mlflow_local_store(tiny_bert, csv, tmp_path, monkeypatch):
     import mlflow  # the [mlflow] extra (also in [test])
     from mlflow.tracking import MlflowClient
