@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # on shared cores more threads a process only wait
+ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # one thread a process: on shared cores more only wait
 ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
 
 
@@ -59,7 +59,10 @@ def kill(proc: subprocess.Popen) -> int:
 
     launcher = psutil.Process(proc.pid)
     for process in [*launcher.children(recursive=True), launcher]:
-        process.send_signal(signal.SIGKILL)
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:  # ended on its own meanwhile
+            pass
     return proc.wait()
 
 
@@ -85,29 +88,40 @@ def kill_and_resume(args: list[str], work: Path, task: str, step: int, processes
     before the resume. reference: the run to compare with; by default the same args run uninterrupted alongside
     (runs_dir=full), else whatever `reference()` returns, called in this process while the resumed launch runs.
     Returns run_dir (the resumed run), step (the checkpoint it resumed from), log (its finetune.log), reference."""
-    full = None if reference else start([*args, "runs_dir=full"], work, work / "full.log", processes)
-    launch = start([*args, "runs_dir=killed"], work, work / "killed.log", processes)
-    deadline = time.time() + timeout
-    while newest_checkpoint(work / "killed" / task) < step:  # polled: a kill test waits on files, never on time
-        assert launch.poll() is None, _tail(work / "killed.log")
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    assert kill(launch) == -signal.SIGKILL
-    (run_dir,) = list((work / "killed" / task).iterdir())
-    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
-    if killed:
-        killed(run_dir)
+    started = []
 
-    resumed = start([*args, "runs_dir=killed", "resume=true"], work, work / "resumed.log", processes)
-    made = reference() if reference else None
-    assert resumed.wait(timeout=timeout) == 0, _tail(work / "resumed.log")
-    assert list((work / "killed" / task).iterdir()) == [run_dir]  # continued in place, no new run dir
-    log = (run_dir / "finetune.log").read_text()
-    assert "resuming" in log, log[-3000:]
-    resumed_from = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
-    if full is not None:
-        assert full.wait(timeout=timeout) == 0, _tail(work / "full.log")
-        (made,) = list((work / "full" / task).iterdir())
+    def launch(name: str, *extra: str) -> subprocess.Popen:
+        started.append(start([*args, *extra], work, work / f"{name}.log", processes))
+        return started[-1]
+
+    try:
+        full = None if reference else launch("full", "runs_dir=full")
+        killed_launch = launch("killed", "runs_dir=killed")
+        deadline = time.time() + timeout
+        while newest_checkpoint(work / "killed" / task) < step:  # polled: a kill test waits on files, never on time
+            assert killed_launch.poll() is None, _tail(work / "killed.log")
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        assert kill(killed_launch) == -signal.SIGKILL
+        (run_dir,) = list((work / "killed" / task).iterdir())
+        assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
+        if killed:
+            killed(run_dir)
+
+        resumed = launch("resumed", "runs_dir=killed", "resume=true")
+        made = reference() if reference else None
+        assert resumed.wait(timeout=timeout) == 0, _tail(work / "resumed.log")
+        assert list((work / "killed" / task).iterdir()) == [run_dir]  # continued in place, no new run dir
+        log = (run_dir / "finetune.log").read_text()
+        assert "resuming" in log, log[-3000:]
+        resumed_from = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
+        if full is not None:
+            assert full.wait(timeout=timeout) == 0, _tail(work / "full.log")
+            (made,) = list((work / "full" / task).iterdir())
+    finally:  # a failed check leaves nothing running
+        for proc in started:
+            if proc.poll() is None:
+                kill(proc)
     return SimpleNamespace(run_dir=run_dir, step=resumed_from, log=log, reference=made)
 
 
