@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from helpers.processes import run_cli
 from helpers.data import scalars
+from helpers.processes import run_cli
 from helpers.sweeps import TINY, fake_trial, trial_config, trial_record
 
 
@@ -179,7 +179,7 @@ def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
     study = _study_with_a_finished_trial(storage, {1: 0.5, 2: 1.0})
     assert study.ask().number == 1  # what the sweeper asked before it launched this trial
     cfg = trial_config("hydra/sweeper=finetune_optuna", f"hydra.sweeper.storage={storage}",
-                     "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
+                       "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
     (tmp_path / "1" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
 
     def fake_run(cfg, run_dir, on_evaluate=None):
@@ -245,7 +245,7 @@ def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
     sweep = tmp_path / "sweep"
     acc = {"objective": "validation_accuracy", "direction": "maximize"}
     fake_trial(sweep, 0, ["trainer.learning_rate=0.001"], {**acc, "status": "ok", "value": 0.7},
-                {"validation_accuracy": 0.7})
+               {"validation_accuracy": 0.7})
     fake_trial(sweep, 1, ["trainer.learning_rate=0.0001"], {**acc, "status": "pruned", "step": 1, "value": 0.55})
     fake_trial(sweep, 2, ["trainer.learning_rate=0.01"], {**acc, "status": "pruned", "step": 2, "value": 0.9})
     fake_trial(sweep, 3, ["trainer.learning_rate=0.1"], {**acc, "status": "failed", "error": "boom"})

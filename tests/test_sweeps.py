@@ -138,10 +138,10 @@ def test_leaderboard_ranks_by_the_task_direction_and_marks_failures(tmp_path):
     lm = {"objective": "validation_perplexity", "direction": "minimize"}
     for n, (lr, ppl) in enumerate([(1e-5, 30.0), (1e-3, 12.5), (1e-4, 20.0)]):
         fake_trial(sweep, n, [f"trainer.learning_rate={lr}", "seed=1"], {**lm, "status": "ok", "value": ppl},
-                    {"validation_perplexity": ppl, "test_perplexity": ppl + 1, "pipeline_test_perplexity": ppl + 1,
-                     "total_runtime_s": 10.0, "train_samples_per_second": 50.0})
+                   {"validation_perplexity": ppl, "test_perplexity": ppl + 1, "pipeline_test_perplexity": ppl + 1,
+                    "total_runtime_s": 10.0, "train_samples_per_second": 50.0})
     fake_trial(sweep, 3, ["trainer.learning_rate=0.1", "seed=1"], {**lm, "status": "failed",
-                                                                    "error": "training diverged: validation_loss is nan"})
+                                                                   "error": "training diverged: validation_loss is nan"})
     fake_trial(sweep, 4, ["trainer.learning_rate=0.01", "seed=1"], None)  # killed before it wrote anything
     board = build(sweep)
     assert [r["trial"] for r in board.rows] == [1, 2, 0, 3, 4]  # lowest perplexity first, then failed, unfinished
