@@ -176,12 +176,12 @@ def test_push_cli_failure_exits_2(run_copy, monkeypatch, capsys):
     assert snapshot(run_copy) == before
 
 
-def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv, monkeypatch, capfd):
+@pytest.mark.usefixtures("sentiment_csv")  # tmp_path/reviews.csv
+def test_run_with_push_refuses_to_start_without_token(tmp_path, monkeypatch, capfd):
     import huggingface_hub.constants
 
     from helpers.cli import fail
 
-    (tmp_path / "reviews.csv").write_text(sentiment_csv.read_text())
     monkeypatch.setenv("HF_TOKEN", "")  # no token: none in the environment, no login cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "home" / "token"))
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
