@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-from helpers.cli import compose_cfg, engine_for, prepared
+from helpers import cli
+from helpers.cli import compose_cfg, prepared
 from helpers.data import write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,7 @@ def build(tiny_bert, csv, *overrides):
 
 
 def engine_for(tiny_bert, csv, out, *overrides):
-    return engine_for(out, *sentiment(tiny_bert, csv), *overrides)
+    return cli.engine_for(out, *sentiment(tiny_bert, csv), *overrides)
 
 
 def optimizer_of(engine):
