@@ -92,7 +92,8 @@ def sweep_work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pushed_run(tiny_bert, tmp_path_factory):
     """One finished sentiment run on the tiny model (train.csv + test.csv), pushed by hub=push to a fake Hub on
-    127.0.0.1 (branch dev): for the push, predict, evaluate, tracking and permission tests."""
+    127.0.0.1 (branch dev): for the push, predict, evaluate, tracking and permission tests (marked slow: they share
+    its cost)."""
     from types import SimpleNamespace
 
     from helpers.cli import TINY_TRAINER

@@ -128,6 +128,7 @@ def test_early_stopping_after_patience(engine, tiny_bert, csv, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_last_step_is_evaluated_and_eval_strategy_no(engine, tiny_bert, csv, tmp_path):
     args = [f"trainer={engine}", "trainer.max_steps=7", "trainer.per_device_train_batch_size=8"]
     runner, _ = train(tiny_bert, csv, tmp_path / "steps", *args, "trainer.eval_strategy=steps", "trainer.eval_steps=3")

@@ -256,6 +256,7 @@ def test_hub_offline_mode_is_honoured(tmp_path, monkeypatch, capfd):
     assert "the Hub (https://huggingface.co) is unreachable (HF_HUB_OFFLINE is set)" in message
 
 
+@pytest.mark.slow
 def test_hub_probe_gives_up_within_its_timeout(monkeypatch):
     import socket
 

@@ -38,6 +38,7 @@ def expected_files(run_dir) -> dict[str, bytes]:
     return {**files, "learning_curve.png": (run_dir / "learning_curve.png").read_bytes()}
 
 
+@pytest.mark.slow
 def test_push_uploads_the_verified_export(pushed_run):
     hub, run_dir = pushed_run.hub, pushed_run.run_dir
     assert hub.repos[REPO_ID]["private"]  # hub.private defaults to true
@@ -60,6 +61,7 @@ def test_push_uploads_the_verified_export(pushed_run):
     assert all(r["headers"].get("authorization") == f"Bearer {HUB_SECRET}" for r in api_calls)
 
 
+@pytest.mark.slow
 def test_run_records_the_push(pushed_run):
     metrics = json.loads((pushed_run.run_dir / "metrics.json").read_text())
     (commit,) = pushed_run.hub.commits
@@ -70,6 +72,7 @@ def test_run_records_the_push(pushed_run):
     assert f"pushed to {metrics['hub_url']} (commit {commit['oid']})" in log
 
 
+@pytest.mark.slow
 def test_token_is_written_nowhere(pushed_run):
     secret = HUB_SECRET.encode()
     for path in pushed_run.work.rglob("*"):
@@ -80,6 +83,7 @@ def test_token_is_written_nowhere(pushed_run):
     assert HUB_SECRET not in pushed_run.proc.stderr + pushed_run.proc.stdout
 
 
+@pytest.mark.slow
 def test_model_card_passes_the_card_classes(pushed_run):
     from huggingface_hub import ModelCard
 
@@ -91,6 +95,7 @@ def test_model_card_passes_the_card_classes(pushed_run):
     assert card.data.pipeline_tag == "text-classification" and card.data.library_name == "transformers"
 
 
+@pytest.mark.slow
 def test_export_has_umask_permissions(pushed_run):
     umask = os.umask(0)
     os.umask(umask)
@@ -100,6 +105,7 @@ def test_export_has_umask_permissions(pushed_run):
         assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
 
 
+@pytest.mark.slow
 def test_push_cli_dry_run_lists_without_network(pushed_run, tmp_path):
     with FakeHub() as hub:
         proc = push_cli(str(pushed_run.run_dir), "--repo-id", "me/other", "--dry-run", cwd=tmp_path,

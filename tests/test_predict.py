@@ -29,6 +29,7 @@ def direct(pushed_run):
     return clf(texts(), top_k=None, truncation=True)
 
 
+@pytest.mark.slow
 def test_predict_cli_on_a_run_directory(pushed_run, direct, tmp_path, monkeypatch, capsys, caplog):
     import logging
 
@@ -61,6 +62,7 @@ def write_formats(folder) -> list:
     return ["a.tsv.gz", "a.parquet", "a.jsonl.bz2", "a.json", "a.txt"]
 
 
+@pytest.mark.slow
 def test_every_input_format_gives_the_same_predictions(pushed_run, direct, tmp_path):
     from finetune import predict
 
@@ -97,6 +99,7 @@ def test_input_is_read_in_chunks(tmp_path):
     ("review,n\ngreat,1\n,2\nawful,3\n", [], "{path} row 2 has no text (column 'review'); fill it or drop the row"),
     ("body\nfine film\n", ["--text-column", "nope"], "column 'nope' not found"),
 ])
+@pytest.mark.slow
 def test_predict_errors_are_one_line_and_leave_nothing(pushed_run, tmp_path, capsys, content, args, message):
     from finetune import predict
 
@@ -117,6 +120,7 @@ def test_predict_refuses_a_directory_finetune_did_not_export(tiny_bert, tmp_path
     assert "is not a model directory exported by finetune" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_runs_pipeline_check(pushed_run, tmp_path):
     from finetune.evaluate import evaluate
 
@@ -128,6 +132,7 @@ def test_evaluate_reproduces_the_runs_pipeline_check(pushed_run, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_evaluate_single_file_with_other_columns_and_one_class(pushed_run, tmp_path, capsys):
     """Another column name (data.text_column=...) and data holding one label only: the data is encoded in the
     model's label order (id2label), so the score is the share of rows the pipeline labels 'pos'."""

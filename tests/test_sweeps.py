@@ -254,6 +254,7 @@ def test_direction_comes_from_the_task(monkeypatch):
     assert sweep.direction("causal_lm") == "minimize"
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_a_one_line_error(tiny_bert, sweep_work, tmp_path, one_thread):
     """A NaN loss leaves argmax scores that look valid (every prediction the same class): the run must fail."""
     from finetune.errors import FinetuneError

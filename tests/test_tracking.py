@@ -43,6 +43,7 @@ def tracked(tiny_bert, csv, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_both_engines_write_the_same_scalars(tracked):
     tags = {}
     for name, (engine, out) in tracked.items():
@@ -94,6 +95,7 @@ def test_mlflow_local_store(tiny_bert, csv, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_terminal_gets_bars_and_each_log_once(engine, tiny_bert, csv, tmp_path, monkeypatch, capsys, caplog):
     from finetune import progress
 
@@ -108,6 +110,7 @@ def test_terminal_gets_bars_and_each_log_once(engine, tiny_bert, csv, tmp_path, 
     assert len(train_lines) == len(set(train_lines)) == 6  # steps 1, 2, 4, 6, 8, 10: each once
 
 
+@pytest.mark.slow
 def test_log_file_gets_eta_and_throughput_every_logging_step(pushed_run):
     """A run whose stderr is not a terminal (the CLI under pytest): no bars, a line per logging step."""
     log = (pushed_run.run_dir / "finetune.log").read_text()
