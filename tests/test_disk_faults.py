@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from finetune.engines import CHECKPOINTS, last_checkpoint
 from finetune.errors import FinetuneError
-from helpers import cli_main, engine_for
+from helpers.cli import cli_main, engine_for
+from helpers.processes import ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16",
@@ -86,6 +86,7 @@ def test_a_cut_short_weights_or_optimizer_file_is_skipped_for_the_checkpoint_bef
     assert last_checkpoint(out) == folder / f"checkpoint-{steps[-3]}"
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_a_size_limited_directory(tiny_bert, sentiment_csv, tmp_path):
     """A real full disk: the run directory on a 1 MB tmpfs (in a mount namespace of its own)."""
     if subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode:
@@ -96,7 +97,7 @@ def test_a_full_disk_in_a_size_limited_directory(tiny_bert, sentiment_csv, tmp_p
                     f"runs_dir={runs}"])
     proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c",
                            f"mount -t tmpfs -o size=1m tmpfs {runs} && {cli}"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, env={**os.environ, **ENV})
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in proc.stderr and ("No space left on device" in line or "no space left" in line), line
