@@ -159,10 +159,9 @@ class _ProbeTask(Task):
     main_metric, greater_is_better = "accuracy", True
 
     def __init__(self, kind: str):
-        from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
-
+        super().__init__(None)
         self.kind, self.seen = kind, {}
-        self.auto_model = AutoModelForTokenClassification if kind == "token" else AutoModelForQuestionAnswering
+        self.auto_model = "AutoModelForTokenClassification" if kind == "token" else "AutoModelForQuestionAnswering"
 
     def features(self, tokenizer) -> DatasetDict:
         texts = [t for t, _ in make_sentences(24, seed=3)]

@@ -68,7 +68,7 @@ def test_report_to_empty_writes_no_events(tiny_bert, csv, tmp_path):
 def test_unknown_tracker_is_an_input_error():
     from finetune import validate
     from finetune.errors import FinetuneError
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     with pytest.raises(FinetuneError, match=r"unknown tracker wandb in trainer.report_to: choose from tensorboard, "
                                             r"mlflow, or \[\] for none"):
