@@ -39,6 +39,8 @@ def check(t, processes: int = 1) -> None:
     """The trainer settings' optimizer choices that cannot work together, refused in one line each."""
     if t.optim not in NAMES:
         raise FinetuneError(f"unknown trainer.optim '{t.optim}': choose one of {', '.join(NAMES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings(t.optim, optimizer_class(t.optim, device)[0], t.optim_args)  # trainer.optim_args the class takes
     if t.fsdp and t.optim not in SHARDABLE:
         raise FinetuneError(f"trainer.optim={t.optim} keeps no sharded states under trainer.fsdp=true: use one of "
                             f"{', '.join(SHARDABLE)}")

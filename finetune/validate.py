@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 
-from finetune import memory
+from finetune import memory, optim
 from finetune.engines import ENGINES, TRACKERS
 from finetune.errors import FinetuneError
 from finetune.loading import DROPOUT_KEYS
@@ -90,6 +90,7 @@ def trainer(t) -> None:
         raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
                             "or [] for none")
     scheduler(t.lr_scheduler_type)
+    optim.check(t, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def scheduler(name: str) -> None:

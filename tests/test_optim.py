@@ -153,8 +153,8 @@ def test_the_step_inside_backward_equals_the_plain_step(name):
 
 
 def _trainer(**changes):
-    t = dict(optim="adamw", fsdp=False, optimizer_in_backward=False, gradient_accumulation_steps=1, max_grad_norm=0.0,
-             mixed_precision="auto")
+    t = dict(optim="adamw", optim_args={}, fsdp=False, optimizer_in_backward=False, gradient_accumulation_steps=1,
+             max_grad_norm=0.0, mixed_precision="auto")
     return SimpleNamespace(**{**t, **changes})
 
 

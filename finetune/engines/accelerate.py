@@ -32,7 +32,7 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune import adapters, interrupt, progress
+from finetune import adapters, interrupt, optim, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, checkpoint_write,
                               drop_training_state, eval_keys, eval_step, logged_validation, mixed_precision,
                               new_parameters, param_groups, process_scale, step_items)
@@ -96,8 +96,8 @@ class AccelerateEngine:
         self.placement = CpuFsdp() if t.fsdp else Replicated()
         new, new_lr = new_parameters(model, t)  # (named before FSDP2 replaces the parameters: it keeps the names)
         model = self.placement.shard(model)  # before the optimizer is built
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, new, new_lr), lr=t.learning_rate,
-                                      fused=acc.device.type in ("cpu", "cuda"))
+        optimizer = optim.build(t.optim, t.optim_args, _param_groups(model, t.weight_decay, new, new_lr),
+                                t.learning_rate, acc.device, t.optimizer_in_backward)
         self._model, self.optimizer, self.train_loader = self.placement.prepare(acc, model, optimizer, loader)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)

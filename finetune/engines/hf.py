@@ -13,7 +13,7 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from finetune import adapters, interrupt, progress
+from finetune import adapters, interrupt, optim, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, checkpoint_write, drop_training_state, eval_keys,
                               eval_step, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
                               param_groups, process_scale, step_items)
@@ -28,8 +28,9 @@ class _Trainer(Trainer):
     """The Trainer with the task's objective, normalised as both engines normalise a step (finetune/engines), and the
     engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task, **kwargs):
-        self.epoch_sampler, self.meter = sampler, meter
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task, trainer_cfg,
+                 **kwargs):
+        self.epoch_sampler, self.meter, self.trainer_cfg = sampler, meter, trainer_cfg
         self.new_parameters, self.new_lr = new_parameters
         self.task, self.train_logs = task, TrainLogs()
         super().__init__(*args, **kwargs)
@@ -48,12 +49,14 @@ class _Trainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.new_parameters:  # trainer.new_parameters_lr_scale: groups of their own
+        """trainer.optim over the Trainer's decay groups (the new parameters in groups of their own)."""
+        if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters,
-                                                        self.new_lr), **kwargs)
+            groups = param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters, self.new_lr)
+            t = self.trainer_cfg
+            self.optimizer = optim.build(t.optim, t.optim_args, groups, self.args.learning_rate, self.args.device,
+                                         t.optimizer_in_backward)
         return super().create_optimizer(model)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -182,6 +185,7 @@ class HFEngine:
             meter=meter,
             new_parameters=new_parameters(model, t),
             task=task,
+            trainer_cfg=t,
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),
@@ -260,6 +264,7 @@ def _training_arguments(cfg, task, output_dir: Path) -> TrainingArguments:
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler_type,
+        optim=optim.TRAINER_NAMES[t.optim],  # (the optimizer itself is trainer.optim's: _Trainer.create_optimizer)
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
