@@ -14,6 +14,8 @@ import difflib
 import os
 
 from finetune import memory, optim
+from finetune.adapters import base_model
+from finetune.decoding import generation_config
 from finetune.engines import ENGINES, TRACKERS
 from finetune.errors import FinetuneError
 from finetune.loading import DROPOUT_KEYS
@@ -35,8 +37,6 @@ def config(cfg) -> None:
                             f"task's ({cfg.task.name}) is not one: remove it")
     task.check_config(cfg.task, cfg.data)
     if "generation" in cfg.task:
-        from finetune.decoding import generation_config
-
         generation_config(cfg.task.generation)  # as transformers will take the settings when it generates
     hub(cfg.hub)
     card_names(cfg)
@@ -170,8 +170,6 @@ def card_names(cfg) -> None:
 
 def training(cfg, built_model) -> None:
     """What needs the model and the launch's processes, before the engine is made."""
-    from finetune.adapters import base_model
-
     base = base_model(built_model)
     if cfg.trainer.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
         raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
