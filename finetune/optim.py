@@ -137,12 +137,21 @@ def describe(optimizer) -> str:
     return ", ".join(parts)
 
 
-def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
     """float32 -> bfloat16, rounding away from zero with probability (the 16 bits bfloat16 drops) / 2^16, so the
-    result equals x on average (rounding to nearest drops every update below half a bfloat16 step)."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    # adding the noise to the low 16 bits carries into the kept bits with exactly that probability
-    return noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    result equals x on average (rounding to nearest drops every update below half a bfloat16 step). Into `out` if
+    given, a slice of int32 `noise` at a time (x is then overwritten)."""
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device) if out is None else out
+    flat, target = x.view(-1).view(torch.int32), out.view(-1)
+    size = flat.numel() if noise is None else noise.numel()
+    for start in range(0, flat.numel(), size):
+        part = flat[start:start + size]
+        bits = torch.randint(0, 1 << 16, part.shape, dtype=torch.int32, device=x.device, generator=generator,
+                             out=None if noise is None else noise[:part.numel()])
+        # adding the noise to the low 16 bits carries into the kept bits with exactly that probability
+        target[start:start + size].copy_(part.add_(bits).bitwise_and_(-65536).view(torch.float32))
+    return out
 
 
 class PerParameter(torch.optim.Optimizer):
@@ -161,7 +170,7 @@ class PerParameter(torch.optim.Optimizer):
         self._link([o.param_groups[0] for o in self.optimizers], self.state)
         self._index = {id(o.param_groups[0]["params"][0]): i for i, o in enumerate(self.optimizers)}
         low = [g["params"][0] for g in self.param_groups if g["params"][0].dtype == torch.bfloat16]
-        self.generator = None
+        self.generator, self._scratch = None, None
         if low:  # its own stream (saved with the states): rounding draws nothing from the global generator
             self.generator = torch.Generator(device=low[0].device)
             self.generator.manual_seed(torch.initial_seed())
@@ -178,15 +187,26 @@ class PerParameter(torch.optim.Optimizer):
         optimizer = self.optimizers[self._index[id(p)]]
         if p.dtype != torch.bfloat16:
             optimizer.step()
-        else:  # float32 arithmetic and states, then stochastic rounding back (the float32 copy lives for one step)
-            grad, p.grad = p.grad, None
-            p.data = p.data.float()
-            p.grad = grad.float()
+        else:  # float32 arithmetic and states in reused buffers, then stochastic rounding back into the weight's own
+            # memory: a new float32 copy and a new weight every step fragmented the heap to 2-3x the live bytes
+            weight, grad, n = p.data, p.grad, p.numel()
+            weight32, grad32, noise = self._buffers()
+            p.data = weight32[:n].view(p.shape).copy_(weight)
+            p.grad = grad32[:n].view(p.shape).copy_(grad)
             del grad
             optimizer.step()
-            p.grad = None
-            p.data = round_to_bfloat16(p.data, self.generator)
+            round_to_bfloat16(p.data, self.generator, out=weight, noise=noise)
+            p.data = weight
         p.grad = None
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 weight and gradient buffers the size of the largest bfloat16 parameter, and a slice of noise."""
+        if self._scratch is None:
+            low = [g["params"][0] for g in self.param_groups if g["params"][0].dtype == torch.bfloat16]
+            largest, device = max(p.numel() for p in low), low[0].device
+            self._scratch = (torch.empty(largest, device=device), torch.empty(largest, device=device),
+                             torch.empty(min(largest, 1 << 22), dtype=torch.int32, device=device))
+        return self._scratch
 
     def _hook(self, p: torch.Tensor) -> None:
         self._step_one(p)
