@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune import checks, resume, sources, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
-from finetune.engines import check_trainer_config
+from finetune.engines import CHECKPOINTS, check_trainer_config
 from finetune.errors import FinetuneError
 from finetune.memory import check_dtype
 
@@ -187,8 +187,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         run(cfg, run_dir)
     except FinetuneError as e:
         if _is_main_process():
-            # never delete a run being resumed, nor a finished one (a failed push is retried with finetune.push)
-            if run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
+            # never delete a run being resumed, a finished one (a failed push is retried with finetune.push), nor
+            # one with checkpoints (an export that found the disk full is resumed from them)
+            keep = (run_dir / "model").is_dir() or (run_dir / CHECKPOINTS).is_dir()
+            if run_dir.resolve() != _resumed_dir and not keep:
                 _remove_run_dir(run_dir, Path(cfg.runs_dir).resolve())
             if cfg.debug:
                 traceback.print_exc()
