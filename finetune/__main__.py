@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune import checks, resume, sources, sweep
+from finetune import checks, leaderboard, resume, sources, sweep
 from finetune.config import CONFIG_DIR, config_options, did_you_mean, register_configs
 from finetune.engines import CHECKPOINTS, check_trainer_config
 from finetune.errors import FinetuneError
@@ -204,7 +204,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     global _job_started, _resumed_dir, _new_dir
     _job_started, _resumed_dir, _new_dir = False, None, None
-    sweep.failed_trials.clear()
+    leaderboard.failed_trials.clear()
     register_configs()
     debug, argv = False, sys.argv[1:]
     if "--help" in argv or "-h" in argv:
@@ -237,8 +237,8 @@ def main() -> None:
     finally:
         if _new_dir is not None and not _job_started:  # (once the job runs, it removes its directory on failure)
             _remove_run_dir(*_new_dir)
-    if sweep.failed_trials:  # a sweep ended with failed trials: their trial.json and the leaderboard say why
-        failed = sweep.failed_trials
+    if leaderboard.failed_trials:  # this sweep's launch had failed trials: their trial.json and the leaderboard say why
+        failed = leaderboard.failed_trials
         print(f"error: {len(failed)} trial(s) failed (see their trial.json): {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
 
