@@ -1,0 +1,431 @@
+"""A run's peak memory, estimated before it trains, and the refusal of a run that would not fit.
+
+    estimate = memory_estimate.check(cfg, model, features)   # FinetuneError (exit 2) when it would not fit
+    metrics.update(estimate.figures())                      # memory_estimate_mb, beside peak_memory_mb
+
+The estimate (`estimate()`: the model, the config's settings, the longest micro-batch of the data) adds up:
+- weights: every parameter and buffer in its own dtype (a LoRA base loaded in bf16: 2 bytes a parameter);
+- gradients and AdamW's two moments: of the trainable parameters only, in their dtype;
+- activations: what autograd keeps for backward, counted on the model itself on two short probe batches (2 x 16 and
+  2 x 32 tokens; a term per token and one per token squared, layer by layer), scaled to the largest micro-batch
+  (micro-batch x the longest example); with gradient checkpointing, each layer's input plus one layer's activations;
+- the loss: one chunk of the output layer's logits and their gradients (trainer.lm_loss_chunk_size), or all of them;
+- what the process holds besides the model when it is measured (libraries, tokenizer, data): its memory now less the
+  weights' resident bytes (on a GPU: torch's allocated bytes less the weights).
+A step peaks at the end of the forward pass (activations, the loss, and the gradients when micro-batches accumulate)
+or of the backward pass (every gradient); the optimizer states are held from the first update on. Evaluation keeps
+no activations and one chunk of logits (docs/memory.md): below a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, replace
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+MB, GB = 2**20, 2**30
+PROBE_LENGTHS = (16, 32)  # tokens of the two probe batches: two points fit a per-token and a per-token-squared term
+PROBE_ROWS = 2
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size and dtype of its parameter
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The config's settings the estimate depends on."""
+
+    micro_batch: int
+    accumulation: int = 1
+    checkpointing: bool = False
+    loss_chunk: int = 512  # tokens a chunk of a vocabulary head's loss; 0: the whole logits
+    autocast: str | None = None  # the dtype activations are computed in under mixed precision (GPU), else None
+    shards: int = 1  # processes a sharded model (FSDP, DeepSpeed ZeRO-3) is split over
+
+    @classmethod
+    def from_config(cls, cfg) -> Settings:
+        import torch
+
+        t = cfg.trainer
+        autocast = None
+        if torch.cuda.is_available() and t.mixed_precision != "no":
+            bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and torch.cuda.is_bf16_supported())
+            autocast = "bfloat16" if bf16 else "float16" if t.mixed_precision == "fp16" else None
+        sharded = t.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true" or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        return cls(micro_batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
+                   checkpointing=t.gradient_checkpointing, loss_chunk=t.lm_loss_chunk_size, autocast=autocast,
+                   shards=int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes autograd keeps for backward, a probe row: rows x (a x tokens + b x tokens^2) for each checkpointable layer
+    and for the rest of the model; `inputs`: each layer's input, bytes a token (what checkpointing keeps of it)."""
+
+    layers: list[tuple[float, float]]
+    inputs: list[float]
+    other: tuple[float, float]
+
+    def bytes(self, rows: int, tokens: int, checkpointing: bool = False) -> float:
+        """Kept through the forward pass, plus (with checkpointing) one layer's recomputed in backward."""
+        return self.kept(rows, tokens, checkpointing) + self.recomputed(rows, tokens, checkpointing)
+
+    def kept(self, rows: int, tokens: int, checkpointing: bool = False) -> float:
+        """What the forward pass leaves for backward: everything, or with checkpointing each layer's input."""
+        if checkpointing and self.layers:
+            return _at(self.other, rows, tokens) + rows * tokens * sum(self.inputs)
+        return _at(self.other, rows, tokens) + sum(_at(c, rows, tokens) for c in self.layers)
+
+    def recomputed(self, rows: int, tokens: int, checkpointing: bool = False) -> float:
+        """With checkpointing, the largest layer's activations, recomputed in backward one layer at a time."""
+        return max(_at(c, rows, tokens) for c in self.layers) if checkpointing and self.layers else 0.0
+
+
+def _at(coef: tuple[float, float], rows: int, tokens: int) -> float:
+    return rows * (coef[0] * tokens + coef[1] * tokens**2)
+
+
+@dataclass
+class Estimate:
+    """Bytes of each part of the peak; `total` is what the process is expected to reach."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+    overhead: float
+    step: float  # the training step's own peak above weights + optimizer states: activations + loss, or gradients
+    tokens: tuple[int, int] = (0, 0)  # the micro-batch it was sized for: rows x tokens
+    available: float | None = None  # what the process may use (set by measure() and check())
+    settings: Settings | None = None
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> float:
+        return self.overhead + self.weights + self.optimizer + self.step
+
+    def figures(self) -> dict:
+        """metrics.json's entries: the estimate beside the measured peak_memory_mb, its parts, what was available."""
+        return {"memory_estimate_mb": round(self.total / MB, 1),
+                "memory_estimate_parts_mb": {k: round(v / MB, 1) for k, v in self.breakdown().items()},
+                "memory_available_mb": None if self.available is None else round(self.available / MB, 1)}
+
+    def breakdown(self) -> dict[str, float]:
+        return {"weights": self.weights, "optimizer states": self.optimizer, "training step": self.step,
+                "activations": self.activations, "loss": self.loss, "gradients": self.gradients,
+                "libraries and data": self.overhead}
+
+    def describe(self) -> str:
+        """The parts, in words: weights + optimizer states + the training step's peak + libraries and data = total."""
+        inside = ", ".join(f"{name} {_gb(value)}" for name, value in (("activations", self.activations),
+                                                                       ("loss", self.loss),
+                                                                       ("gradients", self.gradients)) if value)
+        return (f"weights {_gb(self.weights)}, optimizer states {_gb(self.optimizer)}, a training step "
+                f"{_gb(self.step)} ({inside}), libraries and data {_gb(self.overhead)}")
+
+
+def estimate(model, settings: Settings, lengths: list[int], overhead: float = 0.0,
+             activations: Activations | None = None) -> Estimate:
+    """The run's peak in bytes: the model (weights, and what training adds), its longest micro-batch, plus `overhead`
+    (the process's memory besides the model). `activations`: a probe of this model already taken (see probe())."""
+    rows, tokens = longest_batch(lengths, settings.micro_batch)
+    if activations is None:
+        activations = probe(model, padded=_padded(lengths, rows), autocast=settings.autocast)
+    weights = gradients = 0.0
+    for p in _unique_tensors(model, parameters=True):
+        weights += p.nbytes
+        gradients += p.nbytes if p.requires_grad else 0
+    weights += sum(b.nbytes for b in _unique_tensors(model, parameters=False))
+    weights, gradients = weights / settings.shards, gradients / settings.shards
+    optimizer = ADAMW_STATES * gradients
+    kept = activations.kept(rows, tokens, settings.checkpointing)
+    recomputed = activations.recomputed(rows, tokens, settings.checkpointing)
+    loss, held = _loss_bytes(model, rows * tokens, settings.loss_chunk, settings.autocast)
+    # the forward pass's end (its activations and the loss), the backward pass's start under checkpointing (the
+    # top layer recomputed beside what the loss left for backward), or its end (every gradient; gradients grow as
+    # activations are freed); the earlier micro-batches' gradients are held through each when they accumulate
+    passes = max(kept + loss, kept + recomputed + held)
+    step = gradients + passes if settings.accumulation > 1 else max(passes, gradients)
+    act = kept + recomputed
+    return Estimate(weights, gradients, optimizer, act, loss, overhead, step, (rows, tokens))
+
+
+def longest_batch(lengths: list[int], micro_batch: int) -> tuple[int, int]:
+    """The rows and padded tokens of the largest micro-batch: length grouping puts the longest examples together."""
+    lengths = list(lengths)
+    return min(micro_batch, max(1, len(lengths))), max(lengths, default=1)
+
+
+def _padded(lengths: list[int], rows: int) -> bool:
+    return rows > 1 and len(set(lengths)) > 1  # packed blocks of one length, or one row a batch, are never padded
+
+
+def probe(model, padded: bool = True, autocast: str | None = None) -> Activations:
+    """Count what autograd keeps for backward in a training-mode forward pass of `model` on PROBE_ROWS rows of each
+    length in PROBE_LENGTHS (the second row half padding when `padded`), layer by layer, and fit a term per token and
+    one per token squared. Nothing of the model changes: its mode and the random generators are restored."""
+    layers = checkpoint_layers(model)
+    counts = [_saved_bytes(model, layers, n, padded, autocast) for n in PROBE_LENGTHS]
+    (t1, t2), rows = PROBE_LENGTHS, PROBE_ROWS
+
+    def fit(y1: float, y2: float) -> tuple[float, float]:
+        per1, per2 = y1 / rows / t1, y2 / rows / t2  # bytes a token at each length
+        b = (per2 - per1) / (t2 - t1)
+        return (max(per1, per2), 0.0) if b < 0 else (per1 - b * t1, b)
+
+    return Activations(layers=[fit(a, b) for a, b in zip(counts[0]["layers"], counts[1]["layers"])],
+                       inputs=[x / rows / t2 for x in counts[1]["inputs"]],
+                       other=fit(counts[0]["other"], counts[1]["other"]))
+
+
+def checkpoint_layers(model) -> list:
+    """The blocks gradient checkpointing recomputes (transformers' GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _saved_bytes(model, layers: list, tokens: int, padded: bool, autocast: str | None) -> dict:
+    import contextlib
+
+    import torch
+
+    device = next(model.parameters()).device
+    weights = {t.untyped_storage().data_ptr() for t in _unique_tensors(model, parameters=None)}
+    seen: dict[int, tuple[int, int]] = {}  # storage -> (bytes, layer index or -1); alive until the forward ends
+    inputs = [0] * len(layers)
+    current = [-1]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = (storage.nbytes(), current[0])
+        return t
+
+    def enter(i):
+        def hook(module, args, kwargs):
+            current[0] = i
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                inputs[i] = hidden.nbytes
+        return hook
+
+    def leave(module, args, output):
+        current[0] = -1
+
+    def stop(module, args):  # a vocabulary head's logits: the loss's part, estimated on its own (_loss_bytes)
+        raise _HeadReached
+
+    handles = [m.register_forward_pre_hook(enter(i), with_kwargs=True) for i, m in enumerate(layers)]
+    handles += [m.register_forward_hook(leave) for m in layers]
+    head = model.get_output_embeddings()
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(stop))
+    embeddings = model.get_input_embeddings()
+    ids = (torch.arange(tokens, device=device) % max(1, getattr(embeddings, "num_embeddings", 2) - 1) + 1)
+    ids = ids.expand(PROBE_ROWS, tokens).contiguous()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[-1, tokens // 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if getattr(model.config, "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = ids
+    training = model.training
+    cast = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), cast, \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()
+            model(**batch)
+    except _HeadReached:
+        pass
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    per_layer = [0] * len(layers)
+    other = 0
+    for size, layer in seen.values():
+        if layer < 0:
+            other += size
+        else:
+            per_layer[layer] += size
+    return {"layers": per_layer, "inputs": inputs, "other": other}
+
+
+class _HeadReached(Exception):
+    """Raised by the vocabulary head's pre-hook: the probe's forward ends where the logits would be computed."""
+
+
+def _unique_tensors(model, parameters: bool | None):
+    """Each parameter (True), buffer (False) or both (None) once, however often it is shared (tied embeddings)."""
+    import itertools
+
+    seen = set()
+    groups = {True: [model.parameters()], False: [model.buffers()], None: [model.parameters(), model.buffers()]}
+    for t in itertools.chain(*groups[parameters]):
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            yield t
+
+
+def _loss_bytes(model, tokens: int, chunk: int, autocast: str | None) -> tuple[float, float]:
+    """A vocabulary head's loss (0 for other heads: a classifier's is small): (its peak at the end of the forward pass,
+    what it leaves for backward). Chunked: one chunk's logits, their float32 copy, log-softmax and its gradient, beside
+    the head's gradients and its input's, which it computes there and hands to backward. The model's own loss: all
+    the logits, their log-softmax and gradient (the head's gradients come in backward, with the others)."""
+    import torch
+
+    from finetune.adapters import base_model
+
+    head = base_model(model).get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return 0.0, 0.0
+    vocab, width = head.weight.shape
+    dtype = getattr(torch, autocast) if autocast else head.weight.dtype
+    per_logit = (dtype.itemsize + 4 if dtype.itemsize < 4 else 4) + 8  # logits (+ float32 copy), log-softmax, gradient
+    if not chunk:
+        return tokens * vocab * per_logit, tokens * vocab * per_logit
+    held = sum(p.nbytes for p in head.parameters() if p.requires_grad) + tokens * width * dtype.itemsize
+    return min(chunk, tokens) * vocab * per_logit + held, held
+
+
+def resident_weights(model) -> float:
+    """Bytes of the weights resident now: weights memory-mapped from a file (safetensors) count only as far as their
+    pages are in memory (Linux: /proc/self/smaps), the others in full."""
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _unique_tensors(model, None)
+               if t.device.type == "cpu"}
+    try:
+        with open("/proc/self/smaps") as f:
+            smaps = f.read().splitlines()
+    except OSError:
+        return float(sum(tensors.values()))
+    total, mapping = 0.0, None
+    mapped = set()
+    for line in smaps:
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 6 and fields[5].startswith("/"):  # a file-backed mapping
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            inside = [p for p in tensors if start <= p < end]
+            mapping = inside or None
+            mapped.update(inside)
+        elif "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            mapping = None
+        elif fields[0] == "Rss:" and mapping:
+            total += int(fields[1]) * 1024
+    return total + sum(size for p, size in tensors.items() if p not in mapped)
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.2f} GB" if value >= GB else f"{value / MB:.0f} MB"
+
+
+def check(cfg, model, features) -> Estimate | None:
+    """Estimate this run's peak before it trains and refuse it, in one line naming what lowers it, when the memory
+    available to this process (free RAM, or on a GPU machine the GPU's free memory, shared by this machine's
+    processes) cannot hold it. Call it with the model built (adapters included) and the data tokenized, before the
+    engine. None, with a warning, for a model the probe cannot run (nothing is checked then)."""
+    try:
+        found, activations = _measure(cfg, model, features)
+    except Exception as e:  # an architecture the probe's plain batch does not fit: the run goes on, unchecked
+        log.warning("memory check skipped: probing %s failed (%s: %s)", type(model).__name__, type(e).__name__,
+                    " ".join(str(e).split())[:200])
+        return None
+    log.info("memory estimate: %s at the peak (%s); %s available", _gb(found.total), found.describe(),
+             _gb(found.available))
+    if found.total > found.available:
+        raise FinetuneError(refusal(found, cfg, model, activations))
+    return found
+
+
+def measure(cfg, model, features) -> Estimate:
+    """The estimate and the memory available, without refusing anything (the bench compares it with its peaks)."""
+    return _measure(cfg, model, features)[0]
+
+
+def _measure(cfg, model, features) -> tuple[Estimate, Activations]:
+    settings = Settings.from_config(cfg)
+    lengths = list(features["train"]["length"])
+    rows, _ = longest_batch(lengths, settings.micro_batch)
+    activations = probe(model, padded=_padded(lengths, rows), autocast=settings.autocast)
+    used, available = _usage_and_available()
+    # what the process holds besides the model: on a GPU the engine has not moved the model there yet
+    resident = _weights_on_gpu(model) if _gpu() is not None else resident_weights(model)
+    found = estimate(model, settings, lengths, max(0.0, used - resident), activations)
+    found.available, found.settings, found.lengths = used + available, settings, lengths
+    return found, activations
+
+
+def refusal(found: Estimate, cfg, model, activations: Activations) -> str:
+    """The one line of a run that would not fit: the estimate, what is available, and the settings that lower it
+    (with the estimate each gives where this model alone tells it)."""
+    settings, lengths = found.settings, found.lengths
+    rows, _ = found.tokens
+    options = []
+    if rows > 1:
+        half = replace(settings, micro_batch=rows // 2, accumulation=settings.accumulation * 2)
+        lower = estimate(model, half, lengths, found.overhead, activations).total
+        options.append(f"trainer.per_device_train_batch_size={rows // 2} trainer.gradient_accumulation_steps="
+                       f"{half.accumulation} ({_gb(lower)})")
+    if not settings.checkpointing and activations.layers:
+        lower = estimate(model, replace(settings, checkpointing=True), lengths, found.overhead, activations).total
+        options.append(f"trainer.gradient_checkpointing=true ({_gb(lower)})")
+    if cfg.peft.method == "none":
+        options.append("peft=lora (no gradients or optimizer states for the frozen weights)")
+    if next(model.parameters()).dtype.itemsize > 2:
+        options.append("a 16-bit base: peft=lora model.dtype=bfloat16")
+    where = "GPU memory" if _gpu() is not None else "memory"
+    return (f"this run needs an estimated {_gb(found.total)} of {where} at its peak ({found.describe()}) but "
+            f"{_gb(found.available)} is available; lower it with {', '.join(options) or 'a smaller model'}, or skip "
+            "this check with trainer.memory_check=false")
+
+
+def _gpu() -> int | None:
+    """The GPU this process trains on (the engines take one when there is one), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+
+
+def _weights_on_gpu(model) -> float:
+    return float(sum(t.nbytes for t in _unique_tensors(model, None) if t.device.type == "cuda"))
+
+
+def _usage_and_available() -> tuple[float, float]:
+    """(bytes this process uses now, bytes it may still take): on a GPU torch's allocated bytes and the device's free
+    memory (and what torch holds unused), on a CPU the resident set size and the free RAM (within a cgroup's limit),
+    shared by the processes of this machine on that device."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = _gpu()
+    if device is not None:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        sharing = max(1, local // torch.cuda.device_count())
+        allocated = torch.cuda.memory_allocated(device)
+        return float(allocated), (free + torch.cuda.memory_reserved(device) - allocated) / sharing
+    import psutil
+
+    free = psutil.virtual_memory().available
+    limit = _cgroup_room()
+    return float(psutil.Process().memory_info().rss), (free if limit is None else min(free, limit)) / local
+
+
+def _cgroup_room() -> float | None:
+    """What the cgroup (v2) of this process may still take, when it has a limit."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        current = int(open("/sys/fs/cgroup/memory.current").read())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0.0, float(int(limit) - current))
