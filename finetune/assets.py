@@ -225,7 +225,7 @@ def _fetch_into(asset: Asset, name: str, tmp: Path, target: Path, bar: str | Non
 def _write_sums(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SUMS)
     text = "".join(f"{_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files)
-    tmp = directory / f".{SUMS}.tmp"
+    tmp = directory / f".{SUMS}.{os.getpid()}.tmp"  # (processes adopting one old cache at once write their own)
     tmp.write_text(text)
     os.replace(tmp, directory / SUMS)
 
