@@ -32,6 +32,11 @@ MB, GB = 2**20, 2**30
 PROBE_LENGTHS = (16, 32)  # tokens of the two probe batches: two points fit a per-token and a per-token-squared term
 PROBE_ROWS = 2
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size and dtype of its parameter
+# a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
+# and frees (more as batch shapes vary), this fraction of a forward pass's activations, fitted on the bench rows
+# (docs/benchmarks.md#memory-estimate); more with a frozen base (LoRA), whose backward pass allocates no weight
+# gradients to fill them. A GPU's max_memory_allocated counts live bytes only.
+HEAP_SLACK, HEAP_SLACK_FROZEN = 0.42, 0.76
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,32 @@ class Settings:
         return cls(micro_batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
                    checkpointing=t.gradient_checkpointing, loss_chunk=t.lm_loss_chunk_size, autocast=autocast,
                    shards=int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The largest micro-batch of the training data: length grouping puts the longest examples together (and without
+    it, a batch may hold them)."""
+
+    rows: int
+    tokens: int  # its length, padded
+    padded: bool = False  # its rows differ in length: the model gets an attention mask
+    labelled: int | None = None  # its tokens with a label (part of each example: a prompt has none); None: all
+
+    @classmethod
+    def of(cls, train, micro_batch: int) -> Batch:
+        """From a tokenized split with a `length` column (and `labels`, when the loss covers part of each example)."""
+        import numpy as np
+
+        lengths = np.asarray(train["length"])
+        longest = np.argsort(-lengths, kind="stable")[:micro_batch].tolist() if len(lengths) else []
+        top = lengths[longest] if longest else np.asarray([1])
+        labelled = None
+        if "labels" in getattr(train, "column_names", ()):
+            labels = train.select(longest)["labels"]
+            if all(isinstance(x, list) for x in labels):  # per token (a classifier's are one per example)
+                labelled = sum(sum(1 for t in x if t != -100) for x in labels)
+        return cls(rows=len(top), tokens=int(top.max()), padded=bool(top.min() != top.max()), labelled=labelled)
 
 
 @dataclass(frozen=True)
@@ -100,14 +131,15 @@ class Estimate:
     loss: float
     overhead: float
     step: float  # the training step's own peak above weights + optimizer states: activations + loss, or gradients
+    slack: float = 0.0  # the heap's room beyond its live bytes (HEAP_SLACK)
     tokens: tuple[int, int] = (0, 0)  # the micro-batch it was sized for: rows x tokens
     available: float | None = None  # what the process may use (set by measure() and check())
     settings: Settings | None = None
-    lengths: list[int] = field(default_factory=list, repr=False)
+    train: object = field(default=None, repr=False)  # the training split it was sized for
 
     @property
     def total(self) -> float:
-        return self.overhead + self.weights + self.optimizer + self.step
+        return self.overhead + self.weights + self.optimizer + self.step + self.slack
 
     def figures(self) -> dict:
         """metrics.json's entries: the estimate beside the measured peak_memory_mb, its parts, what was available."""
@@ -118,24 +150,26 @@ class Estimate:
     def breakdown(self) -> dict[str, float]:
         return {"weights": self.weights, "optimizer states": self.optimizer, "training step": self.step,
                 "activations": self.activations, "loss": self.loss, "gradients": self.gradients,
-                "libraries and data": self.overhead}
+                "heap slack": self.slack, "libraries and data": self.overhead}
 
     def describe(self) -> str:
         """The parts, in words: weights + optimizer states + the training step's peak + libraries and data = total."""
         inside = ", ".join(f"{name} {_gb(value)}" for name, value in (("activations", self.activations),
                                                                        ("loss", self.loss),
                                                                        ("gradients", self.gradients)) if value)
+        slack = f", heap slack {_gb(self.slack)}" if self.slack else ""
         return (f"weights {_gb(self.weights)}, optimizer states {_gb(self.optimizer)}, a training step "
-                f"{_gb(self.step)} ({inside}), libraries and data {_gb(self.overhead)}")
+                f"{_gb(self.step)} ({inside}){slack}, libraries and data {_gb(self.overhead)}")
 
 
-def estimate(model, settings: Settings, lengths: list[int], overhead: float = 0.0,
-             activations: Activations | None = None) -> Estimate:
-    """The run's peak in bytes: the model (weights, and what training adds), its longest micro-batch, plus `overhead`
-    (the process's memory besides the model). `activations`: a probe of this model already taken (see probe())."""
-    rows, tokens = longest_batch(lengths, settings.micro_batch)
+def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
+             activations: Activations | None = None, heap: bool = True) -> Estimate:
+    """The run's peak in bytes: the model (weights, and what training adds), its largest micro-batch, plus `overhead`
+    (the process's memory besides the model). `activations`: a probe of this model already taken (see probe());
+    `heap`: the memory is a process's heap (a CPU run), which keeps room beyond its live bytes (HEAP_SLACK)."""
+    rows, tokens = batch.rows, batch.tokens
     if activations is None:
-        activations = probe(model, padded=_padded(lengths, rows), autocast=settings.autocast)
+        activations = probe(model, padded=batch.padded, autocast=settings.autocast)
     weights = gradients = 0.0
     for p in _unique_tensors(model, parameters=True):
         weights += p.nbytes
@@ -145,24 +179,16 @@ def estimate(model, settings: Settings, lengths: list[int], overhead: float = 0.
     optimizer = ADAMW_STATES * gradients
     kept = activations.kept(rows, tokens, settings.checkpointing)
     recomputed = activations.recomputed(rows, tokens, settings.checkpointing)
-    loss, held = _loss_bytes(model, rows * tokens, settings.loss_chunk, settings.autocast)
+    labelled = rows * tokens if batch.labelled is None else batch.labelled
+    loss, held = _loss_bytes(model, labelled, settings.loss_chunk, settings.autocast)
     # the forward pass's end (its activations and the loss), the backward pass's start under checkpointing (the
     # top layer recomputed beside what the loss left for backward), or its end (every gradient; gradients grow as
     # activations are freed); the earlier micro-batches' gradients are held through each when they accumulate
     passes = max(kept + loss, kept + recomputed + held)
     step = gradients + passes if settings.accumulation > 1 else max(passes, gradients)
-    act = kept + recomputed
-    return Estimate(weights, gradients, optimizer, act, loss, overhead, step, (rows, tokens))
-
-
-def longest_batch(lengths: list[int], micro_batch: int) -> tuple[int, int]:
-    """The rows and padded tokens of the largest micro-batch: length grouping puts the longest examples together."""
-    lengths = list(lengths)
-    return min(micro_batch, max(1, len(lengths))), max(lengths, default=1)
-
-
-def _padded(lengths: list[int], rows: int) -> bool:
-    return rows > 1 and len(set(lengths)) > 1  # packed blocks of one length, or one row a batch, are never padded
+    slack = (HEAP_SLACK_FROZEN if gradients < weights / 2 else HEAP_SLACK) * activations.bytes(rows, tokens)
+    slack = slack if heap else 0.0
+    return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, step, slack, (rows, tokens))
 
 
 def probe(model, padded: bool = True, autocast: str | None = None) -> Activations:
@@ -351,31 +377,32 @@ def measure(cfg, model, features) -> Estimate:
 
 def _measure(cfg, model, features) -> tuple[Estimate, Activations]:
     settings = Settings.from_config(cfg)
-    lengths = list(features["train"]["length"])
-    rows, _ = longest_batch(lengths, settings.micro_batch)
-    activations = probe(model, padded=_padded(lengths, rows), autocast=settings.autocast)
+    batch = Batch.of(features["train"], settings.micro_batch)
+    activations = probe(model, padded=batch.padded, autocast=settings.autocast)
     used, available = _usage_and_available()
+    gpu = _gpu() is not None
     # what the process holds besides the model: on a GPU the engine has not moved the model there yet
-    resident = _weights_on_gpu(model) if _gpu() is not None else resident_weights(model)
-    found = estimate(model, settings, lengths, max(0.0, used - resident), activations)
-    found.available, found.settings, found.lengths = used + available, settings, lengths
+    resident = _weights_on_gpu(model) if gpu else resident_weights(model)
+    found = estimate(model, settings, batch, max(0.0, used - resident), activations, heap=not gpu)
+    found.available, found.settings, found.train = used + available, settings, features["train"]
     return found, activations
 
 
 def refusal(found: Estimate, cfg, model, activations: Activations) -> str:
     """The one line of a run that would not fit: the estimate, what is available, and the settings that lower it
     (with the estimate each gives where this model alone tells it)."""
-    settings, lengths = found.settings, found.lengths
+    settings, gpu = found.settings, _gpu() is not None
     rows, _ = found.tokens
     options = []
     if rows > 1:
         half = replace(settings, micro_batch=rows // 2, accumulation=settings.accumulation * 2)
-        lower = estimate(model, half, lengths, found.overhead, activations).total
+        lower = estimate(model, half, Batch.of(found.train, rows // 2), found.overhead, activations, not gpu).total
         options.append(f"trainer.per_device_train_batch_size={rows // 2} trainer.gradient_accumulation_steps="
                        f"{half.accumulation} ({_gb(lower)})")
     if not settings.checkpointing and activations.layers:
-        lower = estimate(model, replace(settings, checkpointing=True), lengths, found.overhead, activations).total
-        options.append(f"trainer.gradient_checkpointing=true ({_gb(lower)})")
+        batch = Batch.of(found.train, settings.micro_batch)
+        lower = estimate(model, replace(settings, checkpointing=True), batch, found.overhead, activations, not gpu)
+        options.append(f"trainer.gradient_checkpointing=true ({_gb(lower.total)})")
     if cfg.peft.method == "none":
         options.append("peft=lora (no gradients or optimizer states for the frozen weights)")
     if next(model.parameters()).dtype.itemsize > 2:
