@@ -27,8 +27,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from finetune import trials
-from finetune.trials import TRIAL_FILE
+from finetune.trials import LAUNCH_ENV, TRIAL_FILE, read as read_trial, this_launch
 
 # this launch's failed trial dirs when its sweep ended: set by the callback, read by the CLI
 failed_trials: list[str] = []
@@ -218,7 +217,7 @@ def build(sweep_dir: Path) -> Board | None:
 
 
 def _row(trial_dir: Path) -> dict:
-    record = trials.read(trial_dir)
+    record = read_trial(trial_dir)
     overrides = record.get("overrides")
     if overrides is None:  # killed before it wrote its record: Hydra's copy of the trial's overrides
         overrides = yaml.safe_load((trial_dir / ".hydra" / "overrides.yaml").read_text()) or []
@@ -318,7 +317,7 @@ class LeaderboardCallback(Callback):
     trials when it ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        os.environ[trials.LAUNCH_ENV] = trials.this_launch()
+        os.environ[LAUNCH_ENV] = this_launch()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -327,7 +326,7 @@ class LeaderboardCallback(Callback):
             return
         print(board.table(), flush=True)
         board.write(sweep_dir)
-        failed_trials[:] = [str(row["dir"]) for row in board.failed_in(trials.this_launch())]
+        failed_trials[:] = [str(row["dir"]) for row in board.failed_in(this_launch())]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from finetune import memory_estimate as me
+from finetune import memory_estimate as me, memory_probe as mp
 
 MB = 2**20
 
@@ -45,7 +45,7 @@ def measured_peak(model, batch: dict, checkpointing: bool = False, accumulation:
             return out
 
     if checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     model.train()
@@ -65,7 +65,7 @@ def measured_peak(model, batch: dict, checkpointing: bool = False, accumulation:
     with mode:
         step()
     states = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if v.dim())
-    weights = sum(t.nbytes for t in me._unique_tensors(model, None))
+    weights = sum(t.nbytes for t in mp.unique_tensors(model, None))
     return mode.peak - start + weights + states
 
 
@@ -114,15 +114,15 @@ def test_the_probe_scales_to_the_real_micro_batch():
     """What autograd keeps, counted at 2 x 16 and 2 x 32 tokens, scaled to 4 x 256 (padded) and 1 x 512: the same as
     counted on those batches themselves."""
     for model in (tiny_llama(), tiny_bert_classifier()):
-        layers = me.checkpoint_layers(model)
+        layers = mp.checkpoint_layers(model)
         assert len(layers) == 3
         for padded, rows, tokens in ((True, 4, 256), (False, 1, 512)):
-            probe = me.probe(model, padded=padded)
-            me.PROBE_ROWS, rows_before = rows, me.PROBE_ROWS
+            probe = mp.probe(model, padded=padded)
+            mp.PROBE_ROWS, rows_before = rows, mp.PROBE_ROWS
             try:
-                direct = me._saved_bytes(model, layers, tokens, padded, None)
+                direct = mp._saved_bytes(model, layers, tokens, padded, None)
             finally:
-                me.PROBE_ROWS = rows_before
+                mp.PROBE_ROWS = rows_before
             assert probe.bytes(rows, tokens) == pytest.approx(sum(direct["layers"]) + direct["other"], rel=0.01)
         with_ckpt = probe.bytes(4, 256, checkpointing=True)
         assert with_ckpt < probe.bytes(4, 256) / 2
@@ -176,8 +176,8 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_lowers_it(mo
     message = str(info.value)
     assert "\n" not in message
     size = r"([\d.]+ [MG]B)"
-    pattern = (rf"this run needs an estimated {size} of memory at its peak \(weights {size}, optimizer states {size}, a "
-               rf"training step {size} \(activations {size}, loss {size}, gradients {size}\), heap slack {size}, "
+    pattern = (rf"this run needs an estimated {size} of memory at its peak \(weights {size}, optimizer states {size}, "
+               rf"a training step {size} \(activations {size}, loss {size}, gradients {size}\), heap slack {size}, "
                rf"libraries and data {size}\) but {size} is "
                r"available; lower it with trainer.per_device_train_batch_size=2 trainer.gradient_accumulation_steps=16 "
                rf"\({size}\), trainer.gradient_checkpointing=true \({size}\), peft=lora \(no gradients or optimizer "
@@ -192,8 +192,9 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_lowers_it(mo
 def test_settings_come_from_the_config():
     from helpers import compose_cfg
 
-    cfg = compose_cfg("task=generation", "trainer.per_device_train_batch_size=3", "trainer.gradient_accumulation_steps=5",
-                      "trainer.gradient_checkpointing=true", "trainer.lm_loss_chunk_size=256")
+    cfg = compose_cfg("task=generation", "trainer.per_device_train_batch_size=3",
+                      "trainer.gradient_accumulation_steps=5", "trainer.gradient_checkpointing=true",
+                      "trainer.lm_loss_chunk_size=256")
     assert me.Settings.from_config(cfg) == me.Settings(micro_batch=3, accumulation=5, checkpointing=True,
                                                        loss_chunk=256, autocast=None, shards=1)
     from datasets import Dataset

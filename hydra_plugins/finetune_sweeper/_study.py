@@ -125,9 +125,10 @@ def storage_errors(url: str | None) -> Iterator[None]:
     except Exception as e:
         if _locked(e):
             raise FinetuneError(
-                f"the study's sqlite file {_sqlite_path(url)} stayed locked by other processes for {_SQLITE_TIMEOUT_S} s;"
-                " for many launches or trials writing at once use a server storage (hydra.sweeper.storage="
-                "postgresql://<user>:<password>@<host>/<database> or mysql+pymysql://...), or fewer at once") from e
+                f"the study's sqlite file {_sqlite_path(url)} stayed locked by other processes for "
+                f"{_SQLITE_TIMEOUT_S} s; for many launches or trials writing at once use a server storage "
+                "(hydra.sweeper.storage=postgresql://<user>:<password>@<host>/<database> or mysql+pymysql://...), "
+                "or fewer at once") from e
         raise
 
 
