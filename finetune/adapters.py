@@ -22,26 +22,19 @@ from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "lora")
-
-
 def base_model(model):
     """The transformers model inside a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def wrap(model, peft_cfg, task) -> Any:
-    """The model with LoRA adapters (and its head trainable), or unchanged for peft.method=none."""
-    if peft_cfg.method not in METHODS:
-        raise FinetuneError(f"unknown peft.method '{peft_cfg.method}': choose one of {', '.join(METHODS)}")
+    """The model with LoRA adapters (and its head trainable), or unchanged for peft.method=none (peft.* values are
+    checked by finetune/validate.py)."""
     if peft_cfg.method == "none":
         return model
     from peft import LoraConfig, get_peft_model
     from peft.utils import ModulesToSaveWrapper
 
-    if peft_cfg.r < 1 or peft_cfg.alpha <= 0 or not 0 <= peft_cfg.dropout < 1:
-        raise FinetuneError(f"peft.r must be >= 1, peft.alpha > 0 and 0 <= peft.dropout < 1 (got r={peft_cfg.r}, "
-                            f"alpha={peft_cfg.alpha}, dropout={peft_cfg.dropout})")
     targets = peft_cfg.target_modules
     targets = feed_forward_layers(model) if targets == "ffn" else targets if isinstance(targets, str) else list(targets)
     explicit = peft_cfg.modules_to_save is not None

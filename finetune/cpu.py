@@ -23,8 +23,8 @@ def tune(processes_here: int = 1) -> int:
 def keep_freed_memory() -> bool:
     """Keep freed blocks in the heap; returns False where the C library is not glibc (macOS, musl) and nothing changed."""
     # glibc gives each large activation buffer back to the kernel when torch frees it, and every step faults it in
-    # again, zeroed: ~250k page faults and ~8% of a 32 x 256 training step. jemalloc/tcmalloc via LD_PRELOAD would
-    # also fix it, but need a system package; mallopt needs nothing and is the same two settings for every step.
+    # again, zeroed, page by page: a step runs slower (docs/benchmarks.md#allocator). jemalloc/tcmalloc via LD_PRELOAD
+    # would also fix it, but need a system package; mallopt needs nothing and is the same two settings for every step.
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from finetune import cpu
 from finetune.errors import FinetuneError
@@ -66,7 +65,9 @@ def compose(record: dict[str, Any], overrides: list[str]):
     from omegaconf import OmegaConf
 
     from finetune.__main__ import rewrite_overrides
-    from finetune.config import CONFIG_DIR, register_configs
+    from finetune.compose import register_configs
+    from finetune.config import CONFIG_DIR
+    from finetune.tasks import task_config
 
     bad = [o for o in overrides if not o.startswith("data") or "=" not in o]
     if bad:
@@ -74,29 +75,17 @@ def compose(record: dict[str, Any], overrides: list[str]):
                             "task and its settings come from the exported model)")
     register_configs()
     overrides = rewrite_overrides(overrides)
-    choice = _task_option(record["task"]["name"])
+    trained = task_config(record["task"])  # (a name an earlier release saved is mapped to the task's)
     with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
-        cfg = hydra_compose("config", overrides=[f"task={choice}", *overrides])
+        cfg = hydra_compose("config", overrides=[f"task={trained.name}", *overrides])
     given = {o.partition("=")[0] for o in overrides}
-    for key, value in record["task"].items():
+    for key, value in OmegaConf.to_container(trained).items():
         if key in cfg.task:
             OmegaConf.update(cfg.task, key, value, merge=True)  # merged: nested settings (task.generation) too
     for key, value in record["data"].items():
         if f"data.{key}" not in given and key in cfg.data:
             cfg.data[key] = value
     return cfg
-
-
-def _task_option(name: str) -> str:
-    """The configs/task entry of a task name (its config schema and data columns)."""
-    from finetune.config import CONFIG_DIR, config_options
-
-    for option in config_options("task"):
-        if (yaml.safe_load((CONFIG_DIR / "task" / f"{option}.yaml").read_text()) or {}).get("task", {}).get(
-                "name") == name:
-            return option
-    raise FinetuneError(f"the exported model's task '{name}' has no config in configs/task; this finetune version "
-                        "cannot evaluate it")
 
 
 if __name__ == "__main__":

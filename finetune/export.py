@@ -23,20 +23,17 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune import adapters, assets, disk
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, VerificationError
 
 log = logging.getLogger(__name__)
-
-
-class VerificationError(RuntimeError):
-    """The exported pipeline does not reproduce the trainer's score: the export is not trustworthy."""
 
 
 def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}-*"):  # what a killed export left: never taken as an export
         shutil.rmtree(stale, ignore_errors=True)
-    needed, fix = _weight_bytes(model), _retry_hint(target.parent)
+    # the command line adds the resume=... hint when the run has checkpoints
+    needed, fix = _weight_bytes(model), "free some space there"
     disk.check_room(target.parent, needed, "the exported model", fix)
     tmp = None
     try:
@@ -81,14 +78,6 @@ def _weight_bytes(model) -> int:
             seen.add(key)
             total += t.nbytes
     return total
-
-
-def _retry_hint(run_dir: Path) -> str:
-    from finetune.engines import CHECKPOINTS
-
-    if (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir()):
-        return f"free some space, then run the same command with resume={run_dir} (its checkpoints are intact)"
-    return "free some space and run again"
 
 
 def _record_task(model_dir: Path, task, cfg) -> None:
@@ -208,22 +197,10 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 ## Training
 
 - engine: {hp.engine}, epochs: {hp.num_train_epochs}, learning rate: {hp.learning_rate}, batch size: {hp.per_device_train_batch_size}, seed: {cfg.seed}
+- optimizer: {_optimizer(cfg)}
 - max sequence length: {task.max_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
 {adapters.card_section(cfg, task, base)}{task.card_section()}"""
     return ModelCard(content)
-
-
-def check_card_names(cfg) -> None:
-    """data.dataset_name and model.base_model go on the model card as Hub ids: a bad one fails now, not at export."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    for key, value in (("data.dataset_name", cfg.data.dataset_name), ("model.base_model", cfg.model.base_model)):
-        try:
-            if value:
-                validate_repo_id(str(value))
-        except HFValidationError as e:
-            raise FinetuneError(f"{key}='{value}' is not a Hub id, which the model card needs ({e}); use a name "
-                                "of letters, digits, '-', '_' and '.' (or <owner>/<name>), or leave it unset") from e
 
 
 def check_card(card) -> None:
@@ -241,6 +218,18 @@ def check_card(card) -> None:
         raise ValueError(f"the model card's metadata would be rejected by the Hub: {e}") from e
     if data.to_dict() != card.data.to_dict():
         raise ValueError("the model card's metadata does not read back as written")
+
+
+def _optimizer(cfg) -> str:
+    """The model card's line about trainer.optim (finetune/optim.py)."""
+    t = cfg.trainer
+    args = OmegaConf.to_container(t.optim_args) if OmegaConf.is_config(t.optim_args) else dict(t.optim_args)
+    parts = [t.optim + (f" ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")]
+    if cfg.model.dtype == "bfloat16" and cfg.peft.method == "none":
+        parts.append("bfloat16 weights rounded stochastically")
+    if t.optimizer_in_backward:
+        parts.append("step inside the backward pass")
+    return ", ".join(parts)
 
 
 def _as_list(value: Any) -> list:

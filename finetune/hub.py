@@ -36,33 +36,6 @@ logging.getLogger("httpx2").setLevel(logging.WARNING)  # huggingface_hub's HTTP 
 RUN_FILES = ("metrics.json", "learning_curve.png")  # pushed beside the model's files
 
 
-def check(hub_cfg) -> None:
-    """What would make the push fail whatever the training does, checked before it starts."""
-    if not hub_cfg.push:
-        return
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not hub_cfg.repo_id:
-        raise FinetuneError("hub=push needs a repository: set hub.repo_id=<namespace>/<name>")
-    try:
-        validate_repo_id(hub_cfg.repo_id)
-    except HFValidationError as e:
-        raise FinetuneError(f"hub.repo_id '{hub_cfg.repo_id}' is not a valid Hub repository id ({e}); "
-                            "use <namespace>/<name> with letters, digits, '-', '_' and '.'") from e
-    if "/" not in hub_cfg.repo_id:
-        raise FinetuneError(f"hub.repo_id '{hub_cfg.repo_id}' has no namespace; use <your user or org>/"
-                            f"{hub_cfg.repo_id}")
-    if hub_cfg.dry_run:
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise FinetuneError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, or run without hub=push and "
-                            "push the finished run later with python -m finetune.push <run dir> --repo-id ...")
-    if get_token() is None:
-        raise FinetuneError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login` (a token with "
-                            "write access), or add hub.dry_run=true to only list what would be pushed")
-
-
 def files(run_dir: Path) -> list[tuple[str, Path]]:
     """(path in the repo, local file) of everything a push uploads."""
     model = run_dir / "model"
@@ -74,8 +47,8 @@ def files(run_dir: Path) -> list[tuple[str, Path]]:
 
 
 def push(run_dir: Path, hub_cfg) -> dict[str, str]:
-    """Push the run (or with hub.dry_run list what would be pushed); returns what it recorded in metrics.json."""
-    check(hub_cfg)
+    """Push the run (or with hub.dry_run list what would be pushed; validate.hub checked hub_cfg); returns what it
+    recorded in metrics.json."""
     run_dir = Path(run_dir)
     listing = files(run_dir)
     repo, revision = hub_cfg.repo_id, hub_cfg.revision

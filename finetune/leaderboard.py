@@ -27,10 +27,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from finetune.trials import LAUNCH_ENV, TRIAL_FILE, read as read_trial, this_launch
+from finetune.report import write_text
+from finetune.trials import LAUNCH_ENV, TRIAL_FILE, this_launch
+from finetune.trials import read as read_trial
 
-# this launch's failed trial dirs when its sweep ended: set by the callback, read by the CLI
-failed_trials: list[str] = []
+failed_trials: list[str] = []  # this launch's failed trial dirs when its sweep ended: set by the callback, read by the CLI
 
 
 @dataclass
@@ -117,8 +118,8 @@ class Board:
     def write(self, sweep_dir: Path | None = None) -> None:
         sweep_dir = sweep_dir or self.sweep_dir
         self.plot(sweep_dir / "leaderboard.png")
-        _write_text(sweep_dir / "leaderboard.md", self.markdown())
-        _write_text(sweep_dir / "leaderboard.csv", self.csv())
+        write_text(sweep_dir / "leaderboard.md", self.markdown())
+        write_text(sweep_dir / "leaderboard.csv", self.csv())
         link = sweep_dir / "best"
         best = self.best
         if best and (best["dir"] / "model").is_dir():
@@ -304,12 +305,6 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
     return str(value)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class LeaderboardCallback(Callback):

@@ -83,7 +83,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable, targets: torch.T
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Forward computes the gradients too (the loss is the last step before backward, so they are only scaled there):
-    torch.utils.checkpoint would free a chunk's logits the same way but compute them twice (+7% of a SmolLM2 step)."""
+    torch.utils.checkpoint would free a chunk's logits the same way but compute them twice (one more output-layer
+    matmul a chunk: docs/benchmarks.md#chunked-loss)."""
 
     @staticmethod
     def forward(ctx, hidden, targets, head, chunk_size, label_smoothing, *params):
@@ -132,12 +133,40 @@ def _loss(hidden, head, head_fn, labels, shift: int, chunk_size: int, label_smoo
     return LMLossOutput(loss=loss, token_nll=token_nll, token_top1=token_top1)
 
 
+def token_cross_entropy(logits, labels, label_smoothing: float, shift: int, num_items) -> torch.Tensor:
+    """The label-smoothed token cross-entropy from a model's own logits (-100: no label), summed and divided by
+    num_items; shift 1: a causal LM's position t predicts token t + 1."""
+    logits, labels = logits[:, : logits.shape[1] - shift], labels[:, shift:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum", label_smoothing=label_smoothing) / num_items
+
+
 def token_outputs(outputs: Any, labels: Any) -> tuple[Any, Any] | None:
     """(token_nll, token_top1) when an evaluation's outputs came from the chunked loss, None when they are logits
     (what the engines pass to a task's preprocess_logits: the outputs other than the loss, bare when only one)."""
     if isinstance(outputs, tuple) and len(outputs) == 2 and labels is not None and outputs[0].shape == labels.shape:
         return outputs
     return None
+
+
+def lm_sums(outputs, labels, shift: int):
+    """Per example of an evaluated batch: the summed NLL of its labels and their number, as [rows, 2], from the
+    chunked loss's per-token NLL (finetune/lm_loss.py) or, when the model computed its own loss, from its logits
+    (shift: labels are predicted from the position before)."""
+    tokens = token_outputs(outputs, labels)
+    if tokens is not None:
+        nll, top1 = tokens
+        return torch.stack([nll.sum(1), (top1 != -100).sum(1).float()], dim=1)
+    return nll_sums(outputs[0] if isinstance(outputs, tuple) else outputs, labels[:, shift:])
+
+
+def nll_sums(logits, targets):
+    """Per row of targets (-100: no target): the summed NLL of its targets and their number, as [rows, 2]. Only the
+    target positions' logits are scored: a prompt or padding is most of a batch's vocabulary x tokens logits."""
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    nll = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")
+    sums = torch.zeros(len(targets), dtype=torch.float32, device=nll.device).index_add_(0, rows, nll)
+    return torch.stack([sums, torch.bincount(rows, minlength=len(targets)).float()], dim=1)
 
 
 class _HeadReached(Exception):

@@ -1,5 +1,6 @@
-"""The one line a model load leaves in the run's log: the task's head, new by design, at info level; as a warning
-when anything else was missing from the checkpoint or held there in another shape.
+"""Loading a checkpoint with the run's model settings (revision, remote code, dropouts, offline cache), and the one
+line a load leaves in the run's log: the task's head, new by design, at info level; as a warning when anything else
+was missing from the checkpoint or held there in another shape.
 
 transformers logs its own load report (a table with terminal colour codes) as a warning of the
 `transformers.modeling_utils` logger; the same facts come back from `from_pretrained(output_loading_info=True)`,
@@ -10,7 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from finetune import sources
+
+if TYPE_CHECKING:
+    from finetune.config import ModelConfig
 
 log = logging.getLogger("finetune.load")
 _REPORTER = "transformers.modeling_utils"  # where transformers' log_state_dict_report writes
@@ -66,3 +72,71 @@ def report(model: Any, info: dict[str, Any], head: str | None, labels: int | Non
     level, line = describe(model, info, head, labels)
     if line:
         log.log(level, line)
+
+
+def position_limit(model: Any) -> int | None:
+    """The longest input the model's learned absolute position embeddings cover; None when its positions are
+    relative or rotary (DeBERTa-v2, T5, Llama: no table to run past). RoBERTa-style tables start after the
+    padding index, BART-style ones after an offset."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe",
+                                                                            "embed_positions"):
+            start = getattr(module, "offset", 0) + (module.padding_idx + 1 if module.padding_idx is not None else 0)
+            return module.num_embeddings - start
+    return None
+
+
+def load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> Any:
+    """auto_cls.from_pretrained(path) with model.revision, model.trust_remote_code and the dropouts (models only); a
+    Hub id that cannot be reached loads from the cache or fails in one line."""
+    name = str(model_cfg.name_or_path)
+    offline = sources.hub_offline(name, path)
+    if offline:
+        kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
+    if hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
+        kwargs.update(dropouts(path, model_cfg, kwargs.get("local_files_only", False)))
+    try:
+        return auto_cls.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise sources.model_error(name, first, offline) from e
+
+
+def load_pretrained(auto_cls: Any, path: str, model_cfg: ModelConfig, head: str | None, **kwargs: Any) -> tuple:
+    """(model, loading info) from_pretrained, its load told in one plain line."""
+    with quiet_load_report():
+        model, info = load(auto_cls, path, model_cfg, output_loading_info=True, **kwargs)
+    report(model, info, head, kwargs.get("num_labels"))
+    return model, info
+
+
+# the names checkpoints give their dropouts. Attention probabilities: BERT-likes, BART/Llama-likes, GPT-2. Hidden
+# states: BERT-likes, BART-likes/DistilBERT, GPT-2 (residual and embeddings), T5, BLOOM/Falcon
+DROPOUT_KEYS = {
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"),
+    "hidden_dropout": ("hidden_dropout_prob", "dropout", "resid_pdrop", "embd_pdrop", "dropout_rate", "hidden_dropout"),
+}
+
+
+def dropouts(path: str, model_cfg: ModelConfig, local_files_only: bool = False) -> dict[str, float]:
+    """model.attention_dropout and model.hidden_dropout as the config keys of the checkpoint at `path`
+    (from_pretrained's keyword arguments); {} when both are null (the checkpoint's own)."""
+    from transformers import AutoConfig
+
+    wanted = {name: getattr(model_cfg, name) for name in DROPOUT_KEYS if getattr(model_cfg, name) is not None}
+    if not wanted:
+        return {}
+    config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                                        local_files_only=local_files_only)
+    kwargs = {}
+    for name, p in wanted.items():
+        keys = [k for k in DROPOUT_KEYS[name] if hasattr(config, k)]
+        if not keys:  # a warning, not an error: a task's default (task=qa) must not stop a model without the setting
+            log.warning("model.%s=%s is not applied: model '%s' (%s) has no %s setting", name, p,
+                        model_cfg.name_or_path, config.model_type, name.replace("_", " "))
+        kwargs.update({k: float(p) for k in keys})
+    return kwargs

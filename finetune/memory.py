@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import resource
 
-from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
@@ -22,31 +21,27 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MB = 2**20
 
 
-def check_dtype(name: str) -> None:
-    if name not in DTYPES:
-        raise FinetuneError(f"model.dtype must be one of {', '.join(DTYPES)} (got '{name}')")
-
-
 def model_dtype(cfg) -> str:
-    """The dtype the weights are loaded in. auto: float32, except a LoRA base on a GPU with bf16, which is frozen
-    and loaded in bfloat16 (the adapters stay float32: peft's autocast_adapter_dtype). Full fine-tuning in a 16-bit
-    dtype, asked for explicitly, trains the weights, gradients and optimizer states in that dtype (warned)."""
+    """The dtype the weights are loaded in (model.dtype, checked by finetune/validate.py). auto: float32, except a LoRA
+    base on a GPU with bf16, which is frozen and loaded in bfloat16 (the adapters stay float32: peft's
+    autocast_adapter_dtype). Full fine-tuning in a 16-bit dtype, asked for explicitly, trains the weights, gradients
+    and optimizer states in that dtype (warned)."""
     import torch
 
-    check_dtype(cfg.model.dtype)
     name = cfg.model.dtype
-    if name == "float16" and cfg.peft.method == "none" and cfg.trainer.mixed_precision == "fp16":
-        raise FinetuneError("trainer.mixed_precision=fp16 scales float32 master weights' gradients: with full "
-                            "fine-tuning use model.dtype=auto (float32), or trainer.mixed_precision=no for pure fp16")
     if name == "auto":
-        # not on a CPU: with AVX512-BF16 a LoRA step on a bf16 base ran 1.4x faster there, but CPUs without it
-        # emulate bf16 (not measured): docs/memory.md#dtype
+        # not on a CPU: with AVX512-BF16 a LoRA step on a bf16 base ran faster (docs/benchmarks.md#lora-bf16), but
+        # CPUs without it emulate bf16 (not measured): docs/memory.md#dtype
         gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         name = "bfloat16" if cfg.peft.method == "lora" and gpu_bf16 else "float32"
     elif name != "float32" and cfg.peft.method == "none":
-        log.warning("model.dtype=%s with full fine-tuning trains in pure %s: no float32 master weights, so updates "
-                    "below its precision are lost; model.dtype=float32 (with trainer.mixed_precision on a GPU) keeps "
-                    "them", name, name)
+        if name == "bfloat16":  # (finetune/optim.py)
+            log.info("model.dtype=bfloat16 with full fine-tuning: the weights step in float32 and are rounded back to "
+                     "bfloat16 stochastically, so updates below its precision survive on average")
+        else:
+            log.warning("model.dtype=%s with full fine-tuning trains in pure %s: no float32 master weights, so updates "
+                        "below its precision are lost; model.dtype=float32 (with trainer.mixed_precision on a GPU) "
+                        "or bfloat16 (rounded stochastically) keeps them", name, name)
     return name
 
 

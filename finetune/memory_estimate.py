@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.memory_probe import Activations, probe, unique_tensors
@@ -31,7 +32,9 @@ from finetune.memory_probe import Activations, probe, unique_tensors
 log = logging.getLogger(__name__)
 
 MB, GB = 2**20, 2**30
-ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size and dtype of its parameter
+# bytes of optimizer state a trained parameter's value keeps (finetune/optim.py; states in float32, also for a
+# bfloat16 weight); adafactor keeps a row and a column a matrix (_optimizer_bytes)
+STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
 # a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
 # and frees (more as batch shapes vary), this fraction of a forward pass's activations, fitted on the bench rows
 # (docs/benchmarks.md#memory-estimate); more with a frozen base (LoRA), whose backward pass allocates no weight
@@ -49,6 +52,8 @@ class Settings:
     loss_chunk: int = 512  # tokens a chunk of a vocabulary head's loss; 0: the whole logits
     autocast: str | None = None  # the dtype activations are computed in under mixed precision (GPU), else None
     shards: int = 1  # processes a sharded model (FSDP, DeepSpeed ZeRO-3) is split over
+    optim: str = "adamw"  # trainer.optim
+    in_backward: bool = False  # trainer.optimizer_in_backward: each gradient is freed as its weight steps
 
     @classmethod
     def from_config(cls, cfg) -> Settings:
@@ -63,7 +68,8 @@ class Settings:
             os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
         return cls(micro_batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
                    checkpointing=t.gradient_checkpointing, loss_chunk=t.lm_loss_chunk_size, autocast=autocast,
-                   shards=int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1)
+                   shards=int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1, optim=t.optim,
+                   in_backward=t.optimizer_in_backward)
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,12 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     rows, tokens = batch.rows, batch.tokens
     if activations is None:
         activations = probe(model, padded=batch.padded, autocast=settings.autocast)
-    weights = gradients = 0.0
-    for p in unique_tensors(model, parameters=True):
-        weights += p.nbytes
-        gradients += p.nbytes if p.requires_grad else 0
-    weights += sum(b.nbytes for b in unique_tensors(model, parameters=False))
-    weights, gradients = weights / settings.shards, gradients / settings.shards
-    optimizer = ADAMW_STATES * gradients
+    trained = [p for p in unique_tensors(model, parameters=True) if p.requires_grad]
+    weights = sum(p.nbytes for p in unique_tensors(model, parameters=None)) / settings.shards
+    trainable = sum(p.nbytes for p in trained) / settings.shards
+    optimizer = _optimizer_bytes(trained, settings.optim) / settings.shards
+    # stepped inside backward, a weight's gradient is freed as soon as it is complete: one is held at a time
+    gradients = max((p.nbytes for p in trained), default=0) if settings.in_backward else trainable
     kept = activations.kept(rows, tokens, settings.checkpointing)
     recomputed = activations.recomputed(rows, tokens, settings.checkpointing)
     labelled = rows * tokens if batch.labelled is None else batch.labelled
@@ -158,9 +163,15 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     # activations are freed); the earlier micro-batches' gradients are held through each when they accumulate
     passes = max(kept + loss, kept + recomputed + held)
     step = gradients + passes if settings.accumulation > 1 else max(passes, gradients)
-    slack = (HEAP_SLACK_FROZEN if gradients < weights / 2 else HEAP_SLACK) * activations.bytes(rows, tokens)
+    slack = (HEAP_SLACK_FROZEN if trainable < weights / 2 else HEAP_SLACK) * activations.bytes(rows, tokens)
     slack = slack if heap else 0.0
     return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, step, slack, (rows, tokens))
+
+
+def _optimizer_bytes(trained, optim: str) -> float:
+    if optim == "adafactor":  # factored second moments: a row and a column of each matrix, a vector's own size
+        return float(sum(4 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in trained))
+    return float(STATE_BYTES.get(optim, 8) * sum(p.numel() for p in trained))
 
 
 def _loss_bytes(model, tokens: int, chunk: int, autocast: str | None) -> tuple[float, float]:
@@ -313,8 +324,8 @@ def _cgroup_room() -> float | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        current = int(open("/sys/fs/cgroup/memory.current").read())
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
     except (OSError, ValueError):
         return None
     return None if limit == "max" else max(0.0, float(int(limit) - current))

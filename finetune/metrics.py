@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -124,3 +126,10 @@ def masked_lm_metrics(labels: np.ndarray, top1: np.ndarray, nll: np.ndarray) -> 
         return {"accuracy": 0.0, "perplexity": float("nan"), "masked_tokens": 0}
     return {"accuracy": float((top1[masked] == labels[masked]).mean()),
             "perplexity": float(np.exp(nll[masked].astype(np.float64).mean())), "masked_tokens": n}
+
+
+def perplexity(sums: np.ndarray) -> dict[str, float]:
+    """Perplexity, mean NLL and token count from per-example [summed NLL, tokens] rows (lm_loss.lm_sums)."""
+    nll, tokens = float(sums[:, 0].sum()), float(sums[:, 1].sum())
+    mean = nll / max(tokens, 1.0)
+    return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "num_tokens": int(tokens)}

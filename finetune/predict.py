@@ -65,14 +65,13 @@ def main(argv: list[str] | None = None) -> None:
 def _task_of(model: str | None):
     if model is None:
         return None, None, None  # --help, or argparse reports the missing model
-    from omegaconf import OmegaConf
 
     from finetune.export import model_dir_of, read_record
     from finetune.tasks import get_task
 
     model_dir = model_dir_of(model)
     record = read_record(model_dir)
-    return get_task(OmegaConf.create(record["task"])), model_dir, record["data"]
+    return get_task(record["task"]), model_dir, record["data"]
 
 
 def predict(task, model_dir: Path, path: Path, columns: dict[str, str], output: Path,

@@ -31,9 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = HubConfig(push=True, repo_id=args.repo_id, private=args.private, revision=args.revision,
                     commit_message=args.commit_message, dry_run=args.dry_run)
+    from finetune import validate
     from finetune.hub import push
 
     try:
+        validate.hub(cfg)
         push(args.run_dir, cfg)
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,16 +25,16 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import trials
+from finetune import trials, validate
+from finetune.engines import CHECKPOINTS
 from finetune.errors import FinetuneError
+from finetune.tasks import task_class
 
 log = logging.getLogger("finetune")
 
 
 def direction(task_name: str) -> str:
     """Whether a sweeper maximizes or minimizes the task's main metric (accuracy: maximize, perplexity: minimize)."""
-    from finetune.tasks import task_class
-
     return "maximize" if task_class(task_name).greater_is_better else "minimize"
 
 
@@ -46,9 +46,7 @@ OmegaConf.register_new_resolver("task_direction", direction, replace=True)
 def run_trial(cfg: DictConfig, run_dir: Path):
     """Run one trial and return its objective, None when it failed, or the optuna.TrialPruned that stopped it
     (recorded in <run_dir>/trial.json)."""
-    from finetune.engines import CHECKPOINTS
-    from finetune.run import run
-    from finetune.tasks import task_class
+    from finetune.run import run  # (the training libraries: imported when a trial runs, not to resolve a config)
 
     hydra = HydraConfig.get()
     record: dict = {"trial": hydra.job.num, "status": "running", "overrides": list(hydra.overrides.task),
@@ -61,6 +59,7 @@ def run_trial(cfg: DictConfig, run_dir: Path):
         task = task_class(cfg.task.name)
         record.update(objective=f"validation_{task.main_metric}", direction=direction(cfg.task.name))
         _check_sweeper_direction(hydra.sweeper, record["direction"], record["objective"])
+        validate.config(cfg)
         reporter = Reporter.for_job(hydra)
         metrics = run(cfg, run_dir, on_evaluate=reporter)
         value = metrics.get(record["objective"])

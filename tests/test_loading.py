@@ -12,8 +12,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import compose_cfg, engine_for
-from test_generation import build_tiny_lm
+from helpers.cli import compose_cfg, engine_for
+from helpers.models import build_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,10 +87,10 @@ def tied_llama(tmp_path_factory):
 @pytest.mark.parametrize("best", [2, 4])
 def test_best_checkpoint_of_a_tied_model_restores_without_missing_keys(engine, best, tied_llama, tmp_path, logs,
                                                                         monkeypatch):
-    from finetune.tasks.causal_lm import CausalLMTask
+    from finetune.tasks.generation import GenerationTask
 
     # perplexity falls over these 4 steps: counting a higher one as better makes step 2's checkpoint the best
-    monkeypatch.setattr(CausalLMTask, "greater_is_better", best == 2)
+    monkeypatch.setattr(GenerationTask, "greater_is_better", best == 2)
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(["to", "be", "or", "not", "that", "is", "the", "question"][i % 8:]) * 3
                               for i in range(40)))

@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from finetune import memory_estimate as me, memory_probe as mp
+from finetune import memory_estimate as me
+from finetune import memory_probe as mp
 
 MB = 2**20
 
@@ -160,8 +161,9 @@ def test_the_estimate_is_within_10_percent_of_the_live_peak(name, rows, tokens, 
 
 
 def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_lowers_it(monkeypatch):
+    from helpers.cli import compose_cfg
+
     from finetune.errors import FinetuneError
-    from helpers import compose_cfg
 
     model = tiny_llama()
     cfg = compose_cfg("task=generation", "trainer.per_device_train_batch_size=4")  # (8 micro-batches a step)
@@ -190,7 +192,7 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_lowers_it(mo
 
 
 def test_settings_come_from_the_config():
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     cfg = compose_cfg("task=generation", "trainer.per_device_train_batch_size=3",
                       "trainer.gradient_accumulation_steps=5", "trainer.gradient_checkpointing=true",
@@ -207,7 +209,7 @@ def test_settings_come_from_the_config():
 
 
 def test_a_model_the_probe_cannot_run_is_not_checked_and_says_so(caplog):
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     model = tiny_llama()
 
@@ -218,3 +220,37 @@ def test_a_model_the_probe_cannot_run_is_not_checked_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="finetune.memory_estimate"):
         assert me.check(compose_cfg("task=generation"), model, {"train": {"length": [64]}}) is None
     assert "memory check skipped: probing LlamaForCausalLM failed (TypeError: forward() missing" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_command_line_refuses_a_run_that_does_not_fit_before_writing_anything(tiny_bert, sentiment_csv, tmp_path,
+                                                                                  monkeypatch, capfd):
+    from helpers.cli import TINY_TRAINER, cli_main
+
+    monkeypatch.setattr(me, "_usage_and_available", lambda: (200 * MB, 0.0))  # no room beyond what it holds
+    args = ["task=sentiment", f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review",
+            "data.label_column=sentiment", *TINY_TRAINER]
+    code, _, err = cli_main(args, tmp_path, monkeypatch, capfd)
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err
+    assert line.startswith("error: this run needs an estimated ") and " but 200 MB is available; lower it with " in line
+    assert line.endswith("or skip this check with trainer.memory_check=false")
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()]  # nothing written
+
+
+def test_memory_check_false_skips_it(tiny_bert, sentiment_csv, monkeypatch):
+    from helpers.cli import prepared
+
+    from finetune import validate
+    from finetune.errors import FinetuneError
+
+    data = [f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review", "data.label_column=sentiment"]
+    cfg, _, _, features, model = prepared("task=sentiment", *data)
+    assert set(validate.training(cfg, model, features)) == {"memory_estimate_mb", "memory_estimate_parts_mb",
+                                                            "memory_available_mb"}
+    monkeypatch.setattr(me, "_usage_and_available", lambda: (200 * MB, 1 * MB))
+    with pytest.raises(FinetuneError, match="^this run needs an estimated "):
+        validate.training(cfg, model, features)
+    cfg, _, _, features, model = prepared("task=sentiment", *data, "trainer.memory_check=false")
+    assert validate.training(cfg, model, features) == {}

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from conftest import run_cli
-from test_tracking import scalars
-from test_sweeps import TINY, _fake_trial, _trial, _trial_cfg, work  # noqa: F401  (work: the module's data fixture)
+from helpers.data import scalars
+from helpers.processes import run_cli
+from helpers.processes import REPO
+from helpers.sweeps import TINY, fake_trial, run_sweeper, trial_config, trial_record
 
 
 # --- the search space -------------------------------------------------------------------------------------
@@ -59,48 +60,11 @@ def test_fixed_overrides_pass_through_and_bad_forms_are_one_line_errors():
 
 
 # --- the sweeper's loop, with a stand-in launcher (no training) ---------------------------------------------
-class FakeLauncher:
-    """Runs each job as outcome(its overrides as a dict): a value, None (the trial failed and said so), an
-    optuna.TrialPruned (returned, as a pruned trial does), or an exception it raises (Hydra marks the job FAILED)."""
-
-    def __init__(self, outcome, numbered=False):
-        self.outcome, self.numbered, self.calls = outcome, numbered, []
-
-    def launch(self, job_overrides, initial_job_idx):
-        from hydra.core.utils import JobReturn, JobStatus
-
-        self.calls.append((initial_job_idx, [list(o) for o in job_overrides]))
-        returns = []
-        for number, overrides in enumerate(job_overrides, initial_job_idx):
-            try:
-                params = dict(o.split("=", 1) for o in overrides)
-                value = self.outcome(params, number) if self.numbered else self.outcome(params)
-                returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value=value))
-            except Exception as e:
-                returns.append(JobReturn(status=JobStatus.FAILED, _return_value=e))
-        return returns
-
-
-def _sweep(tmp_path, outcome, arguments=(), numbered=False, **settings):
-    """The sweeper on the study in tmp_path/sweep/optuna.db, its jobs run by outcome(params[, job number])."""
-    from omegaconf import OmegaConf
-
-    from hydra_plugins.finetune_sweeper import FinetuneOptunaConf, FinetuneOptunaSweeper
-
-    cfg = OmegaConf.merge(OmegaConf.structured(FinetuneOptunaConf), {
-        "storage": f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}", "n_trials": 4, "n_jobs": 2,
-        "sampler": {"seed": 0}, "params": {"x": "interval(0.0, 1.0)", "seed": 3}, **settings})
-    sweeper = FinetuneOptunaSweeper(**{k: v for k, v in cfg.items() if k != "_target_"})
-    sweeper.launcher = FakeLauncher(outcome, numbered)
-    sweeper.sweep(list(arguments))
-    return sweeper.launcher.calls
-
-
 def test_the_sweeper_asks_in_batches_tells_each_outcome_and_counts_the_whole_study(tmp_path):
     import optuna
 
     results = iter([0.5, None, optuna.TrialPruned(), 0.75])
-    calls = _sweep(tmp_path, lambda params: next(results), arguments=["peft=lora", "n=1,2"])
+    calls = run_sweeper(tmp_path, lambda params: next(results), arguments=["peft=lora", "n=1,2"])
     assert [(first, len(batch)) for first, batch in calls] == [(0, 2), (2, 2)]  # job numbers = trial numbers
     overrides = calls[0][1][0]
     assert overrides[:2] == [o for o in overrides if o.split("=")[0] in ("x", "n")]  # the sampled ones first
@@ -112,20 +76,20 @@ def test_the_sweeper_asks_in_batches_tells_each_outcome_and_counts_the_whole_stu
     # a killed launch left trial 4 running: marked failed, and replaced: n_trials counts the study's finished trials
     study.ask()
     results = iter([0.1, 0.2])
-    calls = _sweep(tmp_path, lambda params: next(results), n_trials=6)
+    calls = run_sweeper(tmp_path, lambda params: next(results), n_trials=6)
     assert [(first, len(batch)) for first, batch in calls] == [(5, 2)]  # numbered on after the study's trials
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
     assert [t.state.name for t in study.trials][4:] == ["FAIL", "COMPLETE", "COMPLETE"]
-    assert _sweep(tmp_path, lambda params: pytest.fail("the study is complete"), n_trials=6) == []
+    assert run_sweeper(tmp_path, lambda params: pytest.fail("the study is complete"), n_trials=6) == []
 
 
 def test_the_search_stops_past_its_failure_rate(tmp_path):
     def crash(params):
         raise RuntimeError("the job crashed")
 
-    calls = _sweep(tmp_path, crash, n_trials=6, max_failure_rate=0.5)
+    calls = run_sweeper(tmp_path, crash, n_trials=6, max_failure_rate=0.5)
     assert len(calls) == 1  # 2 of 2 failed (> 0.5): no second batch
-    calls = _sweep(tmp_path / "again", crash, n_trials=6)  # max_failure_rate=1.0: every trial runs
+    calls = run_sweeper(tmp_path / "again", crash, n_trials=6)  # max_failure_rate=1.0: every trial runs
     assert [len(batch) for _, batch in calls] == [2, 2, 2]
 
 
@@ -135,7 +99,7 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from finetune import trials
-from test_optuna import _sweep
+from helpers.sweeps import run_sweeper
 
 sweep = Path({sweep!r})
 
@@ -151,7 +115,7 @@ def job(params, number):  # a trial: it writes its record in its directory, as f
 (sweep / f"ready-{{sys.argv[1]}}").touch()  # imported: both start asking at the same moment
 while not (sweep / "go").exists():
     time.sleep(0.01)
-_sweep(sweep.parent, job, n_trials=10, n_jobs=2, numbered=True)
+run_sweeper(sweep.parent, job, n_trials=10, n_jobs=2, numbered=True)
 """
 
 
@@ -164,7 +128,6 @@ def test_two_launches_continue_one_study_at_once(tmp_path):
 
     import optuna
 
-    from conftest import REPO
     from finetune.leaderboard import build
 
     sweep = tmp_path / "sweep"
@@ -199,7 +162,7 @@ def test_a_killed_launchs_running_trial_is_failed_a_live_ones_left_to_it(tmp_pat
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="search", storage=storage)
-    live, dead, unknown, elsewhere = (study.ask() for _ in range(4))
+    live, dead, _unknown, elsewhere = (study.ask() for _ in range(4))
     live.set_user_attr(_study.OWNER, f"{socket.gethostname()}:{os.getpid()}")
     dead.set_user_attr(_study.OWNER, f"{socket.gethostname()}:{_dead_pid()}")
     elsewhere.set_user_attr(_study.OWNER, "another-host:1")
@@ -226,13 +189,13 @@ def test_sqlite_locked_past_the_wait_is_one_line_and_a_shorter_lock_is_waited_ou
     from hydra_plugins.finetune_sweeper import _study
 
     db = tmp_path / "sweep" / "optuna.db"
-    _sweep(tmp_path, lambda params: 0.5, n_trials=2)  # the study exists
+    run_sweeper(tmp_path, lambda params: 0.5, n_trials=2)  # the study exists
     monkeypatch.setattr(_study, "_SQLITE_TIMEOUT_S", 1)
     holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")  # another process writing, and not letting go
     try:
         with pytest.raises(FinetuneError) as info:
-            _sweep(tmp_path, lambda params: 0.5, n_trials=4)
+            run_sweeper(tmp_path, lambda params: 0.5, n_trials=4)
     finally:
         holder.execute("ROLLBACK")
     assert str(info.value) == (
@@ -242,7 +205,7 @@ def test_sqlite_locked_past_the_wait_is_one_line_and_a_shorter_lock_is_waited_ou
     monkeypatch.setattr(_study, "_SQLITE_TIMEOUT_S", 30)
     holder.execute("BEGIN EXCLUSIVE")  # held for half a second: sqlite's busy wait retries until it is free
     threading.Timer(0.5, lambda: holder.execute("ROLLBACK")).start()
-    calls = _sweep(tmp_path, lambda params: 0.5, n_trials=4)
+    calls = run_sweeper(tmp_path, lambda params: 0.5, n_trials=4)
     assert [(first, len(batch)) for first, batch in calls] == [(2, 2)]
 
 
@@ -258,15 +221,16 @@ def _study_with_a_finished_trial(storage: str, curve: dict[int, float]):
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
-def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, work, tmp_path, one_thread,
-                                                                monkeypatch):
+@pytest.mark.slow
+def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, sweep_work, tmp_path,
+                                                                one_thread, monkeypatch):
     import mlflow
     import optuna
 
     from finetune.run import run
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
-    overrides = [a.replace("data=reviews.csv", f"data={work / 'reviews.csv'}") for a in TINY]
+    overrides = [a.replace("data=reviews.csv", f"data={sweep_work / 'reviews.csv'}") for a in TINY]
     heard = []
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(*overrides, f"model={tiny_bert}", f"trainer={engine}", "trainer.max_steps=4",
@@ -298,8 +262,8 @@ def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = _study_with_a_finished_trial(storage, {1: 0.5, 2: 1.0})
     assert study.ask().number == 1  # what the sweeper asked before it launched this trial
-    cfg = _trial_cfg("hydra/sweeper=finetune_optuna", f"hydra.sweeper.storage={storage}",
-                     "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
+    cfg = trial_config("hydra/sweeper=finetune_optuna", f"hydra.sweeper.storage={storage}",
+                       "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
     (tmp_path / "1" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
 
     def fake_run(cfg, run_dir, on_evaluate=None):
@@ -319,13 +283,14 @@ def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
     assert study.trials[1].intermediate_values == {1: 0.5, 2: 0.25}
 
 
-def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, work):
+@pytest.mark.slow
+def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, sweep_work):
     """Trials in worker processes attach to their Optuna trials in the sweep's sqlite storage. Trial 1 does not
     evaluate while training (it cannot be pruned) and finishes, trial 2 is pruned at its first evaluation, trial 3
     fails on its bad learning rate; trials 1 and 2 run side by side."""
     import optuna
 
-    sweep = work / "pruned"
+    sweep = sweep_work / "pruned"
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     sweep.mkdir()
     study = _study_with_a_finished_trial(storage, {1: 1.0})  # no tiny trial scores 1.0: any that evaluates is pruned
@@ -339,14 +304,14 @@ def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, work):
                    "trainer.learning_rate=choice(-1.0, 1e-3)",
                    "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=median",
                    "hydra.sweeper.median.n_startup_trials=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   f"hydra.sweep.dir={sweep}", cwd=work, env=env)
+                   f"hydra.sweep.dir={sweep}", cwd=sweep_work, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: 1 trial(s) failed (see their trial.json): {sweep / '3'}"
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout
     study = optuna.load_study(study_name="search", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]
     assert study.trials[2].value == study.trials[2].intermediate_values[1] < 1.0  # stopped at its 1st evaluation
-    records = {n: _trial(sweep, n) for n in (1, 2, 3)}
+    records = {n: trial_record(sweep, n) for n in (1, 2, 3)}
     assert [records[n]["status"] for n in (1, 2, 3)] == ["ok", "pruned", "failed"]
     assert records[2]["step"] == 1 and records[2]["value"] == study.trials[2].value
     assert (sweep / "1" / "model").is_dir() and not (sweep / "2" / "model").exists()
@@ -363,11 +328,11 @@ def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
 
     sweep = tmp_path / "sweep"
     acc = {"objective": "validation_accuracy", "direction": "maximize"}
-    _fake_trial(sweep, 0, ["trainer.learning_rate=0.001"], {**acc, "status": "ok", "value": 0.7},
-                {"validation_accuracy": 0.7})
-    _fake_trial(sweep, 1, ["trainer.learning_rate=0.0001"], {**acc, "status": "pruned", "step": 1, "value": 0.55})
-    _fake_trial(sweep, 2, ["trainer.learning_rate=0.01"], {**acc, "status": "pruned", "step": 2, "value": 0.9})
-    _fake_trial(sweep, 3, ["trainer.learning_rate=0.1"], {**acc, "status": "failed", "error": "boom"})
+    fake_trial(sweep, 0, ["trainer.learning_rate=0.001"], {**acc, "status": "ok", "value": 0.7},
+               {"validation_accuracy": 0.7})
+    fake_trial(sweep, 1, ["trainer.learning_rate=0.0001"], {**acc, "status": "pruned", "step": 1, "value": 0.55})
+    fake_trial(sweep, 2, ["trainer.learning_rate=0.01"], {**acc, "status": "pruned", "step": 2, "value": 0.9})
+    fake_trial(sweep, 3, ["trainer.learning_rate=0.1"], {**acc, "status": "failed", "error": "boom"})
     board = build(sweep)
     assert [(r["trial"], r["rank"], r["status"]) for r in board.rows] == [
         (0, 1, "ok"), (2, None, "pruned"), (1, None, "pruned"), (3, None, "failed")]
@@ -386,7 +351,7 @@ def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
      "trainer.per_device_train_batch_size=range(8, 8) is empty (range excludes its stop value)"),
 ])
 def test_bad_search_settings_are_one_line_errors(overrides, error, tmp_path, monkeypatch, capfd):
-    from test_errors import fail
+    from helpers.cli import fail
 
     args = ["-m", "hydra/sweeper=finetune_optuna", "trainer.learning_rate=choice(1e-4, 1e-3)", *overrides]
     assert fail(args, tmp_path, monkeypatch, capfd) == error

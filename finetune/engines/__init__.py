@@ -1,4 +1,4 @@
-"""Training engines. Each takes the same task objects (model, features, collator, metrics) and knows
+"""Training engines. Each takes the same task objects (model, features, collator, objective, metrics) and knows
 nothing about which task it trains.
 
     engine = make_engine(cfg, task, model, tokenizer, features, output_dir, on_evaluate=None)
@@ -12,153 +12,114 @@ nothing about which task it trains.
     on_evaluate(value): called with the main metric of each validation evaluation during training (a sweep's pruner
         listens there); an exception it raises stops the training and leaves engine.train()
 
-Evaluation runs each split longest example first (see eval_order), in inference mode, and every evaluation
-scores the split's predictions (put back in dataset order) with task.compute_metrics and adds task.evaluate_model(model,
-split) (metrics of the model itself, e.g. of text it generates), so the main metric can be either kind.
+The loss of every batch, in training and evaluation, is task.loss(model, batch, num_items) (the task owns its
+objective). How a step's loss is normalised is said once, here, for both engines (step_items, process_scale): the
+micro-batches of a step add up their items' losses and divide by the items of the whole step on every process, so
+gradient accumulation and several processes train on the same mean as one large batch would.
 
-Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json`
-written last, and train on the same seeded-per-epoch sampler, so a resumed run replays the data order.
-Both report the same scalars to the trackers of trainer.report_to, under the names the Trainer's callbacks use:
-TensorBoard event files in <output_dir>/tensorboard/ (train/loss, train/learning_rate, train/grad_norm,
-train/samples_per_second, train/epoch, eval/loss, eval/<metric>, ...), MLflow runs in the experiment
-"finetune" (loss, learning_rate, ..., eval_<metric>).
+Evaluation runs each split longest first (batches.eval_order), in inference mode, and every evaluation scores the
+split's predictions (put back in dataset order) with task.compute_metrics and adds task.evaluate_model(model, split)
+(metrics of the model itself, e.g. of text it generates), so the main metric can be either kind.
+
+Both engines write checkpoints to <output_dir>/checkpoints/checkpoint-<step>/, with `trainer_state.json` written last,
+and train on the same seeded-per-epoch sampler, so a resumed run replays the data order. Both report the same scalars
+to the trackers of trainer.report_to (finetune/engines/tracking.py).
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import json
 import logging
-import os
+import shutil
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune import adapters, disk
 from finetune.cpu import release_freed_memory
-from finetune.errors import FinetuneError
+from finetune.engines.tracking import TENSORBOARD, TRACKERS  # noqa: F401  (the engines' names, for their users)
 
 log = logging.getLogger("finetune.train")
 
 ENGINES = {"hf": "finetune.engines.hf:HFEngine", "accelerate": "finetune.engines.accelerate:AccelerateEngine"}
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # the last file of a checkpoint: without it (or cut short) a checkpoint is incomplete
-_PRECISIONS = ("auto", "no", "fp16", "bf16")
-TENSORBOARD = "tensorboard"  # event files of the run, beside model/
-TRACKERS = ("tensorboard", "mlflow")
+CHECKPOINTING = {"use_reentrant": False}  # torch.utils.checkpoint's arguments for trainer.gradient_checkpointing
 
 
 def make_engine(cfg, task, model, tokenizer, features, output_dir, on_evaluate: Callable[[float], None] | None = None):
-    from finetune.checks import check_task
-
-    check_trainer_config(cfg.trainer)
-    check_task(cfg)
-    _check_scheduler(cfg.trainer.lr_scheduler_type)
-    check_fsdp(cfg.trainer)
-    check_checkpointing(cfg.trainer, model)
-    if task.label_shift is not None and cfg.trainer.lm_loss_chunk_size:  # a head over a vocabulary
-        from finetune import lm_loss
-
-        lm_loss.attach(model, task.label_shift, cfg.trainer.lm_loss_chunk_size, cfg.trainer.label_smoothing)
+    """The engine of trainer.engine, its task's objective set up on `model` (finetune/validate.py checked both)."""
+    features = task.prepare_training(model, cfg.trainer, features)
     module, _, cls = ENGINES[cfg.trainer.engine].partition(":")
     return getattr(import_module(module), cls)(cfg, task, model, tokenizer, features, Path(output_dir), on_evaluate)
 
 
-def check_trainer_config(t) -> None:
-    """The trainer values no schema type can check; the CLI runs this before anything is written."""
-    if t.engine not in ENGINES:
-        raise FinetuneError(f"unknown trainer.engine '{t.engine}': choose one of {', '.join(sorted(ENGINES))}")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "save_total_limit"):
-        if getattr(t, key) < 1:
-            raise FinetuneError(f"trainer.{key} must be at least 1 (got {getattr(t, key)})")
-    if not t.new_parameters_lr_scale > 0:
-        raise FinetuneError(f"trainer.new_parameters_lr_scale must be above 0 (got {t.new_parameters_lr_scale}): the "
-                            "learning rate of newly initialized parameters is this times trainer.learning_rate")
-    if not 0 <= t.label_smoothing < 1:
-        raise FinetuneError(f"trainer.label_smoothing must be at least 0 and below 1 (got {t.label_smoothing}); 0.1 "
-                            "is usual")
-    if not t.learning_rate >= 0:  # (0 is allowed: it evaluates the base model through the whole loop)
-        raise FinetuneError(f"trainer.learning_rate must be at least 0 (got {t.learning_rate})")
-    if t.max_steps == 0 or t.max_steps < -1:
-        raise FinetuneError(f"trainer.max_steps must be a positive number of optimizer steps, or -1 to train "
-                            f"trainer.num_train_epochs epochs (got {t.max_steps})")
-    if t.max_steps == -1 and not t.num_train_epochs > 0:
-        raise FinetuneError(f"trainer.num_train_epochs must be above 0 (got {t.num_train_epochs}): it is the number "
-                            "of passes over the training data (or set trainer.max_steps=<steps>)")
-    if not 0 <= t.warmup_ratio < 1:
-        raise FinetuneError(f"trainer.warmup_ratio must be at least 0 and below 1 (got {t.warmup_ratio}): the "
-                            "fraction of the training steps that warm the learning rate up")
-    for key in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
-        if getattr(t, key) < 0:
-            raise FinetuneError(f"trainer.{key} must be at least 0 (got {getattr(t, key)})")
-    if t.eval_strategy not in ("epoch", "steps", "no"):
-        raise FinetuneError(f"trainer.eval_strategy must be epoch, steps or no (got '{t.eval_strategy}')")
-    if t.eval_strategy == "steps" and not (t.eval_steps and t.eval_steps > 0):
-        raise FinetuneError("trainer.eval_strategy=steps needs trainer.eval_steps=<positive number of steps>")
-    if (t.early_stopping_patience or 0) < 0 or t.early_stopping_threshold < 0:
-        raise FinetuneError("trainer.early_stopping_patience and trainer.early_stopping_threshold must be >= 0")
-    if t.early_stopping_patience and t.eval_strategy == "no":
-        raise FinetuneError("trainer.early_stopping_patience counts evaluations: it needs trainer.eval_strategy=epoch "
-                            "or steps (not no)")
-    if t.lm_loss_chunk_size < 0:
-        raise FinetuneError(f"trainer.lm_loss_chunk_size must be a number of tokens, or 0 for the model's own loss "
-                            f"(got {t.lm_loss_chunk_size})")
-    if t.mixed_precision not in _PRECISIONS:
-        raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
-                            f"(got '{t.mixed_precision}')")
+# --- a step's loss: the same normalisation in both engines -------------------------------------------------
+def step_items(task, batches: list[dict], accelerator) -> Any:
+    """The items a step's loss averages over: task.items of each of its micro-batches, summed over every process."""
+    import torch
+
+    items = sum(torch.as_tensor(task.items(batch)) for batch in batches).to(accelerator.device)
+    return accelerator.gather(items).sum() if accelerator.num_processes > 1 else items
 
 
-CHECKPOINTING = {"use_reentrant": False}  # torch.utils.checkpoint's arguments for trainer.gradient_checkpointing
+def process_scale(loss, processes: int):
+    """A micro-batch's share of the step's loss for its process: DDP, FSDP and DeepSpeed average the processes'
+    gradients, and the loss already divides by the items of every process (step_items)."""
+    return loss * processes if processes > 1 else loss
 
 
-def check_checkpointing(t, model) -> None:
-    """trainer.gradient_checkpointing=true needs a model whose blocks can recompute their activations."""
-    from finetune.adapters import base_model
+class TrainLogs:
+    """The scalars a task's loss reports beside it (outputs["metrics"]: batch means, e.g. a preference task's
+    rewards), averaged over the steps since the last training log line."""
 
-    base = base_model(model)
-    if t.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
-        raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
-                            "checkpointing; set trainer.gradient_checkpointing=false")
+    def __init__(self):
+        self.sums: dict[str, Any] = {}
+        self.count = 0
 
+    def add(self, outputs) -> None:
+        metrics = outputs.get("metrics") if isinstance(outputs, dict) else None
+        if metrics:
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+            self.count += 1
 
-def _check_scheduler(name: str) -> None:
-    from transformers.trainer_utils import SchedulerType  # (imports torch: checked when the engine is made)
+    def pop(self, accelerator) -> dict[str, float]:
+        """The means so far, over every process (a collective when there are several), and start again."""
+        if not self.count:
+            return {}
+        import torch
 
-    names = [s.value for s in SchedulerType]
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise FinetuneError(f"unknown trainer.lr_scheduler_type '{name}': {hint}choose one of {', '.join(names)}")
-
-
-def check_fsdp(t) -> None:
-    """accelerate shards with FSDP only on GPUs; trainer.fsdp=true is finetune's FSDP2 for CPU processes."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    kind = PartialState().distributed_type
-    on_cpus = kind == DistributedType.MULTI_CPU
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and on_cpus and not t.fsdp:
-        raise FinetuneError("accelerate applies an FSDP config on GPUs only and would train this CPU launch unsharded; "
-                            "add trainer=accelerate trainer.fsdp=true to shard over the CPU processes with FSDP2")
-    if not t.fsdp:
-        return
-    if t.engine != "accelerate":
-        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
-    if kind == DistributedType.NO:
-        raise FinetuneError("trainer.fsdp=true shards over several CPU processes, but this is a single process: "
-                            "launch several (torchrun --nproc_per_node 2 -m finetune ...)")
-    if not on_cpus:
-        raise FinetuneError("trainer.fsdp=true shards CPU processes; on GPUs launch with accelerate's FSDP config "
-                            "instead (accelerate launch --config_file configs/accelerate/fsdp.yaml ...) without it")
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).to(accelerator.device) / self.count
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, "mean")
+        self.sums, self.count = {}, 0
+        return {k: float(v) for k, v in zip(keys, values.tolist())}
 
 
-def smoothed_by_task(model, t) -> float:
-    """The trainer.label_smoothing an engine applies through task.loss: none when the chunked LM loss the model was
-    given (finetune/lm_loss.py) smooths it inside the forward already."""
-    from finetune.adapters import base_model
+def eval_keys(model) -> list[str]:
+    """The outputs evaluation does not keep as predictions: the loss, the model's cache, a task's logged scalars."""
+    config = getattr(adapters.base_model(model), "config", None)
+    return [*getattr(config, "keys_to_ignore_at_inference", ["cache"]), "loss", "metrics"]  # (the Trainer's default)
 
-    return 0.0 if getattr(base_model(model).forward, "_chunked_lm_loss", False) else t.label_smoothing
+
+def eval_step(task, model, batch: dict, ignore: list[str], label_names: list[str]) -> tuple[Any, Any, Any]:
+    """One evaluated batch, as both engines score it: (its mean loss, its outputs but `ignore` -- bare when one
+    tensor, else a tuple, as task.preprocess_logits takes them --, its labels -- the same way; None when it has none)."""
+    import torch
+
+    with torch.inference_mode():
+        loss, outputs = task.loss(model, batch, task.items(batch))
+    kept = bare(tuple(v for k, v in outputs.items() if k not in ignore))
+    labels = tuple(batch[k] for k in label_names) if all(batch.get(k) is not None for k in label_names) else None
+    return loss.detach(), kept, bare(labels) if labels else None
+
+
+def bare(outputs):
+    """A single output is passed bare, several as a tuple: what the Trainer gives compute_metrics."""
+    return outputs[0] if isinstance(outputs, tuple) and len(outputs) == 1 else outputs
 
 
 def param_groups(model, decay: set[str], weight_decay: float, new: set[str], new_lr: float) -> list[dict]:
@@ -177,8 +138,6 @@ def param_groups(model, decay: set[str], weight_decay: float, new: set[str], new
 
 def new_parameters(model, t) -> tuple[set[str], float]:
     """The parameters trainer.new_parameters_lr_scale applies to, and their learning rate (none when it is 1)."""
-    from finetune import adapters
-
     scale = t.new_parameters_lr_scale
     new = adapters.new_parameters(model) if scale != 1 else set()
     if new:
@@ -208,51 +167,46 @@ def gathered_state_dict(accelerator, model) -> dict | None:
     return None
 
 
-def setup_tracking(cfg) -> None:
-    """Check trainer.report_to; for MLflow, a local store (<runs_dir>/mlflow.db) unless MLFLOW_TRACKING_URI names one,
-    and the experiment "finetune" (or MLFLOW_EXPERIMENT_NAME) for both engines' runs."""
-    import os
-
-    unknown = [name for name in cfg.trainer.report_to if name not in TRACKERS]
-    if unknown:
-        raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
-                            "or [] for none")
-    if "mlflow" not in cfg.trainer.report_to:
-        return
-    try:
-        import mlflow
-    except ImportError as e:
-        raise FinetuneError("trainer.report_to=[mlflow] needs MLflow: pip install 'finetune[mlflow]' (or drop "
-                            "mlflow from trainer.report_to)") from e
-    runs = Path(cfg.runs_dir).resolve()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        runs.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune")
-    if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=(runs / "mlartifacts").as_uri())
-    mlflow.set_experiment(name)
-
-
-def accelerate_trackers(report_to, output_dir: Path) -> list:
-    """accelerate's trackers writing where the Trainer's do (TensorBoard: <output_dir>/tensorboard)."""
-    from accelerate.tracking import MLflowTracker, TensorBoardTracker
-
-    made = {"tensorboard": lambda: TensorBoardTracker(TENSORBOARD, str(output_dir)),
-            "mlflow": lambda: MLflowTracker("finetune", str(output_dir), run_name=output_dir.name)}
-    return [made[name]() for name in report_to]
-
-
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint under output_dir/checkpoints (a run killed while saving leaves a partial one:
-    the Trainer writes its state file last, in place, so a kill can leave it missing, empty or cut short)."""
+    """The newest complete checkpoint under output_dir/checkpoints. A run killed while saving leaves a partial one
+    (the Trainer writes its state file last, in place, so a kill can leave it missing, empty or cut short); a weights
+    or optimizer file cut short (a full disk, a copy stopped midway) makes one incomplete too: skipped, with a warning
+    naming it, for the one before."""
     from transformers.trainer_utils import sort_checkpoints
 
     folder = Path(output_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
-    complete = [Path(p) for p in sort_checkpoints(str(folder)) if _state_is_whole(Path(p) / STATE_FILE)]
-    return complete[-1] if complete else None
+    for path in map(Path, reversed(sort_checkpoints(str(folder)))):
+        if not _state_is_whole(path / STATE_FILE):
+            continue
+        if broken := next((f for f in sorted(path.iterdir()) if not _file_is_whole(f)), None):
+            log.warning("skipping %s: %s is cut short or corrupt", path, broken.name)
+            continue
+        return path
+    return None
+
+
+@contextlib.contextmanager
+def checkpoint_write(directory: Path, model, optimizer):
+    """A checkpoint written into `directory`: a write that fails for want of space (a full disk, a quota) or of
+    permission removes what it had written, leaves the earlier checkpoints as they are, and becomes one line naming
+    the path and about how many bytes a checkpoint takes (the weights and the optimizer's states)."""
+    try:
+        yield
+    except Exception as e:
+        tensors = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values()
+                                          if hasattr(t, "element_size"))]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        free = disk.free_bytes(directory)
+        # torch.save's C++ stream reports a full disk as a RuntimeError ("iostream error"): the free space tells
+        full = not disk.is_write_fault(e) and free is not None and free < size
+        if not (disk.is_write_fault(e) or full):
+            raise
+        shutil.rmtree(directory, ignore_errors=True)
+        shown = directory.with_name(directory.name.removeprefix(".tmp-"))  # (trainer=accelerate writes a temp dir)
+        raise disk.write_error(e, shown, size, "the checkpoint", "free that much there, or lower "
+                               "trainer.save_total_limit; the earlier checkpoints are kept", full=full or None) from e
 
 
 def _state_is_whole(path: Path) -> bool:
@@ -262,37 +216,24 @@ def _state_is_whole(path: Path) -> bool:
         return False
 
 
-def without_length(collator: Callable) -> Callable:
-    """The `length` column feeds the length-grouped sampler only; the model must not see it."""
+def _file_is_whole(path: Path) -> bool:
+    """Whether a checkpoint's file ends where its format says: a safetensors file at its header's last tensor, a
+    torch.save file (a zip) at its central directory. Other files, and directories, are not checked."""
+    import struct
+    import zipfile
 
-    def collate(features: list[dict[str, Any]]) -> Any:
-        return collator([{k: v for k, v in f.items() if k != "length"} for f in features])
-
-    return collate
-
-
-def eval_order(dataset):
-    """A split in evaluation order -- longest first, so each batch pads to lengths alike and memory peaks at the
-    first batch -- and the permutation that puts its predictions back in dataset order (None: kept as it was)."""
-    import numpy as np
-
-    if "length" not in dataset.column_names:
-        return dataset, None
-    order = np.argsort(-np.asarray(dataset["length"]), kind="stable")
-    return dataset.select(order), np.argsort(order)
-
-
-def restore_order(pred, inverse):
-    """An EvalPrediction of a split evaluated in eval_order, in the split's own order (what the metrics expect)."""
-    from transformers import EvalPrediction
-
-    if inverse is None:
-        return pred
-
-    def put(x):
-        return None if x is None else type(x)(put(a) for a in x) if isinstance(x, (tuple, list)) else x[inverse]
-
-    return EvalPrediction(predictions=put(pred.predictions), label_ids=put(pred.label_ids))
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            return path.stat().st_size == 8 + length + end
+        except (OSError, ValueError, struct.error, KeyError, TypeError):
+            return False
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        return zipfile.is_zipfile(path)
+    return True
 
 
 def own_precision(model):
@@ -312,34 +253,10 @@ def logged_validation(log_history: list[dict], step: int | None) -> dict[str, fl
     return None
 
 
-def train_sampler(train_features, batch_size: int, seed: int, group_by_length: bool):
-    """The training order of both engines: drawn from seed + epoch, so a resumed run replays it exactly."""
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class EpochSeededSampler(LengthGroupedSampler):
-        # transformers' sampler draws from the global RNG, whose state at an epoch's start a resumed run cannot know
-        def __init__(self):
-            super().__init__(batch_size, lengths=list(train_features["length"]), generator=torch.Generator())
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch: int) -> None:
-            self.generator.manual_seed(seed + epoch)
-
-        def __iter__(self):
-            if group_by_length:
-                return super().__iter__()
-            return iter(torch.randperm(len(self.lengths), generator=self.generator).tolist())
-
-    return EpochSeededSampler()
-
-
 def mixed_precision(setting: str) -> str:
     """'auto' -> bf16 on a GPU that supports it, else fp32 (fp16/bf16 on CPU is slow or unsupported)."""
     import torch
 
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if setting != "no" and not torch.cuda.is_available():
-        raise FinetuneError(f"trainer.mixed_precision={setting} needs a GPU; use auto or no on CPU")
     return setting

@@ -1,25 +1,25 @@
 """trainer=accelerate: a plain training loop on accelerate.Accelerator, for the same task objects as trainer=hf.
 
-One loop, top to bottom: prepare model, optimizer and loaders; each epoch seeds the sampler (and skips
-what a resumed run already trained), runs forward/backward under accumulate(), clips, steps and logs;
-at each evaluation point it scores the validation split, tracks the best main metric, stops early if
-asked, and checkpoints (accelerator.save_state + trainer_state.json). The best checkpoint is restored
-at the end. Hyperparameters mean what they mean for the Trainer (same optimizer, decay groups,
-scheduler, warmup and step counting), so both engines train the same way.
-
-Sharding: under an accelerate FSDP or DeepSpeed config accelerate shards, checkpoints and gathers the model.
-accelerate applies FSDP on GPUs only, so trainer.fsdp=true shards CPU processes here: torch FSDP2 (fully_shard)
-on each transformer block and the root; model and optimizer checkpointed with torch.distributed.checkpoint.
+One loop, top to bottom: prepare model, optimizer and loaders; each epoch seeds the sampler (and skips what a resumed
+run already trained) and takes a step's micro-batches at a time: their items counted (engines.step_items), each one's
+task loss backpropagated, then clip, step and log; at each evaluation point it scores the validation split, tracks the
+best main metric, stops early if asked, and checkpoints (accelerator.save_state + trainer_state.json). The best
+checkpoint is restored at the end. Hyperparameters mean what they mean for the Trainer (same optimizer, decay groups,
+scheduler, warmup, step counting and loss normalisation), so both engines train the same way. Where the model lives
+across processes, and how it is checkpointed, is finetune/engines/sharding.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,18 +32,40 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, accelerate_trackers, drop_training_state,
-                              eval_order, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
-                              param_groups, restore_order, setup_tracking, smoothed_by_task, train_sampler,
-                              without_length)
+from finetune import adapters, interrupt, optim, progress
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, checkpoint_write,
+                              drop_training_state, eval_keys, eval_step, logged_validation, mixed_precision,
+                              new_parameters, param_groups, process_scale, step_items)
+from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
+from finetune.engines.sharding import CpuFsdp, Replicated
+from finetune.engines.tracking import accelerate_trackers, setup_tracking
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log
 
 # Trainer.get_decay_parameter_names: no weight decay on biases and normalisation weights
 _NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-SHARDED = "sharded"  # trainer.fsdp=true: the checkpoint's model and optimizer shards (torch.distributed.checkpoint)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint's trainer_state.json holds, besides accelerate's own state."""
+
+    global_step: int = 0
+    epoch: float = 0.0
+    loss_sum: float = 0.0  # of every logged step's loss, for the run's mean
+    unlogged_losses: list[float] = field(default_factory=list)
+    best_metric: float | None = None
+    best_checkpoint: str | None = None  # checkpoint-<step>
+    patience_counter: int = 0  # evaluations without improvement (early stopping)
+    log_history: list[dict] = field(default_factory=list)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, path: Path) -> TrainState:
+        return cls(**json.loads(path.read_text()))
 
 
 class AccelerateEngine:
@@ -55,32 +77,28 @@ class AccelerateEngine:
         setup_tracking(cfg)
         self.accelerator = acc = Accelerator(
             mixed_precision=mixed_precision(t.mixed_precision),
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            # the loop accumulates a step's micro-batches itself, as the Trainer does (their losses are normalised
+            # over the step: engines.step_items), so accelerate divides nothing
+            gradient_accumulation_steps=1,
             log_with=accelerate_trackers(t.report_to, output_dir) or None,
             project_dir=str(output_dir),
             # as the Trainer: a head that leaves some weights unused (e.g. an unused pooler) must not fail DDP
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        base = adapters.base_model(model)
-        self.label_names = find_labels(type(base))
-        self.ignore_keys = [*getattr(base.config, "keys_to_ignore_at_inference", []), "loss"]
+        self.label_names = find_labels(type(adapters.base_model(model)))
+        self.ignore_keys = eval_keys(model)
         self.collate = without_length(task.collator(tokenizer))
         self.sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                      cfg.seed, t.group_by_length)
         loader = self._loader(features["train"], t.per_device_train_batch_size, sampler=self.sampler)
         if t.gradient_checkpointing:  # (with frozen embeddings, LoRA, it also makes the inputs require grad)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
-        self.fsdp = t.fsdp
-        self.smoothing = smoothed_by_task(model, t)
+        self.placement = CpuFsdp() if t.fsdp else Replicated()
         new, new_lr = new_parameters(model, t)  # (named before FSDP2 replaces the parameters: it keeps the names)
-        if self.fsdp:
-            model = _fully_shard(model)  # before the optimizer is built: fully_shard replaces the parameters
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, new, new_lr), lr=t.learning_rate,
-                                      fused=acc.device.type in ("cpu", "cuda"))
-        if self.fsdp:  # not prepared: accelerate would wrap the model in DDP and checkpoint rank 0's optimizer shard
-            self._model, self.optimizer, self.train_loader = model, optimizer, acc.prepare(loader)
-        else:
-            self._model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, loader)
+        model = self.placement.shard(model)  # before the optimizer is built
+        optimizer = optim.build(t.optim, t.optim_args, _param_groups(model, t.weight_decay, new, new_lr),
+                                t.learning_rate, acc.device, t.optimizer_in_backward)
+        self._model, self.optimizer, self.train_loader = self.placement.prepare(acc, model, optimizer, loader)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
         warmup = int(t.warmup_ratio) if t.warmup_ratio >= 1 else math.ceil(self.max_steps * t.warmup_ratio)
@@ -94,14 +112,14 @@ class AccelerateEngine:
         self.step_times: list[float] = []
         self.best_step: int | None = None  # the step of the checkpoint restored after training
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
-        self.state = {"global_step": 0, "epoch": 0.0, "loss_sum": 0.0, "unlogged_losses": [], "best_metric": None,
-                      "best_checkpoint": None, "patience_counter": 0, "log_history": []}
+        self.train_logs = TrainLogs()
+        self.state = TrainState()
 
     # --- training ---------------------------------------------------------------------------------
     def train(self, resume_from: str | Path | None = None) -> dict[str, float]:
         try:
             return self._train(resume_from)
-        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+        except BaseException:  # stopped (a sweep's pruner, a signal): the trackers flush and close as at the end
             if self.tracking:
                 for tracker in self.accelerator.trackers:
                     tracker.finish()
@@ -109,17 +127,18 @@ class AccelerateEngine:
             raise
 
     def _train(self, resume_from: str | Path | None) -> dict[str, float]:
-        acc, t, s = self.accelerator, self.args, self.state
-        gas = t.gradient_accumulation_steps
+        acc, t = self.accelerator, self.args
         if resume_from:
-            self._load(resume_from)  # weights, optimizer, scheduler, RNG states of every process
-            self.state = s = json.loads((Path(resume_from) / STATE_FILE).read_text())
-            self._info("resumed from %s (step %d)", resume_from, s["global_step"])
+            # weights, optimizer, scheduler, RNG states of every process
+            self.placement.load(acc, self._model, self.optimizer, Path(resume_from))
+            self.state = TrainState.read(Path(resume_from) / STATE_FILE)
+            self._info("resumed from %s (step %d)", resume_from, self.state.global_step)
+        s = self.state
         self.tracking = bool(t.report_to)
         if self.tracking:
             acc.init_trackers("finetune")
-        first_epoch, steps_done_in_epoch = divmod(s["global_step"], self.steps_per_epoch)
-        start, start_step = time.time(), s["global_step"]
+        first_epoch, steps_done_in_epoch = divmod(s.global_step, self.steps_per_epoch)
+        start, start_step = time.time(), s.global_step
         self.meter.start(start_step, self.max_steps)
         bar = progress.bar(total=self.max_steps, initial=start_step, desc="training", unit="step",
                            enabled=acc.is_main_process and progress.is_terminal())
@@ -127,55 +146,72 @@ class AccelerateEngine:
         for epoch in range(first_epoch, math.ceil(self.max_steps / self.steps_per_epoch)):
             if self._done():
                 break
-            loader, skipped = self.train_loader, 0
+            loader, seen = self.train_loader, 0
             if epoch == first_epoch and steps_done_in_epoch:
-                skipped = steps_done_in_epoch * gas
-                loader = acc.skip_first_batches(self.train_loader, skipped)
+                seen = steps_done_in_epoch * t.gradient_accumulation_steps
+                loader = acc.skip_first_batches(self.train_loader, seen)
             # accelerate re-applies a loader's epoch counter to the sampler when iterating it; a loader
             # wrapped for several processes does not reach the sampler, so set both
             loader.set_epoch(epoch)
             self.sampler.set_epoch(epoch)
-            for i, batch in enumerate(loader):
-                if i % gas == 0:
-                    step_start, micro_losses = time.perf_counter(), []
-                with acc.accumulate(self._model):
-                    outputs = self._model(**batch)
-                    loss = self.task.loss(outputs, batch["labels"], self.smoothing) if self.smoothing \
-                        else outputs.loss
-                    acc.backward(loss)
-                    micro_losses.append(loss.detach().float())
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(self._model.parameters(), t.max_grad_norm) \
-                            if t.max_grad_norm > 0 else None
-                        self.optimizer.step()
-                        learning_rate = self.scheduler.get_last_lr()[0]
-                        if not acc.optimizer_step_was_skipped:
-                            self.scheduler.step()
-                        self.optimizer.zero_grad()
-                if not acc.sync_gradients:
-                    continue
-                self.step_times.append(time.perf_counter() - step_start)
-                self._pending.append(torch.stack(micro_losses).mean())
-                s["global_step"] += 1
+            batches = iter(loader)
+            while step_batches := list(itertools.islice(batches, t.gradient_accumulation_steps)):
+                grad_norm, learning_rate = self._step(step_batches)
+                seen += len(step_batches)
+                s.global_step += 1
                 bar.update()
-                s["epoch"] = epoch + (skipped + i + 1) / len(self.train_loader)
-                if s["global_step"] % t.logging_steps == 0 or s["global_step"] == 1:
+                s.epoch = epoch + seen / len(self.train_loader)
+                if s.global_step % t.logging_steps == 0 or s.global_step == 1:
                     self._log_train(grad_norm, learning_rate)
-                last = s["global_step"] >= self.max_steps  # evaluated too, as the Trainer does
-                if t.eval_strategy == "steps" and (s["global_step"] % t.eval_steps == 0 or last):
+                last = s.global_step >= self.max_steps  # evaluated too, as the Trainer does
+                if t.eval_strategy == "steps" and (s.global_step % t.eval_steps == 0 or last):
                     self._evaluate_and_save()
+                if (signum := interrupt.stop_requested(acc)) is not None:
+                    raise self._interrupted(signum)
                 if self._done():
                     break
             if t.eval_strategy == "epoch":
                 self._evaluate_and_save()
         bar.close()
-        return self._finish(time.time() - start, s["global_step"] - start_step)
+        return self._finish(time.time() - start, s.global_step - start_step)
+
+    def _step(self, batches: list[dict]) -> tuple[torch.Tensor | None, float]:
+        """One optimizer step over its micro-batches: (the gradient norm before clipping, the learning rate used)."""
+        acc, t, model = self.accelerator, self.args, self._model
+        start = time.perf_counter()
+        items = step_items(self.task, batches, acc)
+        losses = []
+        for i, batch in enumerate(batches):
+            # gradients are reduced across the processes once, after the step's last micro-batch
+            with contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(model):
+                loss, outputs = self.task.loss(model, batch, items)
+                loss = process_scale(loss, acc.num_processes)
+                acc.backward(loss)
+            losses.append(loss.detach().float())
+            self.train_logs.add(outputs)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        self.optimizer.step()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.step_times.append(time.perf_counter() - start)
+        self._pending.append(torch.stack(losses).sum())
+        return grad_norm, learning_rate
+
+    def _interrupted(self, signum: int) -> interrupt.Interrupted:
+        """A signal stops training after this step: its checkpoint written (unless an evaluation just wrote it)."""
+        s = self.state
+        checkpoint = self.checkpoints / f"checkpoint-{s.global_step}"
+        if not checkpoint.is_dir():
+            self._save()
+        return interrupt.Interrupted(signum, f"at step {s.global_step} of {self.max_steps}", checkpoint)
 
     def _done(self) -> bool:
         patience = self.args.early_stopping_patience
-        if patience and self.state["patience_counter"] >= patience:
+        if patience and self.state.patience_counter >= patience:
             return True
-        return self.state["global_step"] >= self.max_steps
+        return self.state.global_step >= self.max_steps
 
     def _evaluate_and_save(self) -> None:
         with self.meter.paused():  # samples/s and the ETA count training time only
@@ -185,74 +221,59 @@ class AccelerateEngine:
         s, main = self.state, self.task.main_metric
         metrics = self._evaluate("validation", prefix="eval")
         self._log(metrics)
-        value, best = metrics[f"eval_{main}"], s["best_metric"]
+        value, best = metrics[f"eval_{main}"], s.best_metric
         if self.on_evaluate:  # before the checkpoint: a pruned trial stops here
             self.on_evaluate(value)
         better = best is None or (value > best if self.task.greater_is_better else value < best)
         # early stopping counts evaluations that do not beat the best by more than the threshold
         if best is None or (better and abs(value - best) > self.args.early_stopping_threshold):
-            s["patience_counter"] = 0
+            s.patience_counter = 0
         else:
-            s["patience_counter"] += 1
+            s.patience_counter += 1
         if better:
-            s["best_metric"], s["best_checkpoint"] = value, f"checkpoint-{s['global_step']}"
+            s.best_metric, s.best_checkpoint = value, f"checkpoint-{s.global_step}"
         self._save()
-        if self._done() and s["global_step"] < self.max_steps:
-            self._info("early stopping: %s did not improve for %d evaluations", main, s["patience_counter"])
+        if self._done() and s.global_step < self.max_steps:
+            self._info("early stopping: %s did not improve for %d evaluations", main, s.patience_counter)
 
     def _save(self) -> None:
         """Checkpoint into a temp dir, then rename: a run killed while saving leaves no partial checkpoint."""
         acc, s = self.accelerator, self.state
         self._flush_losses()
-        final = self.checkpoints / f"checkpoint-{s['global_step']}"
+        final = self.checkpoints / f"checkpoint-{s.global_step}"
         tmp = self.checkpoints / f".tmp-{final.name}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if self.fsdp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            model_state, optimizer_state = get_state_dict(self._model, self.optimizer)
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
-        acc.wait_for_everyone()
+        with checkpoint_write(tmp, self._model, self.optimizer):
+            self.placement.save(acc, self._model, self.optimizer, tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                s.write(tmp / STATE_FILE)
         if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(s, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            rotate_checkpoints(str(self.checkpoints), self.args.save_total_limit,
-                               best_model_checkpoint=str(self.checkpoints / s["best_checkpoint"]))
+            best = str(self.checkpoints / s.best_checkpoint) if s.best_checkpoint else None
+            rotate_checkpoints(str(self.checkpoints), self.args.save_total_limit, best_model_checkpoint=best)
         acc.wait_for_everyone()
-
-    def _load(self, checkpoint: str | Path) -> None:
-        self.accelerator.load_state(str(checkpoint))
-        if self.fsdp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            model_state, optimizer_state = get_state_dict(self._model, self.optimizer)
-            state = {"model": model_state, "optimizer": optimizer_state}
-            dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED))  # in place, into this process's shards
-            set_state_dict(self._model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
 
     def _finish(self, runtime: float, steps: int) -> dict[str, float]:
         acc, s, t = self.accelerator, self.state, self.args
-        best = s["best_checkpoint"] and self.checkpoints / s["best_checkpoint"]
+        best = s.best_checkpoint and self.checkpoints / s.best_checkpoint
         self.best_step = None
         if best and best.is_dir():
             self.best_step = int(best.name.split("-")[-1])
-            if self.best_step != s["global_step"]:  # the last one's weights are the model's: no second copy
-                self._load(best)  # the best weights (optimizer and RNG state no longer matter)
-            self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s["best_metric"])
+            if self.best_step != s.global_step:  # the last one's weights are the model's: no second copy
+                # the best weights (optimizer and RNG state no longer matter)
+                self.placement.load(acc, self._model, self.optimizer, best)
+            self._info("restored the best checkpoint %s (%s=%.4f)", best.name, self.task.main_metric, s.best_metric)
         drop_training_state(self.optimizer, self._model)
         self._flush_losses()
         samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(samples / max(runtime, 1e-9), 3),
                    "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
-                   "train_loss": s["loss_sum"] / max(s["global_step"], 1), "epoch": s["epoch"]}
+                   "train_loss": s.loss_sum / max(s.global_step, 1), "epoch": s.epoch}
         self._log(metrics)
         if self.tracking:  # trackers record the training, as the Trainer's do; they close with it
             for tracker in acc.trackers:
@@ -264,10 +285,10 @@ class AccelerateEngine:
     def evaluate(self, split: str) -> dict[str, float]:
         metrics = self._evaluate(split, prefix=split)
         self._log(metrics)
-        return {**metrics, "epoch": self.state["epoch"]}
+        return {**metrics, "epoch": self.state.epoch}
 
     def _evaluate(self, split: str, prefix: str) -> dict[str, float]:
-        with adapters.merged_for_inference(self.model, sharded=self.fsdp):
+        with adapters.merged_for_inference(self.model, sharded=self.placement.sharded):
             return self._evaluate_now(split, prefix)
 
     def _evaluate_now(self, split: str, prefix: str) -> dict[str, float]:
@@ -279,25 +300,19 @@ class AccelerateEngine:
         loader = self._eval_loader(split)
         for batch in progress.bar(loader, total=len(loader), desc=f"evaluating {split}", leave=False,
                                   enabled=acc.is_main_process and progress.is_terminal()):
-            with torch.inference_mode():
-                outputs = model(**batch)
-            if outputs.get("loss") is not None:
-                size = len(next(iter(batch.values())))
-                losses = self._gather(losses, outputs["loss"].detach().float().repeat(size))
-            batch_labels = tuple(batch[k] for k in self.label_names) if all(
-                batch.get(k) is not None for k in self.label_names) else None
-            logits = _unwrap(tuple(v for k, v in outputs.items() if k not in self.ignore_keys))
-            kept = self.task.preprocess_logits(logits, _unwrap(batch_labels) if batch_labels else None)
+            loss, kept, batch_labels = eval_step(self.task, model, batch, self.ignore_keys, self.label_names)
+            losses = self._gather(losses, loss.float().repeat(len(next(iter(batch.values())))))
+            kept = self.task.preprocess_logits(kept, batch_labels)
             preds = self._gather(preds, kept if isinstance(kept, tuple) else (kept,))
-            if batch_labels:
-                labels = self._gather(labels, batch_labels)
+            if batch_labels is not None:
+                labels = self._gather(labels, batch_labels if isinstance(batch_labels, tuple) else (batch_labels,))
         metrics_fn = self.task.compute_metrics(split, self.features[split])
-        scores = metrics_fn(restore_order(EvalPrediction(predictions=_unwrap(preds), label_ids=_unwrap(labels)),
+        scores = metrics_fn(restore_order(EvalPrediction(predictions=bare(preds), label_ids=bare(labels)),
                                           self.eval_sets[split][1]))
         scores.update(self.task.evaluate_model(self.model, split))
         model.train()
         runtime, n = time.time() - start, len(self.features[split])
-        out = {f"{prefix}_loss": float(losses.mean())} if losses is not None else {}
+        out = {f"{prefix}_loss": float(losses.mean())}
         out.update({f"{prefix}_{k}": v for k, v in scores.items()})
         out.update({f"{prefix}_runtime": round(runtime, 4), f"{prefix}_samples_per_second": round(n / runtime, 3),
                     f"{prefix}_steps_per_second": round(len(self._eval_loader(split)) / runtime, 3)})
@@ -328,28 +343,29 @@ class AccelerateEngine:
         if self._pending:
             values = self.accelerator.reduce(torch.stack(self._pending), "mean").tolist()
             self._pending = []
-            self.state["unlogged_losses"] += values
-            self.state["loss_sum"] += sum(values)
+            self.state.unlogged_losses += values
+            self.state.loss_sum += sum(values)
 
     def _log_train(self, grad_norm, learning_rate: float) -> None:
         self._flush_losses()
-        losses, self.state["unlogged_losses"] = self.state["unlogged_losses"], []
+        losses, self.state.unlogged_losses = self.state.unlogged_losses, []
         entry = {"loss": round(sum(losses) / max(len(losses), 1), 4), "learning_rate": learning_rate}
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
-        if (rate := self.meter.read(self.state["global_step"])) is not None:
+        if (rate := self.meter.read(self.state.global_step)) is not None:
             entry["samples_per_second"] = rate
+        entry.update(self.train_logs.pop(self.accelerator))
         self._log(entry)
 
     def _log(self, metrics: dict[str, float]) -> None:
         s = self.state
-        entry = {**metrics, "epoch": s["epoch"], "step": s["global_step"]}
-        s["log_history"].append(entry)
+        entry = {**metrics, "epoch": s.epoch, "step": s.global_step}
+        s.log_history.append(entry)
         if self.tracking:  # under the names the Trainer's callbacks use: TensorBoard train/loss, MLflow loss
             numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
             for tracker in self.accelerator.trackers:
-                tracker.log(rewrite_logs(numbers) if tracker.name == "tensorboard" else numbers, step=s["global_step"])
-        self._info(self.meter.line(s["global_step"], entry))
+                tracker.log(rewrite_logs(numbers) if tracker.name == "tensorboard" else numbers, step=s.global_step)
+        self._info(self.meter.line(s.global_step, entry))
 
     def _info(self, msg: str, *args) -> None:
         if self.accelerator.is_main_process:
@@ -365,44 +381,12 @@ class AccelerateEngine:
 
     @property
     def log_history(self) -> list[dict]:
-        return self.state["log_history"]
+        return self.state.log_history
 
     def full_state_dict(self) -> dict | None:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return gathered_state_dict(self.accelerator, self._model)
-
-
-def _fully_shard(model):
-    """FSDP2 over the launch's processes: each transformer block (the model's _no_split_modules, as accelerate's
-    TRANSFORMER_BASED_WRAP picks them), then the root. Every process starts from rank 0's weights, as under DDP."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    for tensor in model.state_dict().values():
-        dist.broadcast(tensor, src=0)
-    base = adapters.base_model(model)
-    blocks = set(getattr(base, "_no_split_modules", None) or ())
-    for module in reversed(list(model.modules())):  # inner blocks before the blocks that hold them
-        if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
-    # FSDP allocates its gather buffers at the first unshard; made under inference mode (a base model evaluated before
-    # training) they could not be written in training ("inplace update to inference tensor"): allocate them here
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.unshard()
-            module.reshard()
-    return model
+        return self.placement.full_state_dict(self.accelerator, self._model)
 
 
 def _param_groups(model, weight_decay: float, new: set[str], new_lr: float) -> list[dict]:
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], _NO_DECAY))
     return param_groups(model, decay, weight_decay, new, new_lr)
-
-
-def _unwrap(outputs):
-    """A single output (logits, labels) is passed bare, several as a tuple: what the Trainer gives compute_metrics."""
-    return outputs[0] if isinstance(outputs, tuple) and len(outputs) == 1 else outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -12,41 +13,50 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TENSORBOARD, drop_training_state, eval_order,
-                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
-                              restore_order, setup_tracking, smoothed_by_task, train_sampler, without_length)
+from finetune import adapters, interrupt, optim, progress
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, checkpoint_write, drop_training_state, eval_keys,
+                              eval_step, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
+                              param_groups, process_scale, step_items)
+from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
+from finetune.engines.tracking import TENSORBOARD, setup_tracking
 from finetune.progress import Meter
 
 log = logging.getLogger("finetune.train")
 
 
 class _Trainer(Trainer):
-    """The Trainer with the engines' shared training order; evaluation runs in inference mode."""
+    """The Trainer with the task's objective, normalised as both engines normalise a step (finetune/engines), and the
+    engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task,
-                 label_smoothing: float, **kwargs):
-        self.epoch_sampler, self.meter = sampler, meter
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task, trainer_cfg,
+                 **kwargs):
+        self.epoch_sampler, self.meter, self.trainer_cfg = sampler, meter, trainer_cfg
         self.new_parameters, self.new_lr = new_parameters
-        self.task, self.label_smoothing = task, label_smoothing
+        self.task, self.train_logs = task, TrainLogs()
         super().__init__(*args, **kwargs)
-        if label_smoothing:
-            self.loss_is_scaled_for_ga = False  # the task's loss is a mean over one micro-batch
+        self.loss_is_scaled_for_ga = True  # the task's loss divides by the items of the whole step
+        self.eval_ignore = eval_keys(self.model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """A step's micro-batches, and the items its loss averages over (engines.step_items)."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        return batches, step_items(self.task, batches, self.accelerator) if batches else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (self.label_smoothing and model.training):  # (evaluation losses stay unsmoothed)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = model(**inputs)
-        loss = self.task.loss(outputs, inputs["labels"], self.label_smoothing)
+        loss, outputs = self.task.loss(model, inputs, num_items_in_batch)
+        self.train_logs.add(outputs)
+        loss = process_scale(loss, self.accelerator.num_processes)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.new_parameters:  # trainer.new_parameters_lr_scale: groups of their own
+        """trainer.optim over the Trainer's decay groups (the new parameters in groups of their own)."""
+        if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters,
-                                                        self.new_lr), **kwargs)
+            groups = param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters, self.new_lr)
+            t = self.trainer_cfg
+            self.optimizer = optim.build(t.optim, t.optim_args, groups, self.args.learning_rate, self.args.device,
+                                         t.optimizer_in_backward)
         return super().create_optimizer(model)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -57,11 +67,13 @@ class _Trainer(Trainer):
             rate = self.meter.read(self.state.global_step)
             if rate is not None:
                 logs["samples_per_second"] = rate
+            logs.update(self.train_logs.pop(self.accelerator))
         super().log(logs, start_time)
 
-    def prediction_step(self, *args, **kwargs):
-        with torch.inference_mode():
-            return super().prediction_step(*args, **kwargs)
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, kept, labels = eval_step(self.task, model, self._prepare_inputs(inputs), self.eval_ignore,
+                                       self.label_names)
+        return (loss, None, None) if prediction_loss_only else (loss, kept, labels)
 
     def evaluate(self, *args, **kwargs):
         with self.meter.paused(), adapters.merged_for_inference(self.model):
@@ -77,7 +89,8 @@ class _Trainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, *args, **kwargs):
-        with self.meter.paused():
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with self.meter.paused(), checkpoint_write(folder, self.model, self.optimizer):
             return super()._save_checkpoint(*args, **kwargs)
 
     def _load_best_model(self) -> None:
@@ -125,6 +138,18 @@ class _EpochClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class _StopOnSignal(TrainerCallback):
+    """After each optimizer step: a signal any process received stops training there, with a checkpoint."""
+
+    def __init__(self):
+        self.trainer, self.signum = None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.signum = interrupt.stop_requested(self.trainer.accelerator)
+        if self.signum is not None:
+            control.should_save = control.should_training_stop = True
+
+
 class _OnEvaluate(TrainerCallback):
     """Hands the main metric of each validation evaluation during training to the engine's on_evaluate."""
 
@@ -139,53 +164,16 @@ class _OnEvaluate(TrainerCallback):
 class HFEngine:
     def __init__(self, cfg, task, model, tokenizer, features, output_dir: Path, on_evaluate=None):
         t = cfg.trainer
-        precision = mixed_precision(t.mixed_precision)
         self.task, self.features = task, features
         self.eval_sets = {split: eval_order(ds) for split, ds in features.items() if split != "train"}
         setup_tracking(cfg)
-        args = TrainingArguments(
-            output_dir=str(output_dir / CHECKPOINTS),
-            num_train_epochs=t.num_train_epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-            warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-            lr_scheduler_type=t.lr_scheduler_type,
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            per_device_eval_batch_size=t.per_device_eval_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            max_grad_norm=t.max_grad_norm,
-            eval_strategy=t.eval_strategy,
-            eval_steps=t.eval_steps,
-            save_strategy=t.eval_strategy,
-            save_steps=t.eval_steps,
-            save_total_limit=t.save_total_limit,
-            load_best_model_at_end=t.eval_strategy != "no",
-            metric_for_best_model=task.main_metric,
-            greater_is_better=task.greater_is_better,
-            logging_steps=t.logging_steps,
-            logging_first_step=True,
-            report_to=list(t.report_to) or "none",
-            run_name=output_dir.name,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            dataloader_num_workers=t.dataloader_num_workers,
-            activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
-            activation_checkpointing_kwargs=CHECKPOINTING,
-            # True multiplies every loss by the process count for models whose forward takes **kwargs, assuming
-            # it normalises by the global token count; mean-reduced losses (classification) came out doubled
-            average_tokens_across_devices=False,
-            remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=not progress.is_terminal(),
-        )
+        args = _training_arguments(cfg, task, output_dir)
         sampler = train_sampler(features["train"], t.per_device_train_batch_size * t.gradient_accumulation_steps,
                                 cfg.seed, t.group_by_length)
         self.clock = _EpochClock(sampler)
         meter = Meter(args.per_device_train_batch_size * t.gradient_accumulation_steps * args.world_size)
-        callbacks = [_LogCallback(meter), self.clock]
+        self.stop = _StopOnSignal()
+        callbacks = [_LogCallback(meter), self.clock, self.stop]
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
         if on_evaluate:
@@ -197,7 +185,7 @@ class HFEngine:
             meter=meter,
             new_parameters=new_parameters(model, t),
             task=task,
-            label_smoothing=smoothed_by_task(model, t),
+            trainer_cfg=t,
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),
@@ -206,6 +194,7 @@ class HFEngine:
             preprocess_logits_for_metrics=task.preprocess_logits,
             callbacks=callbacks,
         )
+        self.stop.trainer = self.trainer
         self.trainer.remove_callback(PrinterCallback)
         if self.trainer.pop_callback(ProgressCallback):  # a terminal: bars, without printing logs a second time
             self.trainer.add_callback(_Bars)
@@ -216,7 +205,7 @@ class HFEngine:
     def train(self, resume_from: str | None = None) -> dict[str, float]:
         try:
             metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+        except BaseException:  # stopped (a sweep's pruner, a second signal): the trackers flush and close as at the end
             t = self.trainer
             for callback in t.callback_handler.callbacks:
                 if isinstance(callback, (TensorBoardCallback, MLflowCallback)):
@@ -225,6 +214,10 @@ class HFEngine:
         finally:
             for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and close at its end
                 self.trainer.pop_callback(tracker)
+        if self.stop.signum is not None:
+            state = self.trainer.state
+            raise interrupt.Interrupted(self.stop.signum, f"at step {state.global_step} of {state.max_steps}",
+                                        Path(self.trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         drop_training_state(self.trainer.optimizer, self.trainer.model)
         return metrics
 
@@ -257,3 +250,47 @@ class HFEngine:
 
     def full_state_dict(self) -> dict | None:
         return gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
+
+
+def _training_arguments(cfg, task, output_dir: Path) -> TrainingArguments:
+    """The Trainer's settings from the trainer config group (checkpoints under <output_dir>/checkpoints)."""
+    t = cfg.trainer
+    precision = mixed_precision(t.mixed_precision)
+    return TrainingArguments(
+        output_dir=str(output_dir / CHECKPOINTS),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler_type,
+        optim=optim.TRAINER_NAMES[t.optim],  # (the optimizer itself is trainer.optim's: _Trainer.create_optimizer)
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=t.eval_strategy,
+        save_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.eval_strategy != "no",
+        metric_for_best_model=task.main_metric,
+        greater_is_better=task.greater_is_better,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=list(t.report_to) or "none",
+        run_name=output_dir.name,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        dataloader_num_workers=t.dataloader_num_workers,
+        activation_checkpointing=t.gradient_checkpointing,  # (transformers 5's name of gradient checkpointing)
+        activation_checkpointing_kwargs=CHECKPOINTING,
+        # the items of a step across the processes are counted by the engine (engines.step_items), for every task
+        average_tokens_across_devices=False,
+        remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not progress.is_terminal(),
+    )

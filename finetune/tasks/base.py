@@ -1,30 +1,37 @@
 """The task interface: everything that differs between tasks, and nothing else.
 
-A task turns canonical raw columns into model features, builds the model with its head, scores
-predictions, and checks the exported directory through `transformers.pipeline`. Engines, export
-and the run only ever talk to this interface.
+A task turns canonical raw columns into model features, builds the model with its head, owns its objective (the loss
+the engines call), scores predictions, and checks the exported directory through `transformers.pipeline`. Engines,
+export and the run only ever talk to this interface.
+
+A task is one module, finetune/tasks/<name>.py, holding its class (`name` = the module's name, as in task=<name>,
+configs/task/<name>.yaml and docs/tasks/<name>.md) and its two schemas: `schema` (its task.* keys) and `data_schema`
+(the data columns it reads). finetune/tasks/__init__.py finds the classes; nothing else lists them.
+
+Every task module is imported to register its schemas, also by the command line before it checks a config, so the
+modules import torch, transformers and datasets inside the methods that use them.
 """
 
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
-from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import loading, sources
+from finetune import loading
+from finetune.config import DataConfig, TaskConfig
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
-    from transformers import EvalPrediction
+    from datasets import Dataset, DatasetDict
+    from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
-    from finetune.config import DataConfig, ModelConfig, TaskConfig
+    from finetune.config import ModelConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 SORT_WINDOW = 16  # batches of pipeline inputs read ahead and ordered by length
@@ -32,10 +39,14 @@ MetricsFn = Callable[["EvalPrediction"], dict[str, float]]
 
 
 class Task:
+    name: ClassVar[str]  # the task's one name (a concrete task sets it; the registry collects those that do)
+    aliases: ClassVar[tuple[str, ...]] = ()  # names configs saved by earlier releases use (still read)
+    schema: ClassVar[type[TaskConfig]] = TaskConfig  # its task.* keys
+    data_schema: ClassVar[type[DataConfig]] = DataConfig  # the data columns it reads
     pipeline_task: ClassVar[str]  # transformers.pipeline task name (also the model card's pipeline_tag)
     main_metric: ClassVar[str]  # best-model selection and the exported pipeline's check use it
     greater_is_better: ClassVar[bool] = True
-    auto_model: ClassVar[Any]  # transformers AutoModelFor... class
+    auto_model: ClassVar[str]  # the transformers AutoModelFor... class, by name
     columns: ClassVar[dict[str, str]]  # canonical column -> DataConfig field naming it in the user's data
     optional_columns: ClassVar[frozenset[str]] = frozenset()
     input_columns: ClassVar[tuple[str, ...]] = ()  # what makes two rows duplicates
@@ -59,12 +70,16 @@ class Task:
     pipeline_options: ClassVar[dict[str, Any]] = {}
     pipeline_call: ClassVar[dict[str, Any]] = {}
     pipeline_batch_size: ClassVar[int] = 64
-    # a head predicting over a vocabulary (trained with finetune/lm_loss.py): where a label is predicted from, 1 = the
-    # position before it (causal LMs), 0 = its own (MLM, encoder-decoders); None: no such head
-    label_shift: ClassVar[int | None] = None
+    # a head predicting over a vocabulary, trained on a token cross-entropy (finetune/lm_loss.py; trainer.label_smoothing
+    # applies), and where its labels are predicted from: 1 = the position before (causal LMs), 0 = their own (MLM,
+    # encoder-decoders)
+    vocabulary_loss: ClassVar[bool] = False
+    label_shift: ClassVar[int] = 0
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+        self.label_smoothing = 0.0  # prepare_training() sets the objective's settings
+        self.chunked = False
 
     # datasets fingerprints map() by pickling the function, and so this task: a pickle of the config's values
     # (a DictConfig's own pickle differs between equal configs) lets every trial of a sweep reuse the tokenized cache
@@ -75,6 +90,11 @@ class Task:
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
         self.cfg = OmegaConf.create(state["cfg"]) if isinstance(state["cfg"], dict) else state["cfg"]
+
+    @classmethod
+    def check_config(cls, cfg: TaskConfig, data: DataConfig) -> None:
+        """The task.* and data.* values no schema type can check (finetune/validate.py runs this before anything is
+        written)."""
 
     max_length_key: ClassVar[str] = "task.max_seq_length"  # the config key that sets max_length
 
@@ -95,12 +115,41 @@ class Task:
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable:
         raise NotImplementedError
 
-    def loss(self, outputs: Any, labels: Any, label_smoothing: float) -> Any:
-        """The training loss of a batch when trainer.label_smoothing > 0 and the model keeps its own loss (no chunked
-        LM loss), from its logits and the labels: the tasks of finetune.tasks.LM_LOSS (those with a label_shift)."""
-        from finetune.tasks.causal_lm import token_cross_entropy
+    # --- objective: the engines call loss() for every batch, in training and in evaluation --------------
+    def prepare_training(self, model: Any, trainer_cfg: TrainerConfig, features: DatasetDict) -> DatasetDict:
+        """Set the objective up before the engines train `model` on `features`, and return the features they train
+        and evaluate on (a task may add what its loss needs). Default: a vocabulary head computes its loss chunk by
+        chunk (trainer.lm_loss_chunk_size; finetune/lm_loss.py), smoothed by trainer.label_smoothing."""
+        from finetune import lm_loss  # (torch: see the module docstring)
 
-        return token_cross_entropy(outputs.logits, labels, label_smoothing, self.label_shift)
+        self.label_smoothing = trainer_cfg.label_smoothing
+        self.chunked = bool(self.vocabulary_loss and trainer_cfg.lm_loss_chunk_size and lm_loss.attach(
+            model, self.label_shift, trainer_cfg.lm_loss_chunk_size, self.label_smoothing))
+        return features
+
+    def items(self, batch: dict[str, Any]) -> Any:
+        """What a batch's loss averages over: its labelled positions (-100: none), or its rows when it has no labels.
+        The engines add up the items of a step's micro-batches on every process (engines.step_items)."""
+        labels = batch.get("labels")
+        if labels is None:
+            return len(next(iter(batch.values())))
+        return labels[..., self.label_shift:].ne(-100).sum()
+
+    def loss(self, model: Any, batch: dict[str, Any], num_items: Any) -> tuple[Any, Any]:
+        """(loss, outputs): the batch's items' summed loss divided by `num_items`, the items of the whole step (so a
+        step's micro-batches add up to its mean); outputs: what evaluation keeps besides the loss (logits), and an
+        optional `metrics` entry of scalars the engines log beside the training loss. Default: the model's own loss;
+        a vocabulary head's chunked or label-smoothed one."""
+        if self.chunked:  # sums its tokens' losses and divides by num_items itself; smoothed while training
+            outputs = model(**batch, num_items_in_batch=num_items)
+            return outputs.loss, outputs
+        outputs = model(**batch)
+        if self.label_smoothing and model.training:  # (evaluation losses stay unsmoothed)
+            from finetune.lm_loss import token_cross_entropy
+
+            return token_cross_entropy(outputs.logits, batch["labels"], self.label_smoothing, self.label_shift,
+                                       num_items), outputs
+        return outputs.loss * (self.items(batch) / num_items), outputs
 
     # --- model --------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -108,7 +157,9 @@ class Task:
         return {}
 
     def load_tokenizer(self, path: str, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
-        tokenizer = _load(AutoTokenizer, path, model_cfg)
+        from transformers import AutoTokenizer
+
+        tokenizer = loading.load(AutoTokenizer, path, model_cfg)
         specials = tokenizer.num_special_tokens_to_add(pair=True)
         key = self.max_length_key
         if self.max_length <= specials:
@@ -126,9 +177,9 @@ class Task:
         if getattr(model_cfg, "encoder", None) or getattr(model_cfg, "decoder", None):
             raise FinetuneError("model.encoder / model.decoder warm-start an encoder-decoder for task=translation or "
                                 "task=summarization; this task fine-tunes one checkpoint: pass model=<checkpoint>")
-        model, _ = load_pretrained(self.auto_model, path, model_cfg, self.head, ignore_mismatched_sizes=True,
-                                   dtype=dtype, **self.model_kwargs())
-        limit = position_limit(model)
+        model, _ = loading.load_pretrained(auto_class(self.auto_model), path, model_cfg, self.head,
+                                           ignore_mismatched_sizes=True, dtype=dtype, **self.model_kwargs())
+        limit = loading.position_limit(model)
         if limit is not None and self.max_length > limit:
             raise FinetuneError(f"{self.max_length_key}={self.max_length} is more than the {limit} positions "
                                 f"model '{model_cfg.name_or_path}' has; set {self.max_length_key}={limit} or less")
@@ -165,7 +216,7 @@ class Task:
 
     def adapter_base_code(self, cfg, base: str) -> str:
         """Python that rebuilds the pretrained model a LoRA adapter applies to (the model card's LoRA section)."""
-        name = self.auto_model.__name__
+        name = self.auto_model
         return f"""from transformers import AutoConfig, {name}
 config = AutoConfig.from_pretrained("path/to/this/directory")  # labels
 base = {name}.from_pretrained("{base}", config=config)"""
@@ -257,70 +308,8 @@ def device() -> int:
     return 0 if torch.cuda.is_available() else -1
 
 
-def position_limit(model: PreTrainedModel) -> int | None:
-    """The longest input the model's learned absolute position embeddings cover; None when its positions are
-    relative or rotary (DeBERTa-v2, T5, Llama: no table to run past). RoBERTa-style tables start after the
-    padding index, BART-style ones after an offset."""
-    from torch import nn
+def auto_class(name: str) -> Any:
+    """A transformers Auto* class by name (task modules name theirs: see the module docstring)."""
+    import transformers
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe",
-                                                                            "embed_positions"):
-            start = getattr(module, "offset", 0) + (module.padding_idx + 1 if module.padding_idx is not None else 0)
-            return module.num_embeddings - start
-    return None
-
-
-def _load(auto_cls: Any, path: str, model_cfg: ModelConfig, **kwargs: Any) -> Any:
-    name = str(model_cfg.name_or_path)
-    offline = sources.hub_offline(name, path)
-    if offline:
-        kwargs["local_files_only"] = True  # a Hub model downloaded before still loads from the cache
-    if hasattr(auto_cls, "from_config"):  # a model, not its tokenizer
-        kwargs.update(dropouts(path, model_cfg, kwargs.get("local_files_only", False)))
-    try:
-        return auto_cls.from_pretrained(
-            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-        )
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise sources.model_error(name, first, offline) from e
-
-
-def load_pretrained(auto_cls: Any, path: str, model_cfg: ModelConfig, head: str | None, **kwargs: Any) -> tuple:
-    """(model, loading info) from_pretrained, its load told in one plain line (finetune.loading)."""
-    with loading.quiet_load_report():
-        model, info = _load(auto_cls, path, model_cfg, output_loading_info=True, **kwargs)
-    loading.report(model, info, head, kwargs.get("num_labels"))
-    return model, info
-
-
-# the names checkpoints give their dropouts. Attention probabilities: BERT-likes, BART/Llama-likes, GPT-2. Hidden
-# states: BERT-likes, BART-likes/DistilBERT, GPT-2 (residual and embeddings), T5, BLOOM/Falcon
-DROPOUT_KEYS = {
-    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"),
-    "hidden_dropout": ("hidden_dropout_prob", "dropout", "resid_pdrop", "embd_pdrop", "dropout_rate", "hidden_dropout"),
-}
-
-
-def dropouts(path: str, model_cfg: ModelConfig, local_files_only: bool = False) -> dict[str, float]:
-    """model.attention_dropout and model.hidden_dropout as the config keys of the checkpoint at `path`
-    (from_pretrained's keyword arguments); {} when both are null (the checkpoint's own)."""
-    from transformers import AutoConfig
-
-    wanted = {name: getattr(model_cfg, name) for name in DROPOUT_KEYS if getattr(model_cfg, name) is not None}
-    for name, p in wanted.items():
-        if not 0 <= p < 1:
-            raise FinetuneError(f"model.{name} must be at least 0 and below 1 (got {p})")
-    if not wanted:
-        return {}
-    config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                                        local_files_only=local_files_only)
-    kwargs = {}
-    for name, p in wanted.items():
-        keys = [k for k in DROPOUT_KEYS[name] if hasattr(config, k)]
-        if not keys:  # a warning, not an error: a task's default (task=qa) must not stop a model without the setting
-            log.warning("model.%s=%s is not applied: model '%s' (%s) has no %s setting", name, p,
-                        model_cfg.name_or_path, config.model_type, name.replace("_", " "))
-        kwargs.update({k: float(p) for k in keys})
-    return kwargs
+    return getattr(transformers, name)

@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Value
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from finetune import progress
+from finetune.config import DataConfig, TaskConfig
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics
 from finetune.tasks.base import MetricsFn, Task, exported_labels, jsonable
 
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ClassificationConfig(TaskConfig):
+    max_seq_length: int = 128
+
+
+@dataclass
+class ClassificationData(DataConfig):
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    label_names: Optional[list[str]] = None  # keep only these labels, in this order
+
+
 class ClassificationTask(Task):
+    name = "classification"
+    schema, data_schema = ClassificationConfig, ClassificationData
     pipeline_task = "text-classification"
     main_metric = "accuracy"
-    auto_model = AutoModelForSequenceClassification
+    auto_model = "AutoModelForSequenceClassification"
     head = "classification head"
     columns = {"text": "text_column", "text_pair": "text_pair_column", "label": "label_column"}
     optional_columns = frozenset({"text_pair"})
@@ -33,6 +51,8 @@ class ClassificationTask(Task):
     labels: list[str]
 
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
+        from datasets import ClassLabel, Value
+
         first = raw["train"] if "train" in raw else next(iter(raw.values()))  # finetune.evaluate: one split
         if data_cfg.text_pair_column and "text_pair" not in first.column_names:
             raise FinetuneError(f"column '{data_cfg.text_pair_column}' (data.text_pair_column) not found in the "
@@ -92,6 +112,8 @@ class ClassificationTask(Task):
         return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
 
     def collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
         return DataCollatorWithPadding(tokenizer)
 
     def model_kwargs(self) -> dict[str, Any]:

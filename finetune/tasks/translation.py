@@ -13,19 +13,37 @@ import bz2
 import gzip
 import logging
 import lzma
+from dataclasses import dataclass
 from pathlib import Path
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Optional
 
 from finetune.errors import FinetuneError
-from finetune.tasks.seq2seq import Seq2SeqTask
+from finetune.tasks.seq2seq import Seq2SeqConfig, Seq2SeqData, Seq2SeqTask
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
 _OPEN = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
+@dataclass
+class TranslationConfig(Seq2SeqConfig):
+    source_lang: str = "en"  # the data's language keys: train.en / train.de files, {"translation": {"en", "de"}} rows
+    target_lang: str = "de"
+    source_lang_code: Optional[str] = None  # the tokenizer's language code (mBART en_XX, NLLB eng_Latn); None: found
+    target_lang_code: Optional[str] = None
+
+
+@dataclass
+class TranslationData(Seq2SeqData):
+    translation_column: str = "translation"  # Hub rows {"translation": {"<source_lang>": ..., "<target_lang>": ...}}
+
+
 class TranslationTask(Seq2SeqTask):
+    name = "translation"
+    schema, data_schema = TranslationConfig, TranslationData
     pipeline_task = "translation"
     output_key = "translation_text"
     main_metric = "bleu"
@@ -72,6 +90,8 @@ class TranslationTask(Seq2SeqTask):
             empty = next((i for i, line in enumerate(lines[lang_]) if not line.strip()), None)
             if empty is not None:
                 raise FinetuneError(f"{f}:{empty + 1} is empty; every line needs its translation (remove the pair)")
+        from datasets import Dataset
+
         return Dataset.from_dict({"source": lines[src], "target": lines[tgt]})
 
     def _columns(self, ds: Dataset, split: str, data_cfg) -> tuple[list, list]:

@@ -15,27 +15,47 @@ import hashlib
 import logging
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict
-from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
+from finetune import loading
+from finetune.config import DataConfig, TaskConfig
 from finetune.errors import FinetuneError
 from finetune.metrics import masked_lm_metrics
-from finetune.tasks.base import MetricsFn, Task, load_pretrained
+from finetune.tasks.base import MetricsFn, Task, auto_class
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger(__name__)
 
 PROBE_BATCH = 64
 
 
-class MaskedLMTask(Task):
+@dataclass
+class MlmConfig(TaskConfig):
+    max_seq_length: int = 128  # longer texts are truncated (one row = one sequence)
+    mlm_probability: float = 0.15  # fraction of tokens to predict (80% -> [MASK], 10% random, 10% unchanged)
+    whole_word_mask: bool = False  # mask all pieces of a word together (every chosen word becomes [MASK])
+    eval_mask_seed: int = 0  # fixes the validation / test masks (with each text) and the fill-mask check's words
+
+
+@dataclass
+class MlmData(DataConfig):
+    text_column: str = "text"  # .txt files: one row per line
+
+
+class MlmTask(Task):
+    name = "mlm"
+    aliases = ("masked_lm",)
+    schema, data_schema = MlmConfig, MlmData
     pipeline_task = "fill-mask"
     main_metric = "perplexity"
     greater_is_better = False
-    auto_model = AutoModelForMaskedLM
+    auto_model = "AutoModelForMaskedLM"
     columns = {"text": "text_column"}
     input_columns = ("text",)
     report_base_metrics = True
@@ -43,11 +63,17 @@ class MaskedLMTask(Task):
     verify_tolerance = 0.01  # differently padded batches can flip a near-tie top-1 token
     pipeline_batch_size = PROBE_BATCH
     pipeline_call = {"top_k": 1, "tokenizer_kwargs": {"truncation": True}}  # the fill-mask check's top-1 token
-    label_shift = 0
+    vocabulary_loss = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.new_weights: list[str] = []  # what load_model found missing from the checkpoint
+
+    @classmethod
+    def check_config(cls, cfg, data) -> None:
+        if not 0 < cfg.mlm_probability < 1:
+            raise FinetuneError(f"task.mlm_probability must be above 0 and below 1 (got {cfg.mlm_probability}): the "
+                                "fraction of tokens predicted; 0.15 is BERT's")
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
@@ -84,6 +110,8 @@ class MaskedLMTask(Task):
 
     def _mask(self, tokenizer, features: list[dict[str, Any]], seed: int) -> dict[str, Any]:
         """Rows padded and masked by transformers' collator, drawn from `seed`."""
+        from transformers import DataCollatorForLanguageModeling
+
         wwm = self.cfg.whole_word_mask
         features = [{k: v for k, v in f.items() if k != "length"} for f in features]
         if wwm:
@@ -108,7 +136,7 @@ class MaskedLMTask(Task):
         return tokenizer
 
     def load_model(self, path: str, model_cfg, dtype: str = "float32"):
-        model, info = load_pretrained(self.auto_model, path, model_cfg, None, dtype=dtype)  # a new MLM head is news
+        model, info = loading.load_pretrained(auto_class(self.auto_model), path, model_cfg, None, dtype=dtype)  # a new MLM head is news
         self.new_weights = sorted(info["missing_keys"])
         return model
 
@@ -219,7 +247,9 @@ class _Collator:
     not be: the data loaders fetch a batch ahead of the step). Held-out batches come masked (they have labels) and
     are padded only."""
 
-    def __init__(self, task: MaskedLMTask, tokenizer, seed: int):
+    def __init__(self, task: MlmTask, tokenizer, seed: int):
+        from transformers import DataCollatorForTokenClassification
+
         self.task, self.tokenizer, self.seed = task, tokenizer, seed
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
 

@@ -11,32 +11,46 @@ task.label_all_tokens, the tag with B- turned into I-). Metrics are word-level, 
 from __future__ import annotations
 
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
-from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
-
-from finetune import progress
-from finetune.data import file_format
+from finetune import loading, progress
+from finetune.config import DataConfig, TaskConfig
 from finetune.errors import FinetuneError
 from finetune.metrics import entity_metrics
-from finetune.tasks.base import MetricsFn, Task, _load, exported_labels, jsonable
+from finetune.sources import file_format
+from finetune.tagging import CONLL_FORMATS, SCHEMES, read_conll, scheme_error, scheme_name, to_iob2
+from finetune.tasks.base import MetricsFn, Task, exported_labels, jsonable
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger(__name__)
 
-# Files read as CoNLL (token first, tag last, one token per line); any other format goes to data.py's readers.
-CONLL_FORMATS = frozenset({".conll", ".conll03", ".iob", ".iob2", ".bio", ".bioes", ".iobes", ".ner", ".txt", ".tsv"})
-SCHEMES = {"IOB1": ("B", "I"), "IOB2": ("B", "I"), "BIOES": ("B", "I", "E", "S")}
-_ALIASES = {"BIO": "IOB2", "IOBES": "BIOES"}
+
+@dataclass
+class NerConfig(TaskConfig):
+    max_seq_length: int = 128
+    label_all_tokens: bool = False  # label every sub-token, not only a word's first
+    tag_scheme: str = "auto"  # auto | IOB1 | IOB2 | BIOES: the data's tags (the model uses IOB2)
 
 
-class TokenClassificationTask(Task):
+@dataclass
+class NerData(DataConfig):
+    text_column: str = "tokens"  # a list of words per row
+    label_column: str = "tags"  # a list of tags per row
+    label_names: Optional[list[str]] = None  # names of integer tags, in id order
+
+
+class NerTask(Task):
+    name = "ner"
+    aliases = ("token_classification",)
+    schema, data_schema = NerConfig, NerData
     pipeline_task = "token-classification"
     peft_task_type = "TOKEN_CLS"
     main_metric = "f1"
-    auto_model = AutoModelForTokenClassification
+    auto_model = "AutoModelForTokenClassification"
     head = "token-classification head"
     columns = {"tokens": "text_column", "tags": "label_column"}
     input_columns = ("tokens",)
@@ -53,6 +67,8 @@ class TokenClassificationTask(Task):
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
+        from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
         wanted = list(data_cfg.label_names) if data_cfg.label_names else None
         rows = {split: _sentences(ds, split, wanted) for split, ds in raw.items()}
         train = "train" if "train" in raw else next(iter(raw))  # a missing train split is data.py's error to raise
@@ -82,14 +98,15 @@ class TokenClassificationTask(Task):
         log.info("tags: %s%s, as %d IOB2 labels: %s", scheme, detected, len(self.labels), ", ".join(self.labels))
         return DatasetDict(out)
 
+    @classmethod
+    def check_config(cls, cfg, data) -> None:
+        if scheme_name(cfg.tag_scheme) not in (*SCHEMES, "AUTO"):
+            raise FinetuneError(f"unknown task.tag_scheme '{cfg.tag_scheme}': choose auto, IOB1, IOB2 (BIO) or BIOES")
+
     def _scheme(self, sentences: list[list[str]]) -> str:
-        name = self.cfg.tag_scheme.upper()
-        name = _ALIASES.get(name, name)
+        name = scheme_name(self.cfg.tag_scheme)
         if name in SCHEMES:
             return name
-        if name != "AUTO":
-            raise FinetuneError(
-                f"unknown task.tag_scheme '{self.cfg.tag_scheme}': choose auto, IOB1, IOB2 (BIO) or BIOES")
         if any(t[:2] in ("E-", "S-") for tags in sentences for t in tags):
             return "BIOES"
         starts = sum(scheme_error(tags, "IOB2") is not None for tags in sentences)
@@ -100,6 +117,8 @@ class TokenClassificationTask(Task):
         return "IOB2"
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
+        from datasets import DatasetDict
+
         label2id = {name: i for i, name in enumerate(self.labels)}
         # a continuation piece of a B-X word is inside the entity: I-X (HF run_ner's convention)
         b_to_i = [label2id.get("I-" + name[2:], i) if name.startswith("B-") else i
@@ -128,6 +147,8 @@ class TokenClassificationTask(Task):
         return DatasetDict(out)
 
     def collator(self, tokenizer):
+        from transformers import DataCollatorForTokenClassification
+
         return DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
 
     # --- model --------------------------------------------------------------------------------
@@ -139,13 +160,15 @@ class TokenClassificationTask(Task):
         }
 
     def load_tokenizer(self, path: str, model_cfg):
+        from transformers import AutoTokenizer
+
         tokenizer = super().load_tokenizer(path, model_cfg)
         if not tokenizer.is_fast:
             raise FinetuneError(f"the tokenizer of '{model_cfg.name_or_path}' is not a fast (tokenizers) one; token "
                                 "classification needs its word alignment: use a checkpoint with a tokenizer.json")
         if not splits_like_text(tokenizer):
             # byte-level BPE (RoBERTa, GPT-2, DeBERTa v1) marks word starts with a space: give pre-split words one
-            tokenizer = _load(AutoTokenizer, path, model_cfg, add_prefix_space=True)
+            tokenizer = loading.load(AutoTokenizer, path, model_cfg, add_prefix_space=True)
             tokenizer.model_max_length = self.cfg.max_seq_length
             if not splits_like_text(tokenizer):
                 log.warning("this tokenizer splits pre-tokenized words unlike running text: the exported pipeline "
@@ -199,41 +222,11 @@ class TokenClassificationTask(Task):
         data_cfg.label_names = exported_labels(model_dir)  # the model's tags, in its id order
 
 
-# --- CoNLL files ------------------------------------------------------------------------------
-def read_conll(path: str) -> Dataset:
-    """One token per line, the token in the first column and the tag in the last (spaces or tabs between);
-    a blank or whitespace-only line ends a sentence; -DOCSTART- lines are document breaks."""
-    import fsspec
-
-    sentences: list[tuple[list[str], list[str]]] = []
-    tokens: list[str] = []
-    tags: list[str] = []
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
-            for number, line in enumerate(f, 1):
-                fields = re.split(r"[ \t]+", line.strip(" \t\r\n"))
-                if fields == [""] or fields[0] == "-DOCSTART-":
-                    if tokens:
-                        sentences.append((tokens, tags))
-                    tokens, tags = [], []
-                elif len(fields) < 2:
-                    raise FinetuneError(f"{path}:{number}: expected a token and its tag separated by spaces or tabs, "
-                                        f"got {line.strip()!r}; fix the line (a blank line ends a sentence)")
-                else:
-                    tokens.append(fields[0])
-                    tags.append(fields[-1])
-    except UnicodeDecodeError as e:
-        raise FinetuneError(f"cannot read {path}: not UTF-8 text ({e.reason}); re-encode it as UTF-8") from e
-    if tokens:
-        sentences.append((tokens, tags))
-    if not sentences:
-        raise FinetuneError(f"{path} holds no sentences; give it one token and tag per line")
-    return Dataset.from_dict({"tokens": [s[0] for s in sentences], "tags": [s[1] for s in sentences]})
-
-
 # --- tags ------------------------------------------------------------------------------------
 def _tag_names(feature: Any, wanted: list[str] | None) -> list[str] | None:
     """The names of integer tags (a ClassLabel feature or data.label_names), or None for string tags."""
+    from datasets import ClassLabel, Value
+
     inner = getattr(feature, "feature", feature)
     if isinstance(inner, ClassLabel):
         if wanted and len(wanted) != inner.num_classes:
@@ -271,49 +264,6 @@ def _sentences(ds: Dataset, split: str, wanted: list[str] | None) -> tuple[list[
             tokens.append(words)
             tags.append(labels)
     return keep, tokens, tags
-
-
-def scheme_error(tags: list[str], scheme: str) -> str | None:
-    """Why one sentence's tags break `scheme`, or None when they fit it."""
-    prefixes = SCHEMES[scheme]
-    open_type = None  # IOB: the previous tag's type; BIOES: the type of the entity still open
-    for i, tag in enumerate(tags, 1):
-        prefix, _, kind = tag.partition("-")
-        if tag == "O":
-            prefix, kind = "O", None
-        elif prefix not in prefixes or not kind:
-            return f"tag '{tag}' at word {i} is neither O nor {'/'.join(prefixes)}-<type>"
-        if scheme == "IOB2" and prefix == "I" and open_type != kind:
-            after = tags[i - 2] if i > 1 else "the sentence start"
-            return f"'{tag}' at word {i} follows {after}, not B-{kind} or I-{kind}"
-        if scheme == "BIOES":
-            if prefix in ("I", "E") and open_type != kind:
-                return f"'{tag}' at word {i} continues no open {kind} entity (it starts with B-{kind})"
-            if prefix in ("O", "B", "S") and open_type is not None:
-                return f"'{tag}' at word {i} comes before the open {open_type} entity ends (with E-{open_type})"
-            kind = kind if prefix in ("B", "I") else None
-        open_type = kind
-    if scheme == "BIOES" and open_type is not None:
-        return f"the sentence ends inside a {open_type} entity (it ends with E-{open_type})"
-    return None
-
-
-def to_iob2(tags: list[str], scheme: str) -> list[str]:
-    """The same entities in IOB2: every entity starts with B-, continues with I-."""
-    out, previous = [], None
-    for tag in tags:
-        if tag == "O":
-            out.append(tag)
-            previous = None
-            continue
-        prefix, _, kind = tag.partition("-")
-        if scheme == "BIOES":
-            prefix = {"S": "B", "E": "I"}.get(prefix, prefix)
-        elif scheme == "IOB1" and prefix == "I" and previous != kind:
-            prefix = "B"
-        out.append(f"{prefix}-{kind}")
-        previous = kind
-    return out
 
 
 def _label_list(given: list[str] | None, sentences: dict[str, list[list[str]]], scheme: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""The command line's config, composed and checked before anything is written.
+"""The command line's config, composed before anything is written: the schemas registered (the groups of
+finetune/config.py, each task's two from its module), the overrides composed, errors told in one line.
 
 Hydra and OmegaConf report a bad override in several lines, and an unknown key without a suggestion;
 config_error() turns their exception into one line: the key, the type the schema expects, and for an
@@ -13,17 +14,29 @@ import difflib
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
                               ValidationError)
 from omegaconf.nodes import BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
 
-from finetune.config import CONFIG_DIR
+from finetune.config import CONFIG_DIR, Config
 from finetune.errors import FinetuneError
+from finetune.tasks import registry
 
 _EXPECTED = ((BooleanNode, "true or false"), (IntegerNode, "an integer"), (FloatNode, "a number"),
              (StringNode, "a string"), (ListConfig, "a list such as [a,b]"), (DictConfig, "a group of keys"))
+
+
+def register_configs() -> None:
+    """The schemas Hydra validates against: base_config, and schema/task/<name> + schema/data/<name> of every task
+    (configs/task/<name>.yaml names its two in its defaults list)."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for name, task in registry().items():
+        store.store(group="schema/task", name=name, node=task.schema)
+        store.store(group="schema/data", name=name, node=task.data_schema)
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -38,59 +51,6 @@ def compose(overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise FinetuneError(config_error(e, overrides)) from e
     return cfg
-
-
-def check_task(cfg: DictConfig) -> None:
-    """What the config alone says its task cannot do: label smoothing of a loss that is not a language model's, and
-    generation settings transformers refuses (at the first generate(), after training, until checked here)."""
-    from finetune.tasks import LM_LOSS
-
-    if cfg.trainer.label_smoothing and cfg.task.name not in LM_LOSS:
-        raise FinetuneError(f"trainer.label_smoothing smooths language-model losses (tasks {', '.join(LM_LOSS)}); "
-                            f"this task's ({cfg.task.name}) is not one: remove it")
-    if "generation" in cfg.task:
-        generation_config(cfg.task.generation)
-
-
-def generation_config(g, **token_ids):
-    """The GenerationConfig of task.generation.* (and the tokenizer's token ids), validated as transformers validates
-    it when generating: FinetuneError naming the setting."""
-    from transformers import GenerationConfig
-    from transformers.generation import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                         TopPLogitsWarper)
-    from transformers.utils import logging as hf_logging
-
-    settings = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample,
-                "temperature": g.temperature, "top_p": g.top_p, "repetition_penalty": g.repetition_penalty}
-
-    def refuse(key: str | None, error: Exception) -> FinetuneError:
-        lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
-        message = next((line for line in lines if not line.endswith(":")), str(error))
-        named = [k for k in settings if f"`{k}`" in message]
-        key = key or min(named, key=lambda k: message.index(f"`{k}`"), default=None)
-        message = message.removeprefix(f"`{key}`: ")  # (validate() starts its messages with the key)
-        return FinetuneError(f"task.generation.{key}={settings[key]}: {message}" if key else
-                             f"task.generation: {message}")
-
-    if g.num_beams < 1:  # (transformers takes 0 here, and fails inside generate())
-        raise FinetuneError(f"task.generation.num_beams={g.num_beams}: it must be at least 1 (1: greedy or sampling)")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # strict: what it would warn about is the error
-    try:
-        config = GenerationConfig(**settings, **token_ids)
-        config.validate(strict=True)
-    except ValueError as e:
-        raise refuse(None, e) from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    # generate() builds these processors, and so checks their values, only when it runs: build them now
-    processors = {"temperature": TemperatureLogitsWarper, "top_p": TopPLogitsWarper} if g.do_sample else {}
-    for key, processor in {**processors, "repetition_penalty": RepetitionPenaltyLogitsProcessor}.items():
-        try:
-            processor(settings[key])
-        except ValueError as e:
-            raise refuse(key, e) from e
-    return config
 
 
 def config_error(exc: BaseException, overrides: list[str]) -> str:

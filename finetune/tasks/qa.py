@@ -21,30 +21,50 @@ import json
 import logging
 import lzma
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Sequence, Value
-from transformers import AutoConfig, AutoModelForQuestionAnswering, DataCollatorWithPadding
 
 from finetune import progress
+from finetune.config import DataConfig, TaskConfig
 from finetune.errors import FinetuneError
 from finetune.metrics import squad_metrics
-from finetune.pipelines import question_answering as qa_pipeline
 from finetune.tasks.base import MetricsFn, Task, device, jsonable
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger(__name__)
 
-ANSWERS = {"text": Sequence(Value("string")), "answer_start": Sequence(Value("int64"))}
 _OPEN = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
-class QuestionAnsweringTask(Task):
+@dataclass
+class QaConfig(TaskConfig):
+    max_seq_length: int = 384
+    doc_stride: int = 128  # overlap between context windows
+    max_answer_length: int = 30
+    n_best_size: int = 20
+    null_score_diff_threshold: float = 0.0
+    version_2_with_negative: bool = False
+
+
+@dataclass
+class QaData(DataConfig):
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"  # {text: [...], answer_start: [...]}
+
+
+class QaTask(Task):
+    name = "qa"
+    schema, data_schema = QaConfig, QaData
     pipeline_task = "question-answering"
     peft_task_type = "QUESTION_ANS"
     main_metric = "f1"
-    auto_model = AutoModelForQuestionAnswering
+    auto_model = "AutoModelForQuestionAnswering"
     head = "question-answering head (answer start and end)"
     columns = {"question": "question_column", "context": "context_column", "answers": "answers_column"}
     input_columns = ("question", "context")
@@ -54,16 +74,20 @@ class QuestionAnsweringTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.examples: DatasetDict | None = None
+
+    @classmethod
+    def check_config(cls, cfg, data) -> None:
         if not 0 <= cfg.doc_stride <= cfg.max_seq_length // 2:
             raise FinetuneError(
                 f"task.doc_stride={cfg.doc_stride} must be between 0 and half of task.max_seq_length="
                 f"{cfg.max_seq_length}: the windows' overlap has to leave room for the question"
             )
-        self.examples: DatasetDict | None = None
 
     # --- data ---------------------------------------------------------------------------------
     def read_file(self, path: str) -> Dataset | None:
         """SQuAD JSON ({"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}); None for other files."""
+        from datasets import Dataset, Features, Value
         suffixes = [s.lower() for s in Path(path).suffixes][-2:]
         opener = _OPEN.get(suffixes[-1]) if suffixes else None
         if (suffixes[-2:-1] if opener else suffixes[-1:]) != [".json"]:
@@ -89,10 +113,12 @@ class QuestionAnsweringTask(Task):
                                             "answer_start": [int(a["answer_start"]) for a in answers]})
         log.info("read %d questions from SQuAD file %s (version %s)", len(rows["id"]), path, doc.get("version", "?"))
         features = Features({"id": Value("string"), "title": Value("string"), "context": Value("string"),
-                             "question": Value("string"), "answers": ANSWERS})
+                             "question": Value("string"), "answers": _answers_feature()})
         return Dataset.from_dict(rows, features=features)
 
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
+        from datasets import DatasetDict
+
         out = {}
         for split, ds in raw.items():
             keep, answers, moved = [], [], []
@@ -111,10 +137,12 @@ class QuestionAnsweringTask(Task):
                     f"{unanswerable} {split} questions have no answer (SQuAD v2 style); set "
                     "task.version_2_with_negative=true to learn unanswerable questions, or remove them"
                 )
-            out[split] = ds.select(keep).remove_columns("answers").add_column("answers", answers, feature=ANSWERS)
+            out[split] = ds.select(keep).remove_columns("answers").add_column("answers", answers, feature=_answers_feature())
         return DatasetDict(out)
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
+        from finetune.pipelines import question_answering as qa_pipeline
+
         if not getattr(tokenizer, "is_fast", False):
             raise FinetuneError("question answering needs a fast tokenizer (offset mapping); pick a model that has "
                                 "a tokenizer.json")
@@ -138,6 +166,8 @@ class QuestionAnsweringTask(Task):
         return features
 
     def collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
         pad = DataCollatorWithPadding(tokenizer)
         keep = {*tokenizer.model_input_names, "start_positions", "end_positions"}
 
@@ -171,6 +201,8 @@ class QuestionAnsweringTask(Task):
 
     def predict(self, split: str, features: Dataset, start_logits: np.ndarray, end_logits: np.ndarray) -> list[str]:
         """The answer to each example of the split, from its windows' logits (rows in `features` order)."""
+        from finetune.pipelines import question_answering as qa_pipeline
+
         settings = self.settings()
         post = {k: settings[k] for k in ("n_best_size", "max_answer_len", "handle_impossible_answer",
                                          "null_score_diff_threshold")}
@@ -187,7 +219,10 @@ class QuestionAnsweringTask(Task):
 
     def export(self, model_dir: Path) -> None:
         """Ship the question-answering pipeline: its code beside the model, registered in config.json."""
+        from transformers import AutoConfig
         from transformers.dynamic_module_utils import custom_object_save
+
+        from finetune.pipelines import question_answering as qa_pipeline
 
         custom_object_save(qa_pipeline.QuestionAnsweringPipeline, model_dir)
         config = AutoConfig.from_pretrained(model_dir)
@@ -257,3 +292,8 @@ def answer_tokens(offsets: list, answers: dict[str, list]) -> tuple[int, int]:
     end = next(i for i in reversed(context) if offsets[i][0] < end_char)
     return start, end
 
+
+def _answers_feature() -> dict:
+    from datasets import Sequence, Value
+
+    return {"text": Sequence(Value("string")), "answer_start": Sequence(Value("int64"))}

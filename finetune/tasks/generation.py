@@ -13,24 +13,22 @@ Data shapes (data.format=auto picks one from the columns present):
 from __future__ import annotations
 
 import logging
-import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig
 
-from finetune import lm_loss
-from finetune.checks import generation_config
-from finetune.config import TrainerConfig
-from finetune.errors import FinetuneError
-from finetune.export import VerificationError
-from finetune.metrics import generation_metrics
-from finetune.pipelines.seq2seq import generate as batched_generate
+from finetune.config import DataConfig, TaskConfig, TrainerConfig
+from finetune.decoding import GenerationSettings, generation_config
+from finetune.errors import FinetuneError, VerificationError
+from finetune.metrics import generation_metrics, perplexity
 from finetune.tasks.base import MetricsFn, Task
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from transformers import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +36,30 @@ FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "me
 PROMPT_TOKENS = 32  # plain text: the start of each test block is the prompt of a sample continuation
 
 
-class CausalLMTask(Task):
+@dataclass
+class GenerationTaskConfig(TaskConfig):
+    block_size: int = 512  # plain text is cut into blocks of this many tokens; the longest example otherwise
+    eval_prompts: int = 32  # test prompts generated from (scored, and checked through the exported pipeline)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass
+class GenerationData(DataConfig):
+    format: str = "auto"  # auto | text | prompt_completion | messages (auto: from the columns present)
+    text_column: str = "text"  # plain text: continued pre-training on packed blocks
+    prompt_column: str = "prompt"  # prompt / completion: the loss is on the completion only
+    completion_column: str = "completion"
+    messages_column: str = "messages"  # chat: a list of {role, content}; the loss is on the assistant turns only
+
+
+class GenerationTask(Task):
+    name = "generation"
+    aliases = ("causal_lm",)
+    schema, data_schema = GenerationTaskConfig, GenerationData
     pipeline_task = "text-generation"
     main_metric = "perplexity"
     greater_is_better = False
-    auto_model = AutoModelForCausalLM
+    auto_model = "AutoModelForCausalLM"
     columns = {"text": "text_column", "prompt": "prompt_column", "completion": "completion_column",
                "messages": "messages_column"}
     optional_columns = frozenset(columns)
@@ -52,17 +69,24 @@ class CausalLMTask(Task):
     pipeline_batch_size = 8
     pipeline_call = {"return_full_text": False}
     verify_relative_tolerance = 0.005  # perplexity recomputed from the exported directory: within 0.5%
+    vocabulary_loss = True
     label_shift = 1
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.block_size < 8:
-            raise FinetuneError(f"task.block_size must be >= 8 (got {cfg.block_size})")
-        generation_config(cfg.generation)  # task.generation.* as transformers will take them
         self.format = "text"
         self.split_in_order = False
         self._samples: list[dict[str, Any]] = []
         self._greedy: list[tuple[Any, list[int]]] = []  # (prompt, trainer-side greedy token ids) for verify
+
+    @classmethod
+    def check_config(cls, cfg, data) -> None:
+        if cfg.block_size < 8:
+            raise FinetuneError(f"task.block_size must be >= 8 (got {cfg.block_size})")
+        if cfg.eval_prompts < 0:
+            raise FinetuneError(f"task.eval_prompts must be at least 0 (got {cfg.eval_prompts})")
+        if data.format != "auto" and data.format not in FORMATS:
+            raise FinetuneError(f"unknown data.format '{data.format}': choose auto, {', '.join(FORMATS)}")
 
     max_length_key = "task.block_size"
     truncates_like_training = False  # task.block_size is how text is cut for training, not a limit of the model
@@ -73,12 +97,12 @@ class CausalLMTask(Task):
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, raw: DatasetDict, data_cfg) -> DatasetDict:
+        from datasets import DatasetDict
+
         present = set(raw["train"].column_names)
         fmt = data_cfg.format
         if fmt == "auto":
             fmt = "messages" if "messages" in present else "prompt_completion" if "prompt" in present else "text"
-        if fmt not in FORMATS:
-            raise FinetuneError(f"unknown data.format '{fmt}': choose auto, {', '.join(FORMATS)}")
         for column in FORMATS[fmt]:
             if column not in present:
                 key = f"data.{self.columns[column]}"
@@ -104,6 +128,8 @@ class CausalLMTask(Task):
         return tokenizer
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
+        from datasets import DatasetDict
+
         if self.format == "messages" and not tokenizer.chat_template:
             raise FinetuneError("chat data (a messages column) needs a tokenizer with a chat template, and this model "
                                 "has none; use a chat model (e.g. model=smollm2) or data.format=prompt_completion")
@@ -160,11 +186,15 @@ class CausalLMTask(Task):
         return p
 
     def collator(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     # --- evaluation ---------------------------------------------------------------------------
     def preprocess_logits(self, logits, labels):
         """Per example: the summed next-token NLL and the number of predicted tokens (not vocab x tokens logits)."""
+        from finetune.lm_loss import lm_sums
+
         return lm_sums(logits, labels, self.label_shift)
 
     def compute_metrics(self, split: str, features: Dataset) -> MetricsFn:
@@ -177,6 +207,8 @@ class CausalLMTask(Task):
     def model_metrics(self, model, tokenizer, raw: Dataset, base: bool = False) -> dict[str, float]:
         """Generate on the test prompts: scores against the references (prompt/completion, chat), sample
         continuations, and the trainer-side greedy outputs the exported pipeline must reproduce."""
+        import torch
+
         prompts, references = self._prompts(raw, tokenizer)
         model.eval()
         start = time.perf_counter()
@@ -211,6 +243,8 @@ class CausalLMTask(Task):
         return [tokenizer.decode(b[:PROMPT_TOKENS]) for b in blocks[: self.cfg.eval_prompts]], []
 
     def generation_config(self, tokenizer, greedy: bool = False) -> GenerationConfig:
+        from transformers import GenerationConfig
+
         g = self.cfg.generation
         ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "bos_token_id": tokenizer.bos_token_id, "use_cache": True}
@@ -246,6 +280,11 @@ class CausalLMTask(Task):
         self.generation_config(AutoTokenizer.from_pretrained(model_dir)).save_pretrained(model_dir)
 
     def verify(self, model_dir: Path, raw: Dataset) -> dict[str, float]:
+        import torch
+        from datasets import DatasetDict
+
+        from finetune import lm_loss
+
         pipe = self.load_pipeline(model_dir)
         side, pipe.tokenizer.padding_side = pipe.tokenizer.padding_side, "right"  # as in training (the pipeline: left)
         features = self.tokenize(DatasetDict({"test": raw}), pipe.tokenizer)["test"]
@@ -274,37 +313,11 @@ class CausalLMTask(Task):
         return {**scores, "greedy_prompts_matched": float(len(self._greedy))}
 
 
-def token_cross_entropy(logits, labels, label_smoothing: float = 0.0, shift: int = 0):
-    """The models' own token cross-entropy (mean over the labelled tokens; -100: none) with trainer.label_smoothing;
-    shift 1: a causal LM's position t predicts token t + 1."""
-    logits, labels = logits[:, : logits.shape[1] - shift], labels[:, shift:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                             ignore_index=-100, label_smoothing=label_smoothing)
-
-
-def lm_sums(outputs, labels, shift: int):
-    """Per example of an evaluated batch: the summed NLL of its labels and their number, as [rows, 2], from the
-    chunked loss's per-token NLL (finetune/lm_loss.py) or, when the model computed its own loss, from its logits
-    (shift: labels are predicted from the position before)."""
-    tokens = lm_loss.token_outputs(outputs, labels)
-    if tokens is not None:
-        nll, top1 = tokens
-        return torch.stack([nll.sum(1), (top1 != -100).sum(1).float()], dim=1)
-    return nll_sums(outputs[0] if isinstance(outputs, tuple) else outputs, labels[:, shift:])
-
-
-def nll_sums(logits, targets):
-    """Per row of targets (-100: no target): the summed NLL of its targets and their number, as [rows, 2]. Only the
-    target positions' logits are scored: a prompt or padding is most of a batch's vocabulary x tokens logits."""
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    nll = torch.nn.functional.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")
-    sums = torch.zeros(len(targets), dtype=torch.float32, device=nll.device).index_add_(0, rows, nll)
-    return torch.stack([sums, torch.bincount(rows, minlength=len(targets)).float()], dim=1)
-
-
 def generate(model, tokenizer, prompts: list[Any], config: GenerationConfig, batch_size: int) -> tuple[list[str], int]:
     """Batched generation (length-sorted, left-padded batches with the KV cache: the code the seq2seq export ships);
     texts in the prompts' order, and the number of new tokens."""
+    from finetune.pipelines.seq2seq import generate as batched_generate
+
     encoded = [_prompt_tensor(tokenizer, p)["input_ids"][0].tolist() for p in prompts]
     rows = batched_generate(model, tokenizer, encoded, batch_size, generation_config=config)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows], sum(len(row) for row in rows)
@@ -315,7 +328,7 @@ def _render(tokenizer, messages: list[dict], prompt: bool = False) -> list[int]:
                                               return_dict=False))
 
 
-def _prompt_tensor(tokenizer, prompt: Any) -> dict[str, torch.Tensor]:
+def _prompt_tensor(tokenizer, prompt: Any) -> dict[str, Any]:
     """A prompt tokenized exactly as the text-generation pipeline tokenizes it."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True, return_tensors="pt")
@@ -323,14 +336,10 @@ def _prompt_tensor(tokenizer, prompt: Any) -> dict[str, torch.Tensor]:
 
 
 def _features(ids: list[list[int]], labels: list[list[int]]) -> Dataset:
+    from datasets import Dataset
+
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels,
                               "length": [len(x) for x in ids]})
-
-
-def perplexity(sums: np.ndarray) -> dict[str, float]:
-    nll, tokens = float(sums[:, 0].sum()), float(sums[:, 1].sum())
-    mean = nll / max(tokens, 1.0)
-    return {"perplexity": math.exp(min(mean, 50.0)), "nll": mean, "num_tokens": int(tokens)}
 
 
 def _quote(text: str) -> str:
