@@ -65,7 +65,7 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     estimate = validate.training(cfg, model, features)  # the memory check last; then the run writes
     if main and resume_from is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / resume.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        report.write_text(run_dir / resume.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     params = adapters.parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
              100 * params["trainable_params"] / params["total_params"])

@@ -42,10 +42,14 @@ def test_auto_dtype(tiny_llama, monkeypatch):
     assert memory.model_dtype(lora) == "bfloat16"  # the frozen base
 
 
-def test_full_fine_tuning_in_16_bits_is_warned(tiny_llama, caplog):
-    cfg, _ = _generation(tiny_llama, "model.dtype=bfloat16")
-    assert memory.model_dtype(cfg) == "bfloat16"
-    assert "pure bfloat16" in caplog.text
+def test_full_fine_tuning_in_float16_is_warned_and_in_bfloat16_rounds_stochastically(tiny_llama, caplog):
+    with caplog.at_level("INFO", logger=memory.log.name):
+        assert memory.model_dtype(_generation(tiny_llama, "model.dtype=float16")[0]) == "float16"
+        assert [r.levelname for r in caplog.records] == ["WARNING"] and "trains in pure float16" in caplog.text
+        caplog.clear()
+        assert memory.model_dtype(_generation(tiny_llama, "model.dtype=bfloat16")[0]) == "bfloat16"
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "rounded back to bfloat16 stochastically" in caplog.text
 
 
 def test_bad_dtype_is_a_one_line_error(tmp_path, monkeypatch, capfd):
