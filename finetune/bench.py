@@ -66,12 +66,16 @@ from finetune.flops import SQUARE, flops_per_token, matmul_peak_flops, matmul_sh
 
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
-    from finetune import memory
+    from finetune import memory, memory_estimate
     from finetune.engines import make_engine
     from finetune.export import export, verify
 
     cfg, task, raw, tokenizer, features, model = _build(name, steps, batch_size, extra)
     dtype = memory.model_dtype(cfg)
+    # the run's estimate of its peak, where a run makes it (the model built, before the engine); padded rows' length
+    pad_to = ROWS[name][1]
+    lengths = {"train": {"length": [pad_to] * len(features["train"])}} if pad_to else features
+    estimate = memory_estimate.measure(cfg, model, lengths)
     dense_flops = flops_per_token(model)
     only_training = name.startswith("mem_")
 
@@ -114,6 +118,8 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "matmul_shapes": matmul_shapes(model, round(per_step / t.gradient_accumulation_steps * tokens / samples)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_mb": peak_mb, "loaded_mb": loaded_mb, "params": params, "dtype": dtype,
+        "estimate_mb": estimate.total / 2**20, "estimate_parts_mb": estimate.figures()["memory_estimate_parts_mb"],
+        "estimate_step_mb": estimate.step / 2**20,
         "metric": task.main_metric,
         "test_" + task.main_metric: metrics.get("test_" + task.main_metric, float("nan")),
         "generation_tokens_per_s": metrics.get("test_generation_new_tokens_per_second"),
@@ -124,6 +130,11 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     }
 
 
+def _estimate(row: dict) -> str:
+    """The run's estimate of its peak (finetune/memory_estimate.py) and its error against the measured peak."""
+    return f"{row['estimate_mb']:.0f} ({row['estimate_mb'] / row['peak_mb'] - 1:+.1%})"
+
+
 def _build(name: str, steps: int, batch_size: int, extra: list[str]) -> tuple:
     """What run.py builds before its engine, for one row: (cfg, task, raw splits, tokenizer, features, model)."""
     from transformers import set_seed
@@ -132,7 +143,8 @@ def _build(name: str, steps: int, batch_size: int, extra: list[str]) -> tuple:
     from finetune.tasks import get_task
     from finetune.tasks.base import auto_class
 
-    overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
+    # the bench makes the run's estimate itself (run_row), to print it beside the peak, and refuses no row
+    overrides, pad_to = [*row_overrides(name, steps, batch_size, extra), "trainer.memory_check=false"], ROWS[name][1]
     compose.register_configs()
     cfg = compose.compose(overrides)
     validate.config(cfg)
@@ -156,7 +168,7 @@ def _build(name: str, steps: int, batch_size: int, extra: list[str]) -> tuple:
     else:
         base = task.load_model(path, cfg.model, dtype)
     model = adapters.wrap(base, cfg.peft, task)
-    validate.training(cfg, model)
+    validate.training(cfg, model, features)
     return cfg, task, raw, tokenizer, features, model
 
 
@@ -258,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['model_flops_per_s'] / 1e9:.1f} GFLOP/s; matmul probe after it: best "
               f"{rates[best] / 1e9:.1f} GFLOP/s at {' x '.join(map(str, best))} (m x k x n), "
               f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes in {result['dtype']}", flush=True)
+        print(f"  peak {result['peak_mb']:.0f} MB, estimated {_estimate(result)}: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in result["estimate_parts_mb"].items())
+              + f"; training step {result['estimate_step_mb']:.0f}, loaded {result['loaded_mb']:.0f}", flush=True)
         results.append({**result, "row_seconds": row_seconds, "peak": rates[best]})
 
     _report(results, args.steps, args.batch_size)
@@ -271,26 +286,26 @@ def _report(results: list[dict], steps: int, batch_size: int) -> None:
     """The rows' tables: training rows, then memory rows."""
     print(f"\n{steps} steps x batch {batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
           "unless said\n")
-    print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU (MFLOP a token) "
+    print("| row | setup | samples/s | real tokens/s | peak RSS MB | estimate MB (error) | test metric | MFU (MFLOP a token) "
           "| eval samples/s (x train per token) "
           "| export + verify s | generated tokens/s | row s (training) | matmul peak GFLOP/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in (r for r in results if r["eval_samples_per_s"] is not None):
         gen = f"{r['generation_tokens_per_s']:.1f}" if r.get("generation_tokens_per_s") else "-"
         export_s = "-" if r["export_verify_s"] is None else f"{r['export_verify_s']:.1f}"
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['samples_per_s']:.3g} | {r['real_tokens_per_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
+              f"{r['peak_rss_mb']:.0f} | {_estimate(r)} | {r['metric']} {r['test_' + r['metric']]:.4f} | "
               f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | "
               f"{r['eval_samples_per_s']:.1f} ({r['eval_tokens_per_s'] / r['real_tokens_per_s']:.1f}x) | {export_s} | "
               f"{gen} | {r['row_seconds']:.0f} ({r['all_steps_seconds']:.3g}) | {r['peak'] / 1e9:.1f} |")
     memory_rows = [r for r in results if r["eval_samples_per_s"] is None]
     if memory_rows:
-        print("\n| row | setup | parameters | weights | loaded MB | peak MB | bytes/param total | above loaded "
-              "| real tokens/s | MFU (MFLOP a token) | train loss | row s |")
-        print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| row | setup | parameters | weights | loaded MB | peak MB | estimate MB (error) | bytes/param total "
+              "| above loaded | real tokens/s | MFU (MFLOP a token) | train loss | row s |")
+        print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in memory_rows:
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['loaded_mb']:.0f} | "
-              f"{r['peak_mb']:.0f} | {r['peak_mb'] * 2**20 / r['params']:.1f} | "
+              f"{r['peak_mb']:.0f} | {_estimate(r)} | {r['peak_mb'] * 2**20 / r['params']:.1f} | "
               f"{(r['peak_mb'] - r['loaded_mb']) * 2**20 / r['params']:.1f} | {r['real_tokens_per_s']:.0f} | "
               f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | {r['train_loss']:.4f} | "
               f"{r['row_seconds']:.0f} |")

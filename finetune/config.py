@@ -113,6 +113,9 @@ class TrainerConfig:
     # (a node open to new keys: trainer.optim_args.betas=[0.9,0.95] adds one, as trainer.optim_args={eps:1e-6} does)
     optim_args: Any = field(default_factory=lambda: DictConfig({}, flags={"struct": False}))
     optimizer_in_backward: bool = False
+    # estimate the run's peak memory before it trains and refuse, in one line, a run that would not fit in the memory
+    # available (docs/memory.md#estimate); false: train without the check
+    memory_check: bool = True
 
 
 @dataclass

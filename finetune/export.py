@@ -2,7 +2,9 @@
 
 model/ = safetensors weights + tokenizer + config.json (id2label) + README.md (model card with
 YAML metadata and results). It is written to a temp dir beside its target and renamed into place, with
-the permissions the user's umask gives (a temp dir is private: 0700).
+the permissions the user's umask gives (a temp dir is private: 0700). A write that fails (a full disk, a quota, no
+permission) removes the temp dir and is one line naming the path, the bytes the weights need and those free there;
+a temp dir that a killed export left behind is removed by the next export into the same directory.
 
 config.json gets a "finetune" entry: the task config, its main metric and the data column names the model was
 trained with, so `finetune.predict` / `finetune.evaluate` can rebuild the task from the exported directory alone.
@@ -20,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import adapters, assets
+from finetune import adapters, assets, disk
 from finetune.errors import FinetuneError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,14 @@ log = logging.getLogger(__name__)
 
 def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    for stale in target.parent.glob(f".{target.name}-*"):  # what a killed export left: never taken as an export
+        shutil.rmtree(stale, ignore_errors=True)
+    # the command line adds the resume=... hint when the run has checkpoints
+    needed, fix = _weight_bytes(model), "free some space there"
+    disk.check_room(target.parent, needed, "the exported model", fix)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         adapters.save_adapter(model, tmp / "adapter", _base_model(cfg))  # only for peft runs
         adapters.merge(model).save_pretrained(tmp)  # adapters folded in: loads without peft
         tokenizer.save_pretrained(tmp)
@@ -39,13 +47,37 @@ def export(model, tokenizer, task, cfg, metrics: dict[str, float], target: Path)
         check_card(card)
         card.save(tmp / "README.md")
         _umask_permissions(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _replace(tmp, target)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or (isinstance(e, Exception) and disk.is_full(e)):
+            raise disk.write_error(e, target, needed, "the exported model", fix) from e
         raise
     return target
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Put the finished export in place of an earlier one (a resumed run's): the earlier one is moved aside first,
+    so `target` is always either the earlier export or the new one, whole."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the weights the export writes (each shared tensor once), the bulk of model/."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
 
 
 def _record_task(model_dir: Path, task, cfg) -> None:

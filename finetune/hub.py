@@ -8,6 +8,11 @@ The token is huggingface_hub's own (HF_TOKEN, then the `hf auth login` cache): f
 is there and lets huggingface_hub send it; it never reads it into a config, log, metrics file or pushed file.
 After a push, the local metrics.json gains hub_repo / hub_url / hub_revision / hub_commit (the pushed copy is
 the one written before the push: a file cannot name the commit that contains it).
+
+A push that fails or is killed midway leaves the Hub repo as it was (upload_folder's commit is all or nothing) and
+is retried with the same command, nothing to clean up: the hard-link folder a killed push left beside the run is
+removed by the next push from this machine, and files the Hub already holds are not sent again (a push killed after
+its commit, before recording it, makes no second commit: the retry records the first).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +64,7 @@ def push(run_dir: Path, hub_cfg) -> dict[str, str]:
     from huggingface_hub import HfApi, constants
 
     api = HfApi()
+    _remove_stale_staging(run_dir)
     log.info("pushing %d files (%s) to %s", len(sizes), _size(sum(s for _, s in sizes)), target)
     try:
         url = api.create_repo(repo, private=hub_cfg.private, exist_ok=True)
@@ -88,7 +95,8 @@ def default_message(run_dir: Path) -> str:
 @contextmanager
 def _staged(listing: list[tuple[str, Path]], run_dir: Path) -> Iterator[Path]:
     """The files laid out as the repo will hold them (hard links, beside the run): upload_folder takes one folder."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}-push-", dir=run_dir.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(run_dir)}{os.getpid()}@{socket.gethostname()}-",
+                                   dir=run_dir.parent))
     try:
         for name, path in listing:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +107,30 @@ def _staged(listing: list[tuple[str, Path]], run_dir: Path) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _staging_prefix(run_dir: Path) -> str:
+    return f".{run_dir.name}-push-"
+
+
+def _remove_stale_staging(run_dir: Path) -> None:
+    """Remove the staging folders of pushes of this run that were killed on this machine (their process is gone)."""
+    host = socket.gethostname()
+    for folder in run_dir.parent.glob(f"{_staging_prefix(run_dir)}*@*"):
+        owner = folder.name.removeprefix(_staging_prefix(run_dir)).rsplit("-", 1)[0]
+        pid, _, owner_host = owner.partition("@")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _explain(e: Exception, repo: str, run_dir: Path, hub_cfg, endpoint: str) -> str:

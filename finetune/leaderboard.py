@@ -6,6 +6,8 @@ runtime, training samples/s, status), leaderboard.png (the validation metric aga
 for an Optuna search the best value over trials) and `best`, a link to the best trial's model directory.
 Trials are ranked on the validation split only: the test split plays no part in choosing the best. Finished
 trials come first, then pruned ones (by the value they were stopped at), then failed and unfinished ones.
+Two launches continuing one sweep directory at once both write it when they end (each file replaced whole): the
+last to end ranks every trial of both.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from finetune.sweep import TRIAL_FILE
+from finetune.report import write_text
+from finetune.trials import LAUNCH_ENV, TRIAL_FILE, this_launch
+from finetune.trials import read as read_trial
 
-failed_trials: list[str] = []  # trial dirs of the sweep that just ended: set by the callback, read by the CLI
+failed_trials: list[str] = []  # this launch's failed trial dirs when its sweep ended: set by the callback, read by the CLI
 
 
 @dataclass
@@ -49,6 +52,10 @@ class Board:
     @property
     def failed(self) -> list[dict]:
         return [r for r in self.rows if r["status"] not in ("ok", "pruned")]
+
+    def failed_in(self, launch: str) -> list[dict]:
+        """The failed or unfinished trials this launch ran (a record without a launch: an older one's, counted)."""
+        return [r for r in self.failed if r["launch"] in (None, launch)]
 
     @property
     def pruned(self) -> list[dict]:
@@ -111,12 +118,12 @@ class Board:
     def write(self, sweep_dir: Path | None = None) -> None:
         sweep_dir = sweep_dir or self.sweep_dir
         self.plot(sweep_dir / "leaderboard.png")
-        _write_text(sweep_dir / "leaderboard.md", self.markdown())
-        _write_text(sweep_dir / "leaderboard.csv", self.csv())
+        write_text(sweep_dir / "leaderboard.md", self.markdown())
+        write_text(sweep_dir / "leaderboard.csv", self.csv())
         link = sweep_dir / "best"
         best = self.best
         if best and (best["dir"] / "model").is_dir():
-            tmp = sweep_dir / ".best.tmp"
+            tmp = sweep_dir / f".best.{os.getpid()}.tmp"  # another launch of this sweep may write its own
             tmp.unlink(missing_ok=True)
             os.symlink(os.path.relpath(best["dir"] / "model", sweep_dir), tmp)
             os.replace(tmp, link)  # atomic: the link never points nowhere
@@ -176,7 +183,7 @@ class Board:
         name = textwrap.fill(self.sweep_dir.name, width=int(width * 15), break_on_hyphens=False)
         fig.text(0.5, 1 - 0.32 / height, name, fontsize=8, color="0.35", ha="center", va="top")
         fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 + 0.13 * name.count("\n")) / height))
-        tmp = path.with_name(f".{path.name}.tmp.png")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
         os.replace(tmp, path)
@@ -211,7 +218,7 @@ def build(sweep_dir: Path) -> Board | None:
 
 
 def _row(trial_dir: Path) -> dict:
-    record = _read_json(trial_dir / TRIAL_FILE)
+    record = read_trial(trial_dir)
     overrides = record.get("overrides")
     if overrides is None:  # killed before it wrote its record: Hydra's copy of the trial's overrides
         overrides = yaml.safe_load((trial_dir / ".hydra" / "overrides.yaml").read_text()) or []
@@ -225,6 +232,7 @@ def _row(trial_dir: Path) -> dict:
             "error": record.get("error") or ("never finished: killed, or still running" if status == "running" else None),
             "objective": record.get("objective"), "direction": record.get("direction"), "step": record.get("step"),
             "validation": record.get("value"), "metrics": _read_json(trial_dir / "metrics.json"),
+            "launch": record.get("launch"),
             "runtime_s": _read_json(trial_dir / "metrics.json").get("total_runtime_s", record.get("runtime_s")),
             "samples_per_s": _read_json(trial_dir / "metrics.json").get("train_samples_per_second")}
 
@@ -299,14 +307,12 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class LeaderboardCallback(Callback):
-    """hydra.callbacks.leaderboard (configs/config.yaml): ranks the trials when a sweep ends."""
+    """hydra.callbacks.leaderboard (configs/config.yaml): names this launch to its jobs when a sweep starts, ranks the
+    trials when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        os.environ[LAUNCH_ENV] = this_launch()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -315,7 +321,7 @@ class LeaderboardCallback(Callback):
             return
         print(board.table(), flush=True)
         board.write(sweep_dir)
-        failed_trials[:] = [str(row["dir"]) for row in board.failed]
+        failed_trials[:] = [str(row["dir"]) for row in board.failed_in(this_launch())]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,9 +49,6 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
         if resume_from is None:
             raise FinetuneError(f"nothing to resume in {run_dir}: it has no complete checkpoint")
         log.info("resuming %s from %s", run_dir, resume_from.name)
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / resume.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     task = get_task(cfg.task)
     model_path = assets.resolve(cfg.model.name_or_path)
@@ -65,7 +62,10 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
         return adapters.wrap(task.load_model(model_path, cfg.model, dtype), cfg.peft, task)
 
     model = build()
-    validate.training(cfg, model)
+    estimate = validate.training(cfg, model, features)  # the memory check last; then the run writes
+    if main and resume_from is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report.write_text(run_dir / resume.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     params = adapters.parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", params["trainable_params"], params["total_params"],
              100 * params["trainable_params"] / params["total_params"])
@@ -96,7 +96,7 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     del model, trained, engine  # the export was their last use: the pipeline check's copy takes their memory
     cpu.release_freed_memory()
     if main:
-        _verify_and_report(cfg, run_dir, task, model_dir, history, raw, metrics, start, (loaded_mb, peaks))
+        _verify_and_report(cfg, run_dir, task, model_dir, history, raw, metrics, start, (loaded_mb, peaks, estimate))
     # the other processes wait for the export, then all leave the process group together: a process that
     # exits while gloo's threads still run aborts ("terminate called without an active exception")
     state.wait_for_everyone()
@@ -155,14 +155,15 @@ def _whole_model(engine, build, main: bool):
 
 
 def _verify_and_report(cfg, run_dir: Path, task, model_dir: Path, history: list[dict], raw, metrics: dict,
-                       start: float, memory_so_far: tuple[float, list[float]]) -> None:
+                       start: float, memory_so_far: tuple[float, list[float], dict]) -> None:
     interrupt.check("before the pipeline check")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)
-    loaded_mb, peaks = memory_so_far
+    loaded_mb, peaks, estimate = memory_so_far
     peaks = [memory.peak_mb(), *peaks[1:]]  # the main process's own includes the export and its check
     metrics.update(memory.figures(loaded_mb, peaks, metrics["total_params"]))
+    metrics.update(estimate)  # the estimate made before training, beside the measured peak
 
     report.write_json(run_dir / "metrics.json", metrics)
     if task.samples():

@@ -9,8 +9,8 @@ does not stop the sweep: the task function returns None, which Hydra's grid swee
 records as a failed trial. Under the Optuna sweeper with a storage, the trial attaches to its Optuna trial and
 reports the validation main metric of every evaluation (step = the evaluation's number: 1, 2, ...); when the pruner
 says stop, training ends there, the trial keeps no checkpoints and no export, and the task function returns the
-optuna.TrialPruned, which the sweeper records as PRUNED. At the end, the leaderboard callback (finetune/leaderboard.py) ranks
-the trials and the CLI exits 1 when any trial failed (pruned trials are not failures).
+optuna.TrialPruned, which the sweeper records as PRUNED. At the end, the leaderboard callback (finetune/leaderboard.py)
+ranks the trials and the CLI exits 1 when any trial of this launch failed (pruned trials are not failures).
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import validate
+from finetune import trials, validate
 from finetune.engines import CHECKPOINTS
 from finetune.errors import FinetuneError
-from finetune.report import write_json
 from finetune.tasks import task_class
 
 log = logging.getLogger("finetune")
-
-TRIAL_FILE = "trial.json"
 
 
 def direction(task_name: str) -> str:
@@ -52,9 +49,10 @@ def run_trial(cfg: DictConfig, run_dir: Path):
     from finetune.run import run  # (the training libraries: imported when a trial runs, not to resolve a config)
 
     hydra = HydraConfig.get()
-    record: dict = {"trial": hydra.job.num, "status": "running", "overrides": list(hydra.overrides.task)}
+    record: dict = {"trial": hydra.job.num, "status": "running", "overrides": list(hydra.overrides.task),
+                    "launch": trials.this_launch()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / TRIAL_FILE, record)
+    trials.write(run_dir, record)
     start = time.perf_counter()
     reporter = None
     try:
@@ -86,7 +84,7 @@ def run_trial(cfg: DictConfig, run_dir: Path):
         return None
     finally:
         record["runtime_s"] = round(time.perf_counter() - start, 1)
-        write_json(run_dir / TRIAL_FILE, record)
+        trials.write(run_dir, record)
         _free_memory()
 
 
@@ -94,8 +92,8 @@ class Reporter:
     """engine on_evaluate for a trial of the Optuna sweeper: reports each validation main metric to the trial (step =
     the evaluation's number) and raises optuna.TrialPruned when the study's pruner says so."""
 
-    def __init__(self, trial):
-        self.trial, self.step, self.value = trial, 0, None
+    def __init__(self, trial, storage: str):
+        self.trial, self.storage, self.step, self.value = trial, storage, 0, None
 
     @classmethod
     def for_job(cls, hydra) -> Reporter | None:
@@ -105,14 +103,18 @@ class Reporter:
             return None
         from hydra_plugins.finetune_sweeper._study import attach
 
-        return cls(attach(sweeper, hydra.job.num))  # job number = trial number (the sweeper launches them so)
+        return cls(attach(sweeper, hydra.job.num), sweeper.storage)  # job number = trial number (as launched)
 
     def __call__(self, value: float) -> None:
         import optuna
 
+        from hydra_plugins.finetune_sweeper._study import storage_errors
+
         self.step, self.value = self.step + 1, float(value)
-        self.trial.report(self.value, self.step)
-        if self.trial.should_prune():
+        with storage_errors(self.storage):
+            self.trial.report(self.value, self.step)
+            stop = self.trial.should_prune()
+        if stop:
             raise optuna.TrialPruned(f"pruned at evaluation {self.step} ({self.value:.4g})")
 
     @staticmethod

@@ -2,7 +2,8 @@
 
     validate.config(cfg)            the composed config's values: before anything is written (the command line runs
                                     it before it creates the run directory; a sweep's trial before it runs)
-    validate.training(cfg, model)   what needs the model and the launch: before the engine is made (run.py)
+    validate.training(cfg, model, features)   what needs the model, the data and the launch, the memory check last:
+                                    before the engine is made and anything is written (run.py)
 
 A failed check raises FinetuneError: one line naming the setting and the fix (the command line exits 2).
 A task checks its own task.* and data.* values (Task.check_config); this module calls it.
@@ -168,8 +169,10 @@ def card_names(cfg) -> None:
                                 "of letters, digits, '-', '_' and '.' (or <owner>/<name>), or leave it unset") from e
 
 
-def training(cfg, built_model) -> None:
-    """What needs the model and the launch's processes, before the engine is made."""
+def training(cfg, built_model, features) -> dict:
+    """What needs the model, the tokenized data and the launch's processes, before the engine is made; last, the run's
+    estimated peak memory against the memory available (finetune/memory_estimate.py; trainer.memory_check=false
+    skips it). Returns the estimate's figures for metrics.json ({} when it was not made)."""
     base = base_model(built_model)
     if cfg.trainer.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
         raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
@@ -181,6 +184,14 @@ def training(cfg, built_model) -> None:
         if not torch.cuda.is_available():
             raise FinetuneError(f"trainer.mixed_precision={cfg.trainer.mixed_precision} needs a GPU; use auto or no "
                                 "on CPU")
+    if not cfg.trainer.memory_check:
+        return {}
+    from finetune import (
+        memory_estimate,  # (torch: imported by the run, not to check a config)
+    )
+
+    estimate = memory_estimate.check(cfg, built_model, features)
+    return estimate.figures() if estimate is not None else {}
 
 
 def fsdp(t) -> None:

@@ -10,7 +10,10 @@ import pytest
 from finetune.export import VerificationError, export, verify
 from finetune.tasks import get_task
 from finetune.tasks.base import Task
+from finetune import disk
+from finetune.errors import FinetuneError
 from helpers.cli import compose_cfg
+from helpers.data import file_hashes
 
 
 class _Task(Task):
@@ -82,3 +85,35 @@ def test_classification_round_trip_through_pipeline(tmp_path, tiny_bert):
         logits = model(**tokenizer(list(raw["text"]), return_tensors="pt", padding=True)).logits.numpy()
     expected = float(np.mean(np.argmax(logits, -1) == np.array(list(raw["label"]))))
     assert scores["accuracy"] == pytest.approx(expected)
+
+
+# --- faults: a killed export's leftovers, too little room (a full disk midway: tests/test_faults.py) -------------
+def test_a_killed_exports_temp_dir_is_removed_and_an_earlier_export_replaced_whole(tmp_path, tiny_bert):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = compose_cfg(f"model={tiny_bert}")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    stale = tmp_path / ".model-k1ll3d"  # a kill mid-export left it
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    export(model, tokenizer, _Task(), cfg, {}, tmp_path / "model")
+    first = file_hashes(tmp_path / "model")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    (tmp_path / "model" / "extra.txt").write_text("from the first export")
+    export(model, tokenizer, _Task(), cfg, {}, tmp_path / "model")  # a resumed run exports again
+    assert file_hashes(tmp_path / "model") == first and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_too_little_room_for_the_export_is_refused_before_writing(tmp_path, tiny_bert, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = compose_cfg(f"model={tiny_bert}")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 1000)
+    with pytest.raises(FinetuneError) as info:
+        export(model, AutoTokenizer.from_pretrained(tiny_bert), _Task(), cfg, {}, tmp_path / "model")
+    assert str(info.value) == (f"not enough space to write the exported model to {tmp_path}: it needs about "
+                               f"{disk.size(weights)}, 1.0 kB free there; free some space there")
+    assert list(tmp_path.iterdir()) == []

@@ -218,3 +218,55 @@ def test_hub_configs_compose():
     assert cfg.hub.push and cfg.hub.private and cfg.hub.revision == "dev" and cfg.hub.dry_run
     assert not compose_cfg().hub.push
     assert yaml.safe_load((REPO / "configs" / "hub" / "push.yaml").read_text())["push"] is True
+
+
+def test_a_push_killed_midway_is_retried_into_one_complete_commit(run_copy, tmp_path, monkeypatch, capsys):
+    """SIGKILL while the weights are on their way (the fake Hub holds their upload): no commit, the run as it was, a
+    staging folder left behind; the same command again makes one commit of everything and removes that folder."""
+    before = snapshot(run_copy)
+    staging = f".{run_copy.name}-push-*"
+    with FakeHub(hold={"/lfs/": "before"}) as hub:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune.push", str(run_copy), "--repo-id", "me/retry"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO), **hub_env(hub.url, tmp_path / "home")})
+        try:
+            assert hub.holding.wait(timeout=240), proc.stderr.read() if proc.poll() is not None else "no upload"
+        finally:
+            proc.kill()
+            proc.communicate(timeout=60)
+        hub.hold, _ = {}, hub.release.set()
+        assert hub.commits == [] and snapshot(run_copy) == before
+        assert list(run_copy.parent.glob(staging))  # what the killed push left beside the run
+        code, err = push_in_process(run_copy, hub.url, monkeypatch, capsys)
+        assert code == 0, err
+        (commit,) = hub.commits
+        assert set(commit["files"]) == set(expected_files(run_copy)) | {"metrics.json"}
+        assert {k: v for k, v in hub.files("me/retry").items() if k != "metrics.json"} == expected_files(run_copy)
+    assert json.loads((run_copy / "metrics.json").read_text())["hub_commit"] == commit["oid"]
+    assert not list(run_copy.parent.glob(staging))
+
+
+def test_a_push_stopped_after_its_commit_is_not_committed_twice(run_copy, monkeypatch, capsys):
+    """Stopped (Ctrl-C) after the Hub made the commit, before metrics.json recorded it: the retry sends nothing again,
+    makes no second commit and records the first."""
+    from finetune import report
+
+    record = report.write_json
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with FakeHub() as hub:
+        monkeypatch.setattr(report, "write_json", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            push_in_process(run_copy, hub.url, monkeypatch, capsys)
+        (commit,) = hub.commits
+        monkeypatch.setattr(report, "write_json", record)
+        uploads = len([r for r in hub.requests if r["path"].startswith("/lfs/")])
+        code, err = push_in_process(run_copy, hub.url, monkeypatch, capsys)
+        assert code == 0, err
+        assert hub.commits == [commit]  # still one commit
+        assert len([r for r in hub.requests if r["path"].startswith("/lfs/")]) == uploads  # the weights not sent again
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["hub_commit"] == commit["oid"] and metrics["hub_revision"] == "main"
+    assert not list(run_copy.parent.glob(f".{run_copy.name}-push-*"))

@@ -42,10 +42,14 @@ def test_auto_dtype(tiny_llama, monkeypatch):
     assert memory.model_dtype(lora) == "bfloat16"  # the frozen base
 
 
-def test_full_fine_tuning_in_16_bits_is_warned(tiny_llama, caplog):
-    cfg, _ = _generation(tiny_llama, "model.dtype=bfloat16")
-    assert memory.model_dtype(cfg) == "bfloat16"
-    assert "pure bfloat16" in caplog.text
+def test_full_fine_tuning_in_float16_is_warned_and_in_bfloat16_rounds_stochastically(tiny_llama, caplog):
+    with caplog.at_level("INFO", logger=memory.log.name):
+        assert memory.model_dtype(_generation(tiny_llama, "model.dtype=float16")[0]) == "float16"
+        assert [r.levelname for r in caplog.records] == ["WARNING"] and "trains in pure float16" in caplog.text
+        caplog.clear()
+        assert memory.model_dtype(_generation(tiny_llama, "model.dtype=bfloat16")[0]) == "bfloat16"
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "rounded back to bfloat16 stochastically" in caplog.text
 
 
 def test_bad_dtype_is_a_one_line_error(tmp_path, monkeypatch, capfd):
@@ -87,6 +91,7 @@ def test_lora_on_a_bf16_base_exports_in_bf16_and_passes_its_pipeline_check(tiny_
     assert metrics["memory_measure"] == "peak RSS" and len(metrics["peak_memory_mb_per_process"]) == 1
     assert metrics["peak_memory_mb"] == metrics["peak_memory_mb_per_process"][0] > metrics["model_loaded_memory_mb"] > 0
     assert metrics["num_parameters"] == metrics["total_params"]
+    assert metrics["memory_available_mb"] > metrics["memory_estimate_mb"] > 0  # estimated before training
     assert metrics["bytes_per_parameter"] == pytest.approx(metrics["peak_memory_mb"] * 2**20 / metrics["total_params"],
                                                            rel=1e-2)
 
@@ -148,4 +153,4 @@ def test_checkpointing_a_model_without_support_is_an_error(tiny_llama, tmp_path)
     model.supports_gradient_checkpointing = False
     with pytest.raises(FinetuneError, match="LlamaForCausalLM does not support gradient checkpointing; set "
                                             "trainer.gradient_checkpointing=false"):
-        validate.training(cfg, model)
+        validate.training(cfg, model, None)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
+import time
 
 import pytest
 
 from helpers.data import scalars
 from helpers.processes import run_cli
-from helpers.sweeps import TINY, fake_trial, trial_config, trial_record
+from helpers.processes import REPO
+from helpers.sweeps import TINY, fake_trial, run_sweeper, trial_config, trial_record
 
 
 # --- the search space -------------------------------------------------------------------------------------
@@ -57,46 +60,11 @@ def test_fixed_overrides_pass_through_and_bad_forms_are_one_line_errors():
 
 
 # --- the sweeper's loop, with a stand-in launcher (no training) ---------------------------------------------
-class FakeLauncher:
-    """Runs each job as outcome(its overrides as a dict): a value, None (the trial failed and said so), an
-    optuna.TrialPruned (returned, as a pruned trial does), or an exception it raises (Hydra marks the job FAILED)."""
-
-    def __init__(self, outcome):
-        self.outcome, self.calls = outcome, []
-
-    def launch(self, job_overrides, initial_job_idx):
-        from hydra.core.utils import JobReturn, JobStatus
-
-        self.calls.append((initial_job_idx, [list(o) for o in job_overrides]))
-        returns = []
-        for overrides in job_overrides:
-            try:
-                value = self.outcome(dict(o.split("=", 1) for o in overrides))
-                returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value=value))
-            except Exception as e:
-                returns.append(JobReturn(status=JobStatus.FAILED, _return_value=e))
-        return returns
-
-
-def _sweep(tmp_path, outcome, arguments=(), **settings):
-    from omegaconf import OmegaConf
-
-    from hydra_plugins.finetune_sweeper import FinetuneOptunaConf, FinetuneOptunaSweeper
-
-    cfg = OmegaConf.merge(OmegaConf.structured(FinetuneOptunaConf), {
-        "storage": f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}", "n_trials": 4, "n_jobs": 2,
-        "sampler": {"seed": 0}, "params": {"x": "interval(0.0, 1.0)", "seed": 3}, **settings})
-    sweeper = FinetuneOptunaSweeper(**{k: v for k, v in cfg.items() if k != "_target_"})
-    sweeper.launcher = FakeLauncher(outcome)
-    sweeper.sweep(list(arguments))
-    return sweeper.launcher.calls
-
-
 def test_the_sweeper_asks_in_batches_tells_each_outcome_and_counts_the_whole_study(tmp_path):
     import optuna
 
     results = iter([0.5, None, optuna.TrialPruned(), 0.75])
-    calls = _sweep(tmp_path, lambda params: next(results), arguments=["peft=lora", "n=1,2"])
+    calls = run_sweeper(tmp_path, lambda params: next(results), arguments=["peft=lora", "n=1,2"])
     assert [(first, len(batch)) for first, batch in calls] == [(0, 2), (2, 2)]  # job numbers = trial numbers
     overrides = calls[0][1][0]
     assert overrides[:2] == [o for o in overrides if o.split("=")[0] in ("x", "n")]  # the sampled ones first
@@ -108,21 +76,137 @@ def test_the_sweeper_asks_in_batches_tells_each_outcome_and_counts_the_whole_stu
     # a killed launch left trial 4 running: marked failed, and replaced: n_trials counts the study's finished trials
     study.ask()
     results = iter([0.1, 0.2])
-    calls = _sweep(tmp_path, lambda params: next(results), n_trials=6)
+    calls = run_sweeper(tmp_path, lambda params: next(results), n_trials=6)
     assert [(first, len(batch)) for first, batch in calls] == [(5, 2)]  # numbered on after the study's trials
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
     assert [t.state.name for t in study.trials][4:] == ["FAIL", "COMPLETE", "COMPLETE"]
-    assert _sweep(tmp_path, lambda params: pytest.fail("the study is complete"), n_trials=6) == []
+    assert run_sweeper(tmp_path, lambda params: pytest.fail("the study is complete"), n_trials=6) == []
 
 
 def test_the_search_stops_past_its_failure_rate(tmp_path):
     def crash(params):
         raise RuntimeError("the job crashed")
 
-    calls = _sweep(tmp_path, crash, n_trials=6, max_failure_rate=0.5)
+    calls = run_sweeper(tmp_path, crash, n_trials=6, max_failure_rate=0.5)
     assert len(calls) == 1  # 2 of 2 failed (> 0.5): no second batch
-    calls = _sweep(tmp_path / "again", crash, n_trials=6)  # max_failure_rate=1.0: every trial runs
+    calls = run_sweeper(tmp_path / "again", crash, n_trials=6)  # max_failure_rate=1.0: every trial runs
     assert [len(batch) for _, batch in calls] == [2, 2, 2]
+
+
+# --- two launches continuing one study at once; sqlite's lock ------------------------------------------------
+LAUNCH = r"""
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from finetune import trials
+from helpers.sweeps import run_sweeper
+
+sweep = Path({sweep!r})
+
+def job(params, number):  # a trial: it writes its record in its directory, as finetune.sweep.run_trial does
+    value = round(float(params["x"]), 6)
+    (sweep / str(number)).mkdir()
+    trials.write(sweep / str(number), {{"trial": number, "status": "ok", "value": value, "launch": trials.this_launch(),
+                                      "objective": "validation_accuracy", "direction": "maximize",
+                                      "overrides": [f"x={{params['x']}}"]}})
+    time.sleep(0.2)
+    return value
+
+(sweep / f"ready-{{sys.argv[1]}}").touch()  # imported: both start asking at the same moment
+while not (sweep / "go").exists():
+    time.sleep(0.01)
+run_sweeper(sweep.parent, job, n_trials=10, n_jobs=2, numbered=True)
+"""
+
+
+def test_two_launches_continue_one_study_at_once(tmp_path):
+    """Two processes run the sweeper on one sweep directory (its sqlite study) at the same moment, their trials
+    interleaved: together they run n_trials trials, each once, in its own directory, and the leaderboard of the
+    directory ranks every one of them as the study records it."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from finetune.leaderboard import build
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    script = LAUNCH.format(tests=str(REPO / "tests"), sweep=str(sweep))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    deadline = time.time() + 120
+    while not all((sweep / f"ready-{i}").exists() for i in range(2)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    (sweep / "go").touch()
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.number for t in study.trials] == list(range(10))  # n_trials in all: none lost, none run twice
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    launches = {t.user_attrs["finetune_launch"] for t in study.trials}
+    assert len(launches) == 2  # both launches ran trials
+    board = build(sweep)
+    assert sorted(r["trial"] for r in board.rows) == list(range(10)) and board.failed == []
+    assert {r["trial"]: r["validation"] for r in board.rows} == {t.number: t.value for t in study.trials}
+    assert {r["trial"]: r["launch"].rpartition(":")[2] for r in board.rows} == {
+        t.number: t.user_attrs["finetune_launch"].rpartition(":")[2] for t in study.trials}
+
+
+def test_a_killed_launchs_running_trial_is_failed_a_live_ones_left_to_it(tmp_path):
+    import optuna
+
+    from hydra_plugins.finetune_sweeper import _study
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="search", storage=storage)
+    live, dead, _unknown, elsewhere = (study.ask() for _ in range(4))
+    live.set_user_attr(_study.OWNER, f"{socket.gethostname()}:{os.getpid()}")
+    dead.set_user_attr(_study.OWNER, f"{socket.gethostname()}:{_dead_pid()}")
+    elsewhere.set_user_attr(_study.OWNER, "another-host:1")
+    assert _study.fail_interrupted(study, _study.storage(storage)) == 2  # the dead launch's and the unnamed one
+    states = {t.number: (t.state.name, t.user_attrs.get(_study.INTERRUPTED)) for t in study.get_trials()}
+    assert states == {0: ("RUNNING", None), 1: ("FAIL", True), 2: ("FAIL", True), 3: ("RUNNING", None)}
+    assert [_study.counted(t) for t in study.get_trials()] == [True, False, False, True]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sqlite_locked_past_the_wait_is_one_line_and_a_shorter_lock_is_waited_out(tmp_path, monkeypatch):
+    import sqlite3
+    import threading
+
+    from finetune.errors import FinetuneError
+    from hydra_plugins.finetune_sweeper import _study
+
+    db = tmp_path / "sweep" / "optuna.db"
+    run_sweeper(tmp_path, lambda params: 0.5, n_trials=2)  # the study exists
+    monkeypatch.setattr(_study, "_SQLITE_TIMEOUT_S", 1)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing, and not letting go
+    try:
+        with pytest.raises(FinetuneError) as info:
+            run_sweeper(tmp_path, lambda params: 0.5, n_trials=4)
+    finally:
+        holder.execute("ROLLBACK")
+    assert str(info.value) == (
+        f"the study's sqlite file {db} stayed locked by other processes for 1 s; for many launches or trials writing "
+        "at once use a server storage (hydra.sweeper.storage=postgresql://<user>:<password>@<host>/<database> or "
+        "mysql+pymysql://...), or fewer at once")
+    monkeypatch.setattr(_study, "_SQLITE_TIMEOUT_S", 30)
+    holder.execute("BEGIN EXCLUSIVE")  # held for half a second: sqlite's busy wait retries until it is free
+    threading.Timer(0.5, lambda: holder.execute("ROLLBACK")).start()
+    calls = run_sweeper(tmp_path, lambda params: 0.5, n_trials=4)
+    assert [(first, len(batch)) for first, batch in calls] == [(2, 2)]
 
 
 # --- pruning ----------------------------------------------------------------------------------------------

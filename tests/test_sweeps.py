@@ -100,8 +100,8 @@ def test_optuna_search_resumes_from_its_storage(tiny_bert, sweep_work, monkeypat
     (sweep / "2" / "trial.json").write_text(json.dumps(killed))
 
     code, out, err = cli_main([*args, "hydra.sweeper.n_trials=3"], sweep_work, monkeypatch, capfd)
-    assert code == 1, err[-3000:]  # trial 2 never finished
-    assert "continuing study 'search': 2 trials finished, 1 interrupted, 1 to go" in out
+    assert code == 1, err[-3000:]  # trial 2 never finished (its record names no launch: counted as this one's)
+    assert "continuing study 'search': 2 trials finished, 0 running in other launches, 1 interrupted, 1 to go" in out
     study = optuna.load_study(study_name="search", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
     assert {n: (sweep / str(n) / "trial.json").read_text() for n in (0, 1)} == before  # not overwritten
@@ -155,6 +155,28 @@ def test_leaderboard_ranks_by_the_task_direction_and_marks_failures(tmp_path):
     table = board.table()
     assert "ranked by validation_perplexity (minimize)" in table
     assert "failed: training diverged: validation_loss is nan" in table and "unfinished: never finished" in table
+
+
+def test_a_launch_reports_its_own_failed_trials_not_another_launchs(tmp_path, monkeypatch):
+    """Two launches continuing one sweep: each exits 1 for the trials it ran that failed or never finished, not for
+    the other's (still running, or failed); the leaderboard it writes ranks every trial of both."""
+    from omegaconf import OmegaConf
+
+    from finetune import leaderboard, trials
+
+    sweep = tmp_path / "sweep"
+    acc = {"objective": "validation_accuracy", "direction": "maximize"}
+    monkeypatch.setenv(trials.LAUNCH_ENV, "here:1")
+    fake_trial(sweep, 0, ["seed=1"], {**acc, "status": "ok", "value": 0.7, "launch": "here:1"}, {})
+    fake_trial(sweep, 1, ["seed=2"], {**acc, "status": "failed", "error": "boom", "launch": "here:1"})
+    fake_trial(sweep, 2, ["seed=3"], {**acc, "status": "running", "launch": "here:1"})  # killed in this launch
+    fake_trial(sweep, 3, ["seed=4"], {**acc, "status": "running", "launch": "there:2"})  # the other, still running
+    fake_trial(sweep, 4, ["seed=5"], {**acc, "status": "failed", "error": "oom", "launch": "there:2"})
+    leaderboard.LeaderboardCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert leaderboard.failed_trials == [str(sweep / "1"), str(sweep / "2")]
+    rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2", "3", "4"]
+    assert not [p for p in sweep.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
 # --- one trial ---------------------------------------------------------------------------------------------

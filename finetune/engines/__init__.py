@@ -36,10 +36,9 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune import adapters
+from finetune import adapters, disk
 from finetune.cpu import release_freed_memory
 from finetune.engines.tracking import TENSORBOARD, TRACKERS  # noqa: F401  (the engines' names, for their users)
-from finetune.errors import FinetuneError, disk_error
 
 log = logging.getLogger("finetune.train")
 
@@ -199,17 +198,15 @@ def checkpoint_write(directory: Path, model, optimizer):
         tensors = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values()
                                           if hasattr(t, "element_size"))]
         size = sum(t.numel() * t.element_size() for t in tensors)
+        free = disk.free_bytes(directory)
         # torch.save's C++ stream reports a full disk as a RuntimeError ("iostream error"): the free space tells
-        free = shutil.disk_usage(directory.parent).free if directory.parent.is_dir() else size
-        why = disk_error(e) if isinstance(e, OSError) else None
-        if why is None and free >= size:
+        full = not disk.is_write_fault(e) and free is not None and free < size
+        if not (disk.is_write_fault(e) or full):
             raise
         shutil.rmtree(directory, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"no space left: {free / 2**20:,.1f} MB free"
         shown = directory.with_name(directory.name.removeprefix(".tmp-"))  # (trainer=accelerate writes a temp dir)
-        raise FinetuneError(f"cannot write the checkpoint {shown} ({reason}): it takes about {size / 2**20:,.1f} "
-                            "MB; free that much there, or lower trainer.save_total_limit; the earlier checkpoints are "
-                            "kept") from e
+        raise disk.write_error(e, shown, size, "the checkpoint", "free that much there, or lower "
+                               "trainer.save_total_limit; the earlier checkpoints are kept", full=full or None) from e
 
 
 def _state_is_whole(path: Path) -> bool:

@@ -6,7 +6,10 @@ as Hydra jobs numbered by their Optuna trial number (trial directory = trial num
 objective (COMPLETE), None (FAIL: the trial recorded why), or an optuna.TrialPruned it returns (PRUNED: the pruner
 stopped it; the job reported to its trial, see finetune/sweep.py). The study lives in `storage`; launching into the
 same sweep directory continues it: n_trials counts the whole study, the trials a killed launch left running are
-marked failed, and the seeded sampler is reseeded (it would replay the first launch's draws). Hydra loads plugins
+marked failed, and the seeded sampler is reseeded (it would replay the first launch's draws). Several launches may
+continue one study at once (the same sweep directory, or one storage URL): each trial records the launch that asked
+it (user attribute finetune_launch), the count and the asking happen under a lock beside an sqlite file, and each
+launch runs trials until the study holds n_trials, finished or running. Hydra loads plugins
 from `hydra_plugins.*` only; optuna is imported when a sweep starts, not when Hydra scans its plugins.
 """
 
@@ -78,9 +81,6 @@ class FinetuneOptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments) -> None:
-        import optuna
-        from optuna.trial import TrialState
-
         from hydra_plugins.finetune_sweeper import _space as space, _study as parts
 
         s = SimpleNamespace(**self.settings)
@@ -89,38 +89,58 @@ class FinetuneOptunaSweeper(Sweeper):
         distributions, fixed = space.search_space(params + list(arguments))
         if s.storage and s.storage.startswith("sqlite:///"):
             Path(s.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        sampler = parts.sampler(s.sampler)
-        study = optuna.create_study(study_name=s.study_name, storage=parts.storage(s.storage), sampler=sampler,
-                                    pruner=parts.pruner(s), direction=s.direction, load_if_exists=True)
-        trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state.is_finished() for t in trials)
-        if trials:
-            for t in trials:
-                if t.state == TrialState.RUNNING:  # its launch was killed: it will never report
-                    study.tell(t.number, state=TrialState.FAIL)
-            sampler.reseed_rng()  # the seeded sampler would replay the first launch's draws
-            log.info("continuing study '%s': %d trials finished, %d interrupted, %d to go", s.study_name, finished,
-                     len(trials) - finished, max(0, s.n_trials - finished))
-        to_go, launched, failed = s.n_trials - finished, 0, 0
-        while to_go > 0:
-            batch = [study.ask(fixed_distributions=distributions) for _ in range(min(s.n_jobs, to_go))]
-            numbers = [t.number for t in batch]
-            if numbers != list(range(numbers[0], numbers[0] + len(batch))):  # job number = trial number = its dir
-                raise RuntimeError(f"study '{s.study_name}' got trials {numbers} from another process: run one "
-                                   "launch per sweep directory")
-            overrides = [tuple(f"{k}={v}" for k, v in t.params.items()) + tuple(fixed) for t in batch]
-            returns = self.launcher.launch(overrides, initial_job_idx=numbers[0])
-            for trial, ret in zip(batch, returns):
-                failed += _tell(study, trial.number, ret) == TrialState.FAIL
-            launched += len(batch)
-            to_go -= len(batch)
-            if to_go > 0 and failed / launched > s.max_failure_rate:
-                log.error("stopping the search: %d of %d trials failed (hydra.sweeper.max_failure_rate=%s)", failed,
-                          launched, s.max_failure_rate)
+        with parts.storage_errors(s.storage):
+            self._search(s, distributions, fixed)
+
+    def _search(self, s: SimpleNamespace, distributions: dict, fixed: list) -> None:
+        from optuna.trial import TrialState
+
+        from finetune.trials import this_launch
+        from hydra_plugins.finetune_sweeper import _study as parts
+
+        with parts.asking(s.storage):  # (a new sqlite file gets its tables once)
+            rdb = parts.storage(s.storage)
+            study, existed = parts.open_study(s, rdb, parts.sampler(s.sampler), parts.pruner(s))
+            interrupted = parts.fail_interrupted(study, rdb) if existed else 0
+        if existed:
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state.is_finished() and parts.counted(t) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            log.info("continuing study '%s': %d trials finished, %d running in other launches, %d interrupted, %d to "
+                     "go", s.study_name, finished, running, interrupted, max(0, s.n_trials - finished - running))
+        launched, failed = 0, 0
+        while True:
+            with parts.asking(s.storage):  # count and ask at once: another launch may be asking too
+                room = s.n_trials - sum(parts.counted(t) for t in study.get_trials(deepcopy=False))
+                if room > 0 and launched and failed / launched > s.max_failure_rate:
+                    log.error("stopping the search: %d of %d trials failed (hydra.sweeper.max_failure_rate=%s)",
+                              failed, launched, s.max_failure_rate)
+                    break
+                batch = [study.ask(fixed_distributions=distributions) for _ in range(min(s.n_jobs, room))]
+                for trial in batch:
+                    trial.set_user_attr(parts.OWNER, this_launch())
+            if not batch:
                 break
+            for run in _consecutive(batch):  # job number = trial number = its directory
+                overrides = [tuple(f"{k}={v}" for k, v in t.params.items()) + tuple(fixed) for t in run]
+                returns = self.launcher.launch(overrides, initial_job_idx=run[0].number)
+                for trial, ret in zip(run, returns):
+                    failed += _tell(study, trial.number, ret) == TrialState.FAIL
+            launched += len(batch)
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             best = study.best_trial
             log.info("best trial %d: value %s, %s", best.number, best.value, best.params)
+
+
+def _consecutive(trials: list) -> list[list]:
+    """The trials in runs of consecutive numbers (another launch's asks can fall between them on a server storage)."""
+    runs: list[list] = []
+    for t in trials:
+        if runs and t.number == runs[-1][-1].number + 1:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
 
 
 def _check(s: SimpleNamespace) -> None:

@@ -1,5 +1,5 @@
 """Small data sets the tiny models learn in seconds (sentiment sentences, NER sentences, running text), the files the
-tests write them to, and readers of what a run writes (jsonl, TensorBoard events)."""
+tests write them to, and readers of what a run writes (jsonl, TensorBoard events, a directory's files byte for byte)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,11 @@ def scalars(folder: Path) -> dict[str, list]:
     acc = EventAccumulator(str(events))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """Each file under directory and its sha256: two directories equal byte for byte have the same."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}

@@ -7,11 +7,17 @@ huggingface_hub 2.4.0, without hf_xet: set HF_HUB_DISABLE_XET=1), and records wh
     POST /api/models/<repo>/branch/<branch>              create_branch
     POST /api/validate-yaml                              create_commit checks README.md metadata first
     POST /api/models/<repo>/preupload/<revision>         upload modes: *.safetensors go through LFS, the rest inline
-    POST /<repo>.git/info/lfs/objects/batch              LFS batch: where to PUT each large file
+    POST /<repo>.git/info/lfs/objects/batch              LFS batch: where to PUT each large file it lacks
     PUT  /lfs/<oid>                                      an LFS object (its sha256 is checked)
     POST /api/models/<repo>/commit/<revision>            the commit (NDJSON: header, file, lfsFile lines)
+    GET  /api/models/<repo>/revision/<revision>          the branch's head commit (upload_folder asks for it when
+                                                         every file is already there, as the Hub's preupload answer
+                                                         says through each existing file's oid)
 
 `FakeHub(fail={"/api/repos/create": 401})` answers that status on paths starting with the key instead.
+`FakeHub(hold={"/lfs/": "before"})` holds a request on such a path, before handling it ("before": nothing of it
+is recorded) or after ("after": recorded, not yet answered), until `hub.release` is set; `hub.holding` is set
+while one is held: a test kills the client then, as a crash or Ctrl-C midway through a push would.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ def hub_env(endpoint: str, home, token: str | None = HUB_SECRET) -> dict:
 
 
 class FakeHub:
-    def __init__(self, fail: dict[str, int] | None = None):
+    def __init__(self, fail: dict[str, int] | None = None, hold: dict[str, str] | None = None):
         self.fail = fail or {}
+        self.hold = hold or {}
+        self.holding, self.release = threading.Event(), threading.Event()
         self.requests: list[dict] = []  # method, path, headers of every request
-        self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "branches": {name: {path: bytes}}}
+        self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "branches": {name: {path: bytes}},
+        #                                   "heads": {branch: commit oid}}
         self.commits: list[dict] = []  # repo, branch, summary, files
         self.lfs: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -78,6 +87,9 @@ class FakeHub:
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         path = urlsplit(h.path).path
         body = _read_body(h)
+        held = next((when for prefix, when in self.hold.items() if path.startswith(prefix)), None)
+        if held == "before":
+            self._wait()
         with self._lock:
             self.requests.append({"method": method, "path": path, "headers": dict(h.headers)})
             for prefix, status in self.fail.items():
@@ -87,7 +99,16 @@ class FakeHub:
                 status, answer = self._route(method, path, body)
             except Exception as e:  # a malformed request: tell the client, keep serving
                 status, answer = 400, {"error": f"fake hub: {type(e).__name__}: {e}"}
-        _send(h, status, answer)
+        if held == "after":
+            self._wait()
+        try:
+            _send(h, status, answer)
+        except OSError:  # the client is gone (killed while held)
+            pass
+
+    def _wait(self) -> None:
+        self.holding.set()
+        self.release.wait(timeout=120)
 
     def _route(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
         if method == "POST" and path == "/api/repos/create":
@@ -95,18 +116,21 @@ class FakeHub:
             repo = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
             if repo in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"}
-            self.repos[repo] = {"private": payload.get("visibility") == "private", "branches": {"main": {}}}
+            self.repos[repo] = {"private": payload.get("visibility") == "private", "branches": {"main": {}},
+                                "heads": {}}
             return 200, {"url": f"{self.url}/{repo}", "name": repo}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
-        if method == "POST" and path.startswith("/api/models/"):
+        if path.startswith("/api/models/") and (method == "POST" or "/revision/" in path):
             parts = path.split("/")  # "", api, models, <namespace>, <name>, <action>, <revision>
             return self._repo_action(parts[5], "/".join(parts[3:5]), unquote("/".join(parts[6:])), body)
         if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
             objects = json.loads(body)["objects"]
+            # an object the server already holds gets no upload action (the LFS batch protocol): not sent again
             return 200, {"transfer": "basic", "objects": [
                 {"oid": o["oid"], "size": o["size"], "authenticated": True,
-                 "actions": {"upload": {"href": f"{self.url}/lfs/{o['oid']}"}}} for o in objects]}
+                 **({} if o["oid"] in self.lfs else {"actions": {"upload": {"href": f"{self.url}/lfs/{o['oid']}"}}})}
+                for o in objects]}
         if method == "PUT" and path.startswith("/lfs/"):
             oid = path.removeprefix("/lfs/")
             if hashlib.sha256(body).hexdigest() != oid:
@@ -119,17 +143,23 @@ class FakeHub:
         if repo not in self.repos:
             return 404, {"error": "Repository not found"}
         branches = self.repos[repo]["branches"]
+        heads = self.repos[repo]["heads"]
         if action == "branch":
             if revision in branches:
                 return 409, {"error": "Reference already exists"}
             branches[revision] = dict(branches["main"])
+            heads[revision] = heads.get("main")
             return 200, {}
         if revision not in branches:
             return 404, {"error": f"Invalid rev id: {revision}"}
+        if action == "revision":
+            return 200, {"id": repo, "sha": heads.get(revision), "private": self.repos[repo]["private"],
+                         "siblings": [{"rfilename": name} for name in sorted(branches[revision])]}
         if action == "preupload":
-            files = json.loads(body)["files"]
-            return 200, {"files": [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors")
-                                    else "regular", "shouldIgnore": False} for f in files]}
+            files, there = json.loads(body)["files"], branches[revision]
+            return 200, {"files": [{"path": f["path"], "uploadMode": _mode(f["path"]), "shouldIgnore": False,
+                                    "oid": _oid(f["path"], there[f["path"]]) if f["path"] in there else None}
+                                   for f in files]}
         if action == "commit":
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             header = next(line["value"] for line in lines if line["key"] == "header")
@@ -144,10 +174,22 @@ class FakeHub:
                     files[value["path"]] = self.lfs[value["oid"]]
             branches[revision].update(files)
             oid = hashlib.sha1(f"{repo}{revision}{len(self.commits)}".encode()).hexdigest()
+            heads[revision] = oid
             self.commits.append({"repo": repo, "branch": revision, "summary": header["summary"], "files": files,
                                  "oid": oid})
             return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid}
         return 404, {"error": f"fake hub: unknown action {action}"}
+
+
+def _mode(path: str) -> str:
+    return "lfs" if path.endswith(".safetensors") else "regular"
+
+
+def _oid(path: str, content: bytes) -> str:
+    """What the Hub's preupload answers for a file it already has: an LFS file's sha256, a regular file's git oid."""
+    if _mode(path) == "lfs":
+        return hashlib.sha256(content).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:

@@ -29,6 +29,20 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
                           text=True, timeout=timeout)
 
 
+def in_small_tmpfs(directory: Path, size: str, command: str, env: dict | None = None,
+                   timeout: int = 300) -> subprocess.CompletedProcess:
+    """`command` (sh) with `directory` a tmpfs of `size` (a real full disk), mounted in a user and mount namespace of
+    its own; stdout ends with `ls -A` of the directory as the command left it. Skipped where the machine allows no
+    such namespace."""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, check=False)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.skip("this machine does not allow mounting a size-limited tmpfs in a user namespace")
+    directory.mkdir(parents=True, exist_ok=True)
+    script = f"mount -t tmpfs -o size={size} tmpfs {directory} && {command}; rc=$?; ls -A {directory}; exit $rc"
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+
+
 def free_port() -> str:
     """A free port for a launch's rendezvous: other test runs on this machine may launch at the same time."""
     with socket.socket() as s:

@@ -1,5 +1,6 @@
 """Sweeps (python -m finetune -m ...) on the tiny BERT: a few optimizer steps a trial, the trial records a sweep
-writes, hand-made ones for the leaderboard, and the config one trial sees."""
+writes, hand-made ones for the leaderboard, the config one trial sees, and the Optuna sweeper's loop with a stand-in
+launcher (no training)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,40 @@ def trial_config(*hydra_overrides: str, num: int = 7):
         cfg.hydra.job.num = num
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+class FakeLauncher:
+    """Runs each job as outcome(its overrides as a dict): a value, None (the trial failed and said so), an
+    optuna.TrialPruned (returned, as a pruned trial does), or an exception it raises (Hydra marks the job FAILED)."""
+
+    def __init__(self, outcome, numbered=False):
+        self.outcome, self.numbered, self.calls = outcome, numbered, []
+
+    def launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        self.calls.append((initial_job_idx, [list(o) for o in job_overrides]))
+        returns = []
+        for number, overrides in enumerate(job_overrides, initial_job_idx):
+            try:
+                params = dict(o.split("=", 1) for o in overrides)
+                value = self.outcome(params, number) if self.numbered else self.outcome(params)
+                returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value=value))
+            except Exception as e:
+                returns.append(JobReturn(status=JobStatus.FAILED, _return_value=e))
+        return returns
+
+
+def run_sweeper(tmp_path, outcome, arguments=(), numbered=False, **settings):
+    """The sweeper on the study in tmp_path/sweep/optuna.db, its jobs run by outcome(params[, job number])."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.finetune_sweeper import FinetuneOptunaConf, FinetuneOptunaSweeper
+
+    cfg = OmegaConf.merge(OmegaConf.structured(FinetuneOptunaConf), {
+        "storage": f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}", "n_trials": 4, "n_jobs": 2,
+        "sampler": {"seed": 0}, "params": {"x": "interval(0.0, 1.0)", "seed": 3}, **settings})
+    sweeper = FinetuneOptunaSweeper(**{k: v for k, v in cfg.items() if k != "_target_"})
+    sweeper.launcher = FakeLauncher(outcome, numbered)
+    sweeper.sweep(list(arguments))
+    return sweeper.launcher.calls

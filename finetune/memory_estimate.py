@@ -1,0 +1,331 @@
+"""A run's peak memory, estimated before it trains, and the refusal of a run that would not fit.
+
+    estimate = memory_estimate.check(cfg, model, features)   # FinetuneError (exit 2) when it would not fit
+    metrics.update(estimate.figures())                      # memory_estimate_mb, beside peak_memory_mb
+
+The estimate (`estimate()`: the model, the config's settings, the largest micro-batch of the data) adds up:
+- weights: every parameter and buffer in its own dtype (a LoRA base loaded in bf16: 2 bytes a parameter);
+- gradients and AdamW's two moments: of the trainable parameters only, in their dtype;
+- activations: what autograd keeps for backward, counted on the model itself on two short probe batches
+  (finetune/memory_probe.py), scaled to the largest micro-batch (micro-batch x the longest example); with gradient
+  checkpointing, each layer's input plus one layer's activations;
+- the loss: one chunk of the output layer's logits and their gradients (trainer.lm_loss_chunk_size), or all of them;
+- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (HEAP_SLACK);
+- what the process holds besides the model when it is measured (libraries, tokenizer, data): its memory now less the
+  weights' resident bytes (on a GPU: torch's allocated bytes less the weights).
+A step peaks at the end of the forward pass (activations, the loss, and the gradients when micro-batches accumulate)
+or of the backward pass (every gradient); the optimizer states are held from the first update on. Evaluation keeps
+no activations and one chunk of logits (docs/memory.md): below a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+from finetune.memory_probe import Activations, probe, unique_tensors
+
+log = logging.getLogger(__name__)
+
+MB, GB = 2**20, 2**30
+# bytes of optimizer state a trained parameter's value keeps (finetune/optim.py; states in float32, also for a
+# bfloat16 weight); adafactor keeps a row and a column a matrix (_optimizer_bytes)
+STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
+# a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
+# and frees (more as batch shapes vary), this fraction of a forward pass's activations, fitted on the bench rows
+# (docs/benchmarks.md#memory-estimate); more with a frozen base (LoRA), whose backward pass allocates no weight
+# gradients to fill them. A GPU's max_memory_allocated counts live bytes only.
+HEAP_SLACK, HEAP_SLACK_FROZEN = 0.42, 0.76
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The config's settings the estimate depends on."""
+
+    micro_batch: int
+    accumulation: int = 1
+    checkpointing: bool = False
+    loss_chunk: int = 512  # tokens a chunk of a vocabulary head's loss; 0: the whole logits
+    autocast: str | None = None  # the dtype activations are computed in under mixed precision (GPU), else None
+    shards: int = 1  # processes a sharded model (FSDP, DeepSpeed ZeRO-3) is split over
+    optim: str = "adamw"  # trainer.optim
+    in_backward: bool = False  # trainer.optimizer_in_backward: each gradient is freed as its weight steps
+
+    @classmethod
+    def from_config(cls, cfg) -> Settings:
+        import torch
+
+        t = cfg.trainer
+        autocast = None
+        if torch.cuda.is_available() and t.mixed_precision != "no":
+            bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and torch.cuda.is_bf16_supported())
+            autocast = "bfloat16" if bf16 else "float16" if t.mixed_precision == "fp16" else None
+        sharded = t.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true" or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        return cls(micro_batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
+                   checkpointing=t.gradient_checkpointing, loss_chunk=t.lm_loss_chunk_size, autocast=autocast,
+                   shards=int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1, optim=t.optim,
+                   in_backward=t.optimizer_in_backward)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The largest micro-batch of the training data: length grouping puts the longest examples together (and without
+    it, a batch may hold them)."""
+
+    rows: int
+    tokens: int  # its length, padded
+    padded: bool = False  # its rows differ in length: the model gets an attention mask
+    labelled: int | None = None  # its tokens with a label (part of each example: a prompt has none); None: all
+
+    @classmethod
+    def of(cls, train, micro_batch: int) -> Batch:
+        """From a tokenized split with a `length` column (and `labels`, when the loss covers part of each example)."""
+        import numpy as np
+
+        lengths = np.asarray(train["length"])
+        longest = np.argsort(-lengths, kind="stable")[:micro_batch].tolist() if len(lengths) else []
+        top = lengths[longest] if longest else np.asarray([1])
+        labelled = None
+        if "labels" in getattr(train, "column_names", ()):
+            labels = train.select(longest)["labels"]
+            if all(isinstance(x, list) for x in labels):  # per token (a classifier's are one per example)
+                labelled = sum(sum(1 for t in x if t != -100) for x in labels)
+        return cls(rows=len(top), tokens=int(top.max()), padded=bool(top.min() != top.max()), labelled=labelled)
+
+
+@dataclass
+class Estimate:
+    """Bytes of each part of the peak; `total` is what the process is expected to reach."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+    overhead: float
+    step: float  # the training step's own peak above weights + optimizer states: activations + loss, or gradients
+    slack: float = 0.0  # the heap's room beyond its live bytes (HEAP_SLACK)
+    tokens: tuple[int, int] = (0, 0)  # the micro-batch it was sized for: rows x tokens
+    available: float | None = None  # what the process may use (set by measure() and check())
+    settings: Settings | None = None
+    train: object = field(default=None, repr=False)  # the training split it was sized for
+
+    @property
+    def total(self) -> float:
+        return self.overhead + self.weights + self.optimizer + self.step + self.slack
+
+    def figures(self) -> dict:
+        """metrics.json's entries: the estimate beside the measured peak_memory_mb, its parts, what was available."""
+        return {"memory_estimate_mb": round(self.total / MB, 1),
+                "memory_estimate_parts_mb": {k: round(v / MB, 1) for k, v in self.breakdown().items()},
+                "memory_available_mb": None if self.available is None else round(self.available / MB, 1)}
+
+    def breakdown(self) -> dict[str, float]:
+        return {"weights": self.weights, "optimizer states": self.optimizer, "training step": self.step,
+                "activations": self.activations, "loss": self.loss, "gradients": self.gradients,
+                "heap slack": self.slack, "libraries and data": self.overhead}
+
+    def describe(self) -> str:
+        """The parts, in words: weights + optimizer states + the training step's peak + libraries and data = total."""
+        inside = ", ".join(f"{name} {_gb(value)}" for name, value in (("activations", self.activations),
+                                                                       ("loss", self.loss),
+                                                                       ("gradients", self.gradients)) if value)
+        slack = f", heap slack {_gb(self.slack)}" if self.slack else ""
+        return (f"weights {_gb(self.weights)}, optimizer states {_gb(self.optimizer)}, a training step "
+                f"{_gb(self.step)} ({inside}){slack}, libraries and data {_gb(self.overhead)}")
+
+
+def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
+             activations: Activations | None = None, heap: bool = True) -> Estimate:
+    """The run's peak in bytes: the model (weights, and what training adds), its largest micro-batch, plus `overhead`
+    (the process's memory besides the model). `activations`: a probe of this model already taken (see probe());
+    `heap`: the memory is a process's heap (a CPU run), which keeps room beyond its live bytes (HEAP_SLACK)."""
+    rows, tokens = batch.rows, batch.tokens
+    if activations is None:
+        activations = probe(model, padded=batch.padded, autocast=settings.autocast)
+    trained = [p for p in unique_tensors(model, parameters=True) if p.requires_grad]
+    weights = sum(p.nbytes for p in unique_tensors(model, parameters=None)) / settings.shards
+    trainable = sum(p.nbytes for p in trained) / settings.shards
+    optimizer = _optimizer_bytes(trained, settings.optim) / settings.shards
+    # stepped inside backward, a weight's gradient is freed as soon as it is complete: one is held at a time
+    gradients = max((p.nbytes for p in trained), default=0) if settings.in_backward else trainable
+    kept = activations.kept(rows, tokens, settings.checkpointing)
+    recomputed = activations.recomputed(rows, tokens, settings.checkpointing)
+    labelled = rows * tokens if batch.labelled is None else batch.labelled
+    loss, held = _loss_bytes(model, labelled, settings.loss_chunk, settings.autocast)
+    # the forward pass's end (its activations and the loss), the backward pass's start under checkpointing (the
+    # top layer recomputed beside what the loss left for backward), or its end (every gradient; gradients grow as
+    # activations are freed); the earlier micro-batches' gradients are held through each when they accumulate
+    passes = max(kept + loss, kept + recomputed + held)
+    step = gradients + passes if settings.accumulation > 1 else max(passes, gradients)
+    slack = (HEAP_SLACK_FROZEN if trainable < weights / 2 else HEAP_SLACK) * activations.bytes(rows, tokens)
+    slack = slack if heap else 0.0
+    return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, step, slack, (rows, tokens))
+
+
+def _optimizer_bytes(trained, optim: str) -> float:
+    if optim == "adafactor":  # factored second moments: a row and a column of each matrix, a vector's own size
+        return float(sum(4 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in trained))
+    return float(STATE_BYTES.get(optim, 8) * sum(p.numel() for p in trained))
+
+
+def _loss_bytes(model, tokens: int, chunk: int, autocast: str | None) -> tuple[float, float]:
+    """A vocabulary head's loss (0 for other heads: a classifier's is small): (its peak at the end of the forward pass,
+    what it leaves for backward). Chunked: one chunk's logits, their float32 copy, log-softmax and its gradient, beside
+    the head's gradients and its input's, which it computes there and hands to backward. The model's own loss: all
+    the logits, their log-softmax and gradient (the head's gradients come in backward, with the others)."""
+    import torch
+
+    from finetune.adapters import base_model
+
+    head = base_model(model).get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return 0.0, 0.0
+    vocab, width = head.weight.shape
+    dtype = getattr(torch, autocast) if autocast else head.weight.dtype
+    per_logit = (dtype.itemsize + 4 if dtype.itemsize < 4 else 4) + 8  # logits (+ float32 copy), log-softmax, gradient
+    if not chunk:
+        return tokens * vocab * per_logit, tokens * vocab * per_logit
+    held = sum(p.nbytes for p in head.parameters() if p.requires_grad) + tokens * width * dtype.itemsize
+    return min(chunk, tokens) * vocab * per_logit + held, held
+
+
+def resident_weights(model) -> float:
+    """Bytes of the weights resident now: weights memory-mapped from a file (safetensors) count only as far as their
+    pages are in memory (Linux: /proc/self/smaps), the others in full."""
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in unique_tensors(model, None)
+               if t.device.type == "cpu"}
+    try:
+        with open("/proc/self/smaps") as f:
+            smaps = f.read().splitlines()
+    except OSError:
+        return float(sum(tensors.values()))
+    total, mapping = 0.0, None
+    mapped = set()
+    for line in smaps:
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 6 and fields[5].startswith("/"):  # a file-backed mapping
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            inside = [p for p in tensors if start <= p < end]
+            mapping = inside or None
+            mapped.update(inside)
+        elif "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            mapping = None
+        elif fields[0] == "Rss:" and mapping:
+            total += int(fields[1]) * 1024
+    return total + sum(size for p, size in tensors.items() if p not in mapped)
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.2f} GB" if value >= GB else f"{value / MB:.0f} MB"
+
+
+def check(cfg, model, features) -> Estimate | None:
+    """Estimate this run's peak before it trains and refuse it, in one line naming what lowers it, when the memory
+    available to this process (free RAM, or on a GPU machine the GPU's free memory, shared by this machine's
+    processes) cannot hold it. Call it with the model built (adapters included) and the data tokenized, before the
+    engine. None, with a warning, for a model the probe cannot run (nothing is checked then)."""
+    try:
+        found, activations = _measure(cfg, model, features)
+    except Exception as e:  # an architecture the probe's plain batch does not fit: the run goes on, unchecked
+        log.warning("memory check skipped: probing %s failed (%s: %s)", type(model).__name__, type(e).__name__,
+                    " ".join(str(e).split())[:200])
+        return None
+    log.info("memory estimate: %s at the peak (%s); %s available", _gb(found.total), found.describe(),
+             _gb(found.available))
+    if found.total > found.available:
+        raise FinetuneError(refusal(found, cfg, model, activations))
+    return found
+
+
+def measure(cfg, model, features) -> Estimate:
+    """The estimate and the memory available, without refusing anything (the bench compares it with its peaks)."""
+    return _measure(cfg, model, features)[0]
+
+
+def _measure(cfg, model, features) -> tuple[Estimate, Activations]:
+    settings = Settings.from_config(cfg)
+    batch = Batch.of(features["train"], settings.micro_batch)
+    activations = probe(model, padded=batch.padded, autocast=settings.autocast)
+    used, available = _usage_and_available()
+    gpu = _gpu() is not None
+    # what the process holds besides the model: on a GPU the engine has not moved the model there yet
+    resident = _weights_on_gpu(model) if gpu else resident_weights(model)
+    found = estimate(model, settings, batch, max(0.0, used - resident), activations, heap=not gpu)
+    found.available, found.settings, found.train = used + available, settings, features["train"]
+    return found, activations
+
+
+def refusal(found: Estimate, cfg, model, activations: Activations) -> str:
+    """The one line of a run that would not fit: the estimate, what is available, and the settings that lower it
+    (with the estimate each gives where this model alone tells it)."""
+    settings, gpu = found.settings, _gpu() is not None
+    rows, _ = found.tokens
+    options = []
+    if rows > 1:
+        half = replace(settings, micro_batch=rows // 2, accumulation=settings.accumulation * 2)
+        lower = estimate(model, half, Batch.of(found.train, rows // 2), found.overhead, activations, not gpu).total
+        options.append(f"trainer.per_device_train_batch_size={rows // 2} trainer.gradient_accumulation_steps="
+                       f"{half.accumulation} ({_gb(lower)})")
+    if not settings.checkpointing and activations.layers:
+        batch = Batch.of(found.train, settings.micro_batch)
+        lower = estimate(model, replace(settings, checkpointing=True), batch, found.overhead, activations, not gpu)
+        options.append(f"trainer.gradient_checkpointing=true ({_gb(lower.total)})")
+    if cfg.peft.method == "none":
+        options.append("peft=lora (no gradients or optimizer states for the frozen weights)")
+    if next(model.parameters()).dtype.itemsize > 2:
+        options.append("a 16-bit base: peft=lora model.dtype=bfloat16")
+    where = "GPU memory" if _gpu() is not None else "memory"
+    return (f"this run needs an estimated {_gb(found.total)} of {where} at its peak ({found.describe()}) but "
+            f"{_gb(found.available)} is available; lower it with {', '.join(options) or 'a smaller model'}, or skip "
+            "this check with trainer.memory_check=false")
+
+
+def _gpu() -> int | None:
+    """The GPU this process trains on (the engines take one when there is one), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+
+
+def _weights_on_gpu(model) -> float:
+    return float(sum(t.nbytes for t in unique_tensors(model, None) if t.device.type == "cuda"))
+
+
+def _usage_and_available() -> tuple[float, float]:
+    """(bytes this process uses now, bytes it may still take): on a GPU torch's allocated bytes and the device's free
+    memory (and what torch holds unused), on a CPU the resident set size and the free RAM (within a cgroup's limit),
+    shared by the processes of this machine on that device."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = _gpu()
+    if device is not None:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        sharing = max(1, local // torch.cuda.device_count())
+        allocated = torch.cuda.memory_allocated(device)
+        return float(allocated), (free + torch.cuda.memory_reserved(device) - allocated) / sharing
+    import psutil
+
+    free = psutil.virtual_memory().available
+    limit = _cgroup_room()
+    return float(psutil.Process().memory_info().rss), (free if limit is None else min(free, limit)) / local
+
+
+def _cgroup_room() -> float | None:
+    """What the cgroup (v2) of this process may still take, when it has a limit."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0.0, float(int(limit) - current))
