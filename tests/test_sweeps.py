@@ -262,7 +262,8 @@ class PerplexityTask:  # a stand-in for a language-modelling task: its main metr
 
 
 @pytest.mark.parametrize("search, direction", [("sentiment_optuna", "maximize"), ("ner_optuna", "maximize"),
-                                               ("qa_optuna", "maximize"), ("generation_optuna", "minimize")])
+                                               ("qa_optuna", "maximize"), ("generation_optuna", "minimize"),
+                                               ("preference_optuna", "maximize")])
 def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     from hydra import compose, initialize_config_dir
     from hydra_plugins.finetune_sweeper._space import search_space
