@@ -20,6 +20,11 @@ bench's time: docs/benchmarks.md#bench-table):
               a micro-batch), 6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
   summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step (1 a
               micro-batch), 4 steps; ROUGE-L and generation speed on 8 held-out abstracts
+  preference  task=preference (DPO): SmolLM2 fully fine-tuned on hh-rlhf harmless pairs (../shared/data), 4 pairs a
+              step (2 a micro-batch: 4 sequences), 4 steps, after the reference log-probs of its 32 training pairs;
+              test reward accuracy on 16 held-out pairs
+  preference_lora  the same with peft=lora (the reference is the model with its adapter disabled, in every step)
+  preference_two_pass  the same as preference with chosen and rejected in two forward passes (task.concatenate)
   mem_*       memory rows: task=generation on Hamlet's 512-token blocks, 2 steps, training only (no evaluation): peak
               memory, the memory once the model is loaded, bytes per parameter (in total and above the loaded model)
               and tokens/s. SmolLM2-135M full fine-tuning at the task's own micro-batch (mem_135m: 1 x 512 tokens);
@@ -68,6 +73,7 @@ WNUT = "{shared}/wnut17"
 SQUAD = "{shared}/squad_v1.1/train.json"
 MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
+HH_RLHF = "{shared}/hh_rlhf_harmless/pairs.jsonl.gz"
 
 # the tasks' own micro-batches (one 512-token block, one document, 4 pairs), fewer of them a step
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
@@ -77,6 +83,10 @@ _S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "
 # docs/benchmarks.md#bench-table)
 _MEM = ["task=generation", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1",
         "trainer.max_steps=2"]
+# 2 pairs a micro-batch (chosen and rejected: 4 sequences), 2 a step; the reference pass covers the 32 training pairs
+_PREF = ["task=preference", f"data.source={HH_RLHF}", "data.max_train_samples=32", "data.max_eval_samples=16",
+         "data.max_test_samples=16", "trainer.max_steps=4", "trainer.per_device_train_batch_size=2",
+         "trainer.gradient_accumulation_steps=2", "task.eval_prompts=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
 # name -> (config overrides, pad every example to this length or None, description)
@@ -101,6 +111,10 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=4",
                        "trainer.per_device_train_batch_size=1", "data.max_test_samples=8"],
                       None, "task=summarization, SmolLM2 on SciTLDR, 2 x 1 pair, 4 steps, 8 test abstracts"),
+    "preference": (_PREF, None, "task=preference (DPO), SmolLM2 full fine-tuning on hh-rlhf pairs, 4 x 2 x 2 pairs"),
+    "preference_lora": ([*_PREF, "peft=lora"], None, "the same with peft=lora (reference: the adapter disabled)"),
+    "preference_two_pass": ([*_PREF, "task.concatenate=false"], None,
+                            "the same as preference, chosen and rejected in two forward passes"),
     # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
     "mem_135m": (_MEM, None, "SmolLM2-135M full fine-tuning, the task's micro-batch (1 x 512 tokens), 2 steps"),
     "mem_135m_4x512": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
