@@ -50,7 +50,7 @@ class PreferenceTaskConfig(TaskConfig):
     orpo_lambda: float = 0.1  # orpo: the weight of the odds-ratio term beside the chosen answer's NLL
     simpo_gamma: float = 1.0  # simpo: the target reward margin
     sft_weight: float = 0.0  # dpo, ipo, simpo: plus this x the chosen answer's NLL per token (0: none)
-    concatenate: bool = True  # chosen and rejected in one forward pass (false: two; docs/benchmarks.md#preference)
+    concatenate: bool = True  # chosen and rejected in one forward pass (false: two; docs/benchmarks.md#preference-forward)
     eval_prompts: int = 4  # test prompts answered greedily before and after training (model card, export check)
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=48))
 
@@ -194,9 +194,9 @@ class PreferenceTask(Task):
         self.chunked = lm_loss.attach(model, 1, self.chunk_size)
         if not self.needs_reference:
             return features
-        lora = adapters.is_adapted(model)
+        lora, digest = adapters.is_adapted(model), scoring.weights_digest(model)
         features = DatasetDict({split: ds if split == "train" and lora else
-                                scoring.with_reference(model, ds, split, self.scoring)
+                                scoring.with_reference(model, ds, split, self.scoring, digest)
                                 for split, ds in features.items()})
         for split in features:
             if split != "train" and split in self._raw:  # (the check after export scores the test split again)

@@ -4,7 +4,7 @@ layer, a whole split scored in evaluation's batches, and the reference log-probs
     batch = collate(rows, pad)                        # chosen sequences, then rejected ones; targets: the answers
     log_probs(model, batch, concatenate, chunked)     # [2 x pairs], with gradients in training
     score(model, ds, how)                             # [pairs, 2] in inference mode (adapter_off: LoRA's base)
-    with_reference(model, ds, split, how)             # ds + ref_chosen, ref_rejected: computed once, then cached
+    with_reference(model, ds, split, how, digest)     # ds + ref_chosen, ref_rejected: computed once, then cached
 
 Torch and datasets are imported inside the functions (the task registry imports this module to read schemas).
 """
@@ -107,15 +107,14 @@ def score(model, ds, how: Scoring, adapter_off: bool = False):
     return values
 
 
-def with_reference(model, ds, split: str, how: Scoring):
+def with_reference(model, ds, split: str, how: Scoring, digest: str):
     """ds with the reference's log-probs of its answers (ref_chosen, ref_rejected): computed in one pass of the
-    model as it is now (adapter disabled), or read from datasets' cache, whose key is the pairs', the weights' and
-    the batching's."""
+    model as it is now (adapter disabled), or read from datasets' cache, whose key is the pairs', the weights'
+    (digest: weights_digest(model)) and the batching's."""
     from accelerate import PartialState
     from datasets.fingerprint import Hasher
 
-    fingerprint = Hasher.hash(("reference log-probs", ds._fingerprint, weights_digest(model), how.batch_size,
-                               how.concatenate))
+    fingerprint = Hasher.hash(("reference log-probs", ds._fingerprint, digest, how.batch_size, how.concatenate))
     computed: dict[str, Any] = {}
 
     def add(rows, indices):
