@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from test_generation import WORDS, build_tiny_lm
+from helpers.data import LM_WORDS as WORDS
+from helpers.models import build_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

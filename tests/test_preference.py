@@ -13,17 +13,13 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from finetune.tasks import preference_scoring as scoring
-from helpers import cli_main, compose_cfg, fail, prepared
-from test_generation import WORDS, build_tiny_lm
+from helpers.cli import cli_main, compose_cfg, fail, prepared
+from helpers.data import LM_WORDS as WORDS
+from helpers.processes import assert_same_scores, kill_and_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 USER = [{"role": "user", "content": "who are you"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), max_length=256)
 
 
 def make_task(*overrides: str):
@@ -60,11 +56,11 @@ def pairs_file(path, n: int = 96, seed: int = 0, chat: bool = False):
 
 
 # --- data shapes ----------------------------------------------------------------------------------------------
-def test_text_pairs_score_each_answer_and_its_eos(tiny_lm):
+def test_text_pairs_score_each_answer_and_its_eos(tiny_llama):
     from transformers import AutoTokenizer
 
     task, cfg = make_task()
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
     _, row = encoded(task, cfg, tok, [{"prompt": "say hello", "chosen": "hello world", "rejected": "no"}])
     (row,) = row
     assert row["prompt_ids"] == tok("say hello")["input_ids"]
@@ -79,25 +75,25 @@ def test_text_pairs_score_each_answer_and_its_eos(tiny_lm):
 
 @pytest.mark.parametrize("chosen", [[{"role": "assistant", "content": "i am a bot"}], "i am a bot"],
                          ids=["messages", "text-answer"])
-def test_conversational_pairs_score_the_answer_up_to_its_end_of_turn(tiny_lm, chosen):
+def test_conversational_pairs_score_the_answer_up_to_its_end_of_turn(tiny_llama, chosen):
     from transformers import AutoTokenizer
 
     from finetune.tasks.generation import render
 
     task, cfg = make_task()
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
     _, (row,) = encoded(task, cfg, tok, [{"prompt": USER, "chosen": chosen, "rejected": "no"}])
     assert row["prompt_ids"] == render(tok, USER, prompt=True)  # ... <|im_start|> assistant \n
     assert tokens(tok, row["chosen_ids"]) == ["i", "am", "a", "bot", "<|im_end|>"]  # not the "\n" after it
     assert tokens(tok, row["rejected_ids"]) == ["no", "<|im_end|>"]
 
 
-def test_two_dialogues_sharing_their_start_make_the_prompt(tiny_lm):
+def test_two_dialogues_sharing_their_start_make_the_prompt(tiny_llama):
     """The hh-rlhf shape, as texts (cut back to a whitespace) and as message lists."""
     from transformers import AutoTokenizer
 
     task, cfg = make_task()
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
     start = "\n\nuser who are you\n\nassistant"
     raw, (row,) = encoded(task, cfg, tok, [{"chosen": f"{start} i am a bot", "rejected": f"{start} i say no"}])
     assert raw["train"][0]["prompt"] == f"{start} i"  # a common first word belongs to the prompt
@@ -127,11 +123,11 @@ def test_nested_chat_pairs_are_mapped_by_column_settings(tmp_path):
                                "rejected": row["non_preferred_output"]}
 
 
-def test_refused_pairs_are_counted_and_dropped(tiny_lm, caplog):
+def test_refused_pairs_are_counted_and_dropped(tiny_llama, caplog):
     from transformers import AutoTokenizer
 
     task, cfg = make_task("task.max_seq_length=8")
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
     long = " ".join(["to"] * 8)
     rows = [{"prompt": "say", "chosen": "yes", "rejected": "no"}, {"prompt": "say", "chosen": "yes", "rejected": "yes"},
             {"prompt": "say", "chosen": " ", "rejected": "no"}, {"prompt": long, "chosen": "yes", "rejected": "no"},
@@ -146,14 +142,14 @@ def test_refused_pairs_are_counted_and_dropped(tiny_lm, caplog):
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "say", "chosen": "yes", "rejected": "yes"}] * 20, "of its 20 pairs, 20 have equal answers; check data."),
     ([{"prompt": " ".join(["to"] * 40), "chosen": "yes", "rejected": "no"}] * 20,
-     "of its 16 pairs, 16 lose their answers' difference to task.max_seq_length; check data.chosen_column / data.rejected_column, or "
-     "raise task.max_seq_length"),
+     ("of its 16 pairs, 16 lose their answers' difference to task.max_seq_length; check data.chosen_column / "
+      "data.rejected_column, or raise task.max_seq_length")),
     ([{"prompt": USER, "chosen": "yes", "rejected": [{"role": "user", "content": "no"}]}] * 20,
      "an answer holds a user message"),
 ])
-def test_no_pair_left_is_one_line(tmp_path, tiny_lm, monkeypatch, capfd, rows, message):
+def test_no_pair_left_is_one_line(tmp_path, tiny_llama, monkeypatch, capfd, rows, message):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    error = fail(["task=preference", f"model={tiny_lm}", "data=pairs.jsonl", "task.max_seq_length=32"], tmp_path,
+    error = fail(["task=preference", f"model={tiny_llama}", "data=pairs.jsonl", "task.max_seq_length=32"], tmp_path,
                  monkeypatch, capfd)
     assert message in error
 
@@ -174,13 +170,13 @@ def test_settings_errors(overrides, message):
 
 
 # --- the reference ----------------------------------------------------------------------------------------------
-def test_stored_reference_equals_the_model_on_the_fly_and_is_read_back_from_the_cache(tiny_lm, tmp_path,
+def test_stored_reference_equals_the_model_on_the_fly_and_is_read_back_from_the_cache(tiny_llama, tmp_path,
                                                                                       monkeypatch):
     """Full fine-tuning: the reference log-probs stored before training are the model's own (as the loss computes
     them); a new process's model with the same weights reads them back, and so does a sweep's trial with another
     task.beta (the stored pairs do not depend on it)."""
     pairs_file(tmp_path / "pairs.jsonl", n=40)
-    args = ("task=preference", f"model={tiny_lm}", f"data={tmp_path / 'pairs.jsonl'}")
+    args = ("task=preference", f"model={tiny_llama}", f"data={tmp_path / 'pairs.jsonl'}")
     cfg, task, tok, features, model = prepared(*args)
     stored = task.prepare_training(model, cfg.trainer, features)["train"]
     rows = [stored[i] for i in range(8)]
@@ -203,13 +199,14 @@ def test_stored_reference_equals_the_model_on_the_fly_and_is_read_back_from_the_
         task.prepare_training(model, cfg.trainer, features)
 
 
-def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_lm, tmp_path):
+@pytest.mark.slow
+def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from finetune import lm_loss
 
     pairs_file(tmp_path / "pairs.jsonl", n=40)
-    cfg, task, tok, features, model = prepared("task=preference", f"model={tiny_lm}", f"data={tmp_path / 'pairs.jsonl'}",
+    cfg, task, tok, features, model = prepared("task=preference", f"model={tiny_llama}", f"data={tmp_path / 'pairs.jsonl'}",
                                                "peft=lora", "peft.r=4")
     features = task.prepare_training(model, cfg.trainer, features)
     assert "ref_chosen" not in features["train"].column_names and "ref_chosen" in features["test"].column_names
@@ -219,7 +216,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_lm, tmp_path)
             torch.nn.init.normal_(p, std=0.5)  # a trained adapter: the policy is no longer the base
     batch = task.collator(tok)([features["train"][i] for i in range(6)])
     _, outputs = task.loss(model, batch, 6)
-    base = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     lm_loss.attach(base, 1, 512)
     with torch.no_grad():
         expected = scoring.log_probs(base, batch, True, True).view(2, -1).T
@@ -228,11 +225,12 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_lm, tmp_path)
     assert not torch.allclose(scores[:, :2], expected, atol=1e-2)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "orpo", "simpo"])
-def test_each_loss_trains_through_the_task(tiny_lm, tmp_path, loss):
+@pytest.mark.parametrize("loss", ["dpo", pytest.param("ipo", marks=pytest.mark.slow),
+                                  pytest.param("orpo", marks=pytest.mark.slow), "simpo"])
+def test_each_loss_trains_through_the_task(tiny_llama, tmp_path, loss):
     """A few optimizer steps on one batch raise its reward margin; orpo and simpo store no reference."""
     pairs_file(tmp_path / "pairs.jsonl", n=24)
-    cfg, task, tok, features, model = prepared("task=preference", f"model={tiny_lm}",
+    cfg, task, tok, features, model = prepared("task=preference", f"model={tiny_llama}",
                                                f"data={tmp_path / 'pairs.jsonl'}", f"task.loss={loss}")
     features = task.prepare_training(model, cfg.trainer, features)
     assert ("ref_chosen" in features["train"].column_names) == (loss in ("dpo", "ipo"))
@@ -254,12 +252,13 @@ TRAIN = ["trainer.num_train_epochs=3", "trainer.learning_rate=3e-3", "trainer.pe
          "task.generation.max_new_tokens=6", "trainer.report_to=[]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, extra", [("text", ["hub=push", "hub.repo_id=me/tiny-dpo", "hub.dry_run=true"]),
                                           ("chat", ["trainer=accelerate", "peft=lora", "peft.r=4",
                                                     "trainer.learning_rate=1e-2"])])
-def test_cli_trains_exports_and_verifies(tmp_path, tiny_lm, shape, extra, monkeypatch, capfd):
+def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, monkeypatch, capfd):
     pairs_file(tmp_path / "pairs.jsonl", n=96, chat=shape == "chat")
-    code, out, err = cli_main(["task=preference", f"model={tiny_lm}", "data=pairs.jsonl", *TRAIN, *extra], tmp_path,
+    code, out, err = cli_main(["task=preference", f"model={tiny_llama}", "data=pairs.jsonl", *TRAIN, *extra], tmp_path,
                               monkeypatch, capfd)
     assert code == 0, err[-4000:]
     run = next((tmp_path / "runs" / "preference").iterdir())
@@ -274,7 +273,7 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_lm, shape, extra, monkey
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all({"prompt", "chosen", "before", "after"} <= set(s) for s in samples)
     assert "## Answers to held-out prompts (greedy)" in (run / "model" / "README.md").read_text()
-    assert json.loads((run / "model" / "preference.json").read_text()) == {"reference": str(tiny_lm)}
+    assert json.loads((run / "model" / "preference.json").read_text()) == {"reference": str(tiny_llama)}
 
     from transformers import pipeline
 
@@ -295,34 +294,12 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_lm, shape, extra, monkey
     assert isinstance(json.loads((tmp_path / "out.jsonl").read_text())["generated_text"], str)
 
 
-def test_killed_run_resumes_to_the_same_metrics_reading_its_reference_back(tmp_path, tiny_lm):
-    import os
-    import signal
-    import time
-
-    from conftest import run_cli
-    from test_resume import ENV, _scores, _start
-
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics_reading_its_reference_back(tmp_path, tiny_llama):
     pairs_file(tmp_path / "pairs.jsonl", n=96)
-    args = ["task=preference", f"model={tiny_lm}", "data=pairs.jsonl", *TRAIN, "trainer.eval_strategy=steps",
+    args = ["task=preference", f"model={tiny_llama}", "data=pairs.jsonl", *TRAIN, "trainer.eval_strategy=steps",
             "trainer.eval_steps=3", "trainer.logging_steps=3"]
-    full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
-    killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/preference/*/checkpoints/checkpoint-6/trainer_state.json")):
-        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    (run_dir,) = list((tmp_path / "killed" / "preference").iterdir())
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = (run_dir / "finetune.log").read_text()
-    assert "resuming" in log and "reference log-probs of the train split: read from the cache" in log
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    (full_dir,) = list((tmp_path / "full" / "preference").iterdir())
-    expected, got = _scores(full_dir), _scores(run_dir)
-    assert expected.keys() == got.keys() and "test_reward_accuracy" in got
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    resumed = kill_and_resume(args, tmp_path, "preference", 6)
+    assert "reference log-probs of the train split: read from the cache" in resumed.log
+    got = assert_same_scores(resumed.run_dir, resumed.reference, rel=1e-4, abs=1e-6)
+    assert "test_reward_accuracy" in got

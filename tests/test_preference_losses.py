@@ -1,5 +1,5 @@
 """The preference losses (finetune/preference_loss.py) on one batch of log-probs: against the formulas computed by hand,
-and against TRL's implementations of the same losses (trl, a test dependency) to 1e-5; and the answers' log-probs of
+against values worked out by hand, and against TRL's formulation of the same losses written out; and the answers' log-probs of
 the chunked output layer (finetune/lm_loss.py) against the full logits, values and gradients."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune import lm_loss
 from finetune.preference_loss import pair_losses, split_metrics
@@ -71,73 +72,42 @@ def test_dpo_starts_at_ln2_and_a_model_against_itself_has_accuracy_one_half():
     assert metrics["chosen_nll"] == pytest.approx(-sum(CHOSEN) / sum(CHOSEN_TOKENS))
 
 
-class _Accelerator:
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather(x):
-        return x
-
-    gather_for_metrics = gather
+# pair 0 worked out on paper: dpo h = 0.1 ((-12 + 13) - (-14 + 13.5)) = 0.15, log(1 + e^-0.15); ipo pair 2:
+# ((-8.25 + 9) / 3 - (-20 + 18) / 8 - 1 / 0.2)^2 = (0.25 + 0.25 - 5)^2; simpo pair 0: log(1 + e^-(2 (-3 + 2.8) - 0.8))
+@pytest.mark.parametrize("s, pair, loss", [(settings("dpo"), 0, 0.620957), (settings("ipo"), 2, 20.25),
+                                           (settings("simpo", beta=2.0, simpo_gamma=0.8), 0, 1.463282)])
+def test_losses_equal_values_worked_out_by_hand(s, pair, loss):
+    assert pair_losses(s, *batch())[0][pair].item() == pytest.approx(loss, abs=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_and_ipo_equal_trl(loss_type):
-    """TRL's DPOTrainer._compute_loss on the same batch: its fused LM head's per-token log-probs made to sum to the
-    batch's (and its reference precomputed), a stand-in for the trainer's state."""
-    from collections import defaultdict
-
-    from trl import DPOTrainer
-
-    c, r, rc, rr, lc, lr = (t.float() for t in batch())
-    width = 12
-    completion = torch.zeros(6, width, dtype=torch.long)
-    per_token = torch.zeros(6, width - 1)
-    for i, (total, n) in enumerate(zip(torch.cat([c, r]), torch.cat([lc, lr]))):
-        completion[i, 1: 1 + int(n)] = 1  # TRL scores position j + 1 from position j
-        per_token[i, : int(n)] = total / n
-    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(6, width - 1),
-                              mean_logits=torch.zeros(6, width - 1), is_top1=torch.zeros(6, width - 1, dtype=torch.bool))
-    trainer = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
-                              precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
-                              loss_types=[loss_type], loss_weights=[1.0], beta=0.1, use_weighting=False,
-                              _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.ones(6, width, dtype=torch.long), "attention_mask": torch.ones(6, width),
-              "completion_mask": completion, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
-    expected = DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
-    losses, chosen_rewards, _ = pair_losses(settings("dpo" if loss_type == "sigmoid" else "ipo"), c, r, rc, rr, lc, lr)
-    assert losses.mean().item() == pytest.approx(expected.item(), abs=1e-5)
-    assert chosen_rewards.mean().item() == pytest.approx(trainer._metrics["train"]["rewards/chosen"][0], abs=1e-5)
+def test_each_loss_equals_trl_formulation():
+    """TRL 1.x's expressions of the same losses, as its trainers write them (DPOTrainer._compute_loss: sigmoid and
+    length-normalised ipo; ORPOTrainer.odds_ratio_loss: beta x log s(log-odds), beside the NLL; CPOTrainer.cpo_loss:
+    simpo as a shifted sigmoid loss with gamma / beta) and its logged rewards/accuracies and rewards/margins."""
+    c, r, rc, rr, lc, lr = batch()
+    beta = 0.1
+    chosen_scores, rejected_scores = c - rc, r - rr
+    trl = {"dpo": -F.logsigmoid(beta * (chosen_scores - rejected_scores)),
+           "ipo": (chosen_scores / lc - rejected_scores / lr - 1 / (2 * beta)) ** 2}
+    for name, expected in trl.items():
+        losses, chosen_rewards, rejected_rewards = pair_losses(settings(name, beta=beta), c, r, rc, rr, lc, lr)
+        assert torch.allclose(losses, expected, atol=1e-9), name
+        assert torch.allclose(chosen_rewards, beta * chosen_scores) and torch.allclose(rejected_rewards,
+                                                                                       beta * rejected_scores)
     metrics = split_metrics(settings("dpo"), torch.stack([c, r, rc, rr, lc, lr], 1).numpy())  # (no ties here)
-    for ours, theirs in (("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins"),
-                         ("logp_chosen", "logps/chosen")):
-        assert metrics[ours] == pytest.approx(trainer._metrics["train"][theirs][0], abs=1e-5), ours
+    margins = beta * (chosen_scores - rejected_scores)
+    assert metrics["reward_accuracy"] == pytest.approx((margins > 0).double().mean().item())
+    assert metrics["reward_margin"] == pytest.approx(margins.mean().item())
 
+    mc, mr = c / lc, r / lr  # TRL's average_log_prob
+    log_odds = (mc - mr) - (torch.log1p(-torch.exp(mc)) - torch.log1p(-torch.exp(mr)))
+    losses, chosen_rewards, _ = pair_losses(settings("orpo", orpo_lambda=0.3), c, r, rc, rr, lc, lr)
+    assert torch.allclose(losses, -mc - 0.3 * F.logsigmoid(log_odds), atol=1e-9)  # TRL: NLL - (beta x ratio)
+    assert torch.allclose(chosen_rewards, 0.3 * mc)
 
-def test_orpo_odds_ratio_term_equals_trl():
-    """TRL's ORPOTrainer.odds_ratio_loss (its term beside the NLL; TRL's NLL also counts the prompt's tokens, ORPO's
-    paper and this project only the answer's)."""
-    from trl.experimental.orpo import ORPOTrainer
-
-    c, r, rc, rr, lc, lr = (t.float() for t in batch())
-    trainer = SimpleNamespace(beta=0.3, accelerator=_Accelerator())
-    ratio_losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(trainer, c / lc, r / lr)
-    losses, ours_chosen, ours_rejected = pair_losses(settings("orpo", orpo_lambda=0.3), c, r, rc, rr, lc, lr)
-    assert torch.allclose(losses - (-c / lc), -ratio_losses, atol=1e-5)  # ours: NLL - l log s(.), TRL's: l log s(.)
-    assert torch.allclose(ours_chosen, chosen_rewards, atol=1e-5) and torch.allclose(ours_rejected, rejected_rewards)
-
-
-def test_simpo_equals_trl():
-    """TRL's CPOTrainer.cpo_loss with loss_type=simpo (and cpo_alpha=0: no NLL term)."""
-    from trl.experimental.cpo import CPOTrainer
-
-    c, r, rc, rr, lc, lr = (t.float() for t in batch())
-    trainer = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.8, beta=2.0, label_smoothing=0.0,
-                              accelerator=_Accelerator())
-    expected, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, c / lc, r / lr)
-    losses, ours_chosen, ours_rejected = pair_losses(settings("simpo", beta=2.0, simpo_gamma=0.8), c, r, rc, rr, lc, lr)
-    assert torch.allclose(losses, expected, atol=1e-5)
-    assert torch.allclose(ours_chosen, chosen_rewards, atol=1e-5) and torch.allclose(ours_rejected, rejected_rewards)
+    logits = (mc - mr) - 0.8 / 2.0
+    losses, chosen_rewards, _ = pair_losses(settings("simpo", beta=2.0, simpo_gamma=0.8), c, r, rc, rr, lc, lr)
+    assert torch.allclose(losses, -F.logsigmoid(2.0 * logits), atol=1e-9) and torch.allclose(chosen_rewards, 2.0 * mc)
 
 
 def test_answer_log_probs_of_the_chunked_head_equal_the_full_logits_with_their_gradients():
