@@ -247,7 +247,7 @@ def test_each_loss_trains_through_the_task(tiny_llama, tmp_path, loss):
 
 
 # --- whole runs ---------------------------------------------------------------------------------------------------
-TRAIN = ["trainer.num_train_epochs=3", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=4",
+TRAIN = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=4",
          "trainer.gradient_accumulation_steps=2", "trainer.warmup_ratio=0.0", "task.eval_prompts=2",
          "task.generation.max_new_tokens=6", "trainer.report_to=[]"]
 

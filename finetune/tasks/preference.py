@@ -50,7 +50,7 @@ class PreferenceTaskConfig(TaskConfig):
     orpo_lambda: float = 0.1  # orpo: the weight of the odds-ratio term beside the chosen answer's NLL
     simpo_gamma: float = 1.0  # simpo: the target reward margin
     sft_weight: float = 0.0  # dpo, ipo, simpo: plus this x the chosen answer's NLL per token (0: none)
-    concatenate: bool = True  # chosen and rejected in one forward pass (false: two; docs/benchmarks.md#preference-forward)
+    concatenate: bool = True  # chosen and rejected in one forward pass (false: two; bench rows preference_two_pass)
     eval_prompts: int = 4  # test prompts answered greedily before and after training (model card, export check)
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=48))
 
