@@ -288,5 +288,5 @@ def test_an_unknown_search_is_a_one_line_error():
     assert rewrite_overrides(["hparams_search=ner_optuna"]) == ["hparams_search=ner_optuna"]
     with pytest.raises(FinetuneError, match="^unknown hparams_search 'sentimnt_optuna': did you mean "
                                             "hparams_search=sentiment_optuna\\? choose one of generation_optuna, "
-                                            "ner_optuna, qa_optuna, sentiment_optuna$"):
+                                            "ner_optuna, preference_optuna, qa_optuna, sentiment_optuna$"):
         rewrite_overrides(["hparams_search=sentimnt_optuna"])
