@@ -20,6 +20,11 @@ bench's time: docs/benchmarks.md#bench-table):
               a micro-batch), 6 steps; BLEU and new tokens/s of batched greedy generation on 16 held-out sentences
   summarization  task=summarization: SmolLM2 on SciTLDR abstracts -> TLDRs (../shared/data), 2 pairs a step (1 a
               micro-batch), 4 steps; ROUGE-L and generation speed on 8 held-out abstracts
+  preference  task=preference (DPO): SmolLM2 fully fine-tuned on hh-rlhf harmless pairs (../shared/data), 4 pairs a
+              step (2 a micro-batch: 4 sequences), 4 steps, after the reference log-probs of its 32 training pairs;
+              test reward accuracy on 16 held-out pairs
+  preference_lora  the same with peft=lora (the reference is the model with its adapter disabled, in every step)
+  preference_two_pass  the same as preference with chosen and rejected in two forward passes (task.concatenate)
   mem_*       memory rows: task=generation on Hamlet's 512-token blocks, 2 steps, training only (no evaluation): peak
               memory, the memory once the model is loaded, bytes per parameter (in total and above the loaded model)
               and tokens/s. SmolLM2-135M full fine-tuning at the task's own micro-batch (mem_135m: 1 x 512 tokens);

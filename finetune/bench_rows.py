@@ -11,6 +11,7 @@ WNUT = "{shared}/wnut17"
 SQUAD = "{shared}/squad_v1.1/train.json"
 MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
+HH_RLHF = "{shared}/hh_rlhf_harmless/pairs.jsonl.gz"
 
 # the tasks' own micro-batches (one 512-token block, one document, 4 pairs), fewer of them a step
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
@@ -20,6 +21,10 @@ _S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "
 # docs/benchmarks.md#bench-table)
 _MEM = ["task=generation", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1",
         "trainer.max_steps=2"]
+# 2 pairs a micro-batch (chosen and rejected: 4 sequences), 2 a step; the reference pass covers the 32 training pairs
+_PREF = ["task=preference", f"data.source={HH_RLHF}", "data.max_train_samples=32", "data.max_eval_samples=16",
+         "data.max_test_samples=16", "trainer.max_steps=4", "trainer.per_device_train_batch_size=2",
+         "trainer.gradient_accumulation_steps=2", "task.eval_prompts=2"]
 _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
 # the optimizer rows: full fine-tuning at the task's micro-batch, 6 steps (their train loss compares after equal steps)
 _OPT = [*_MEM, "trainer.max_steps=6"]
@@ -48,6 +53,10 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=4",
                        "trainer.per_device_train_batch_size=1", "data.max_test_samples=8"],
                       None, "task=summarization, SmolLM2 on SciTLDR, 2 x 1 pair, 4 steps, 8 test abstracts"),
+    "preference": (_PREF, None, "task=preference (DPO), SmolLM2 full fine-tuning on hh-rlhf pairs, 4 x 2 x 2 pairs"),
+    "preference_lora": ([*_PREF, "peft=lora"], None, "the same with peft=lora (reference: the adapter disabled)"),
+    "preference_two_pass": ([*_PREF, "task.concatenate=false"], None,
+                            "the same as preference, chosen and rejected in two forward passes"),
     # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
     "mem_135m": (_MEM, None, "SmolLM2-135M full fine-tuning, the task's micro-batch (1 x 512 tokens), 2 steps"),
     "mem_135m_4x512": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,

@@ -157,7 +157,10 @@ def _keep_rows(ds: Dataset, cfg: DataConfig, split: str) -> Dataset:
 
 
 def _rename(ds: Dataset, cfg: DataConfig, task: Task, split: str) -> Dataset:
-    """Rename the user's columns to the task's canonical names; drop the rest (keeping the group column)."""
+    """Rename the user's columns to the task's canonical names; drop the rest (keeping the group column). A dotted
+    name (input.messages) names a field nested in a column: the nested columns are flattened to such names."""
+    if any("." in str(getattr(cfg, f)) and getattr(cfg, f) not in ds.column_names for f in task.columns.values()):
+        ds = ds.flatten()
     mapping: dict[str, str] = {}
     for canonical, field in task.columns.items():
         source = getattr(cfg, field)

@@ -3,6 +3,7 @@
     lm_loss.attach(model, shift=1, chunk_size=512)    # task=generation; shift=0: MLM, encoder-decoders
     out = model(**batch)                                # batch with labels: out.loss, and outside autograd
                                                         # out.token_nll / out.token_top1 (labels' shape)
+    out = model(**batch, per_sequence=True)             # out.sequence_log_probs: each row's summed label log-probs
 
 The model runs up to its output layer (the input of get_output_embeddings(), after any head transform: an MLM head's
 dense + norm, T5's rescaling); the positions whose label is -100 are dropped there, before the output layer; the
@@ -37,6 +38,7 @@ class LMLossOutput(ModelOutput):
     loss: torch.Tensor | None = None
     token_nll: torch.Tensor | None = None
     token_top1: torch.Tensor | None = None
+    sequence_log_probs: torch.Tensor | None = None  # per_sequence=True: [rows], with gradients under autograd
 
 
 def attach(model, shift: int, chunk_size: int, label_smoothing: float = 0.0) -> bool:
@@ -58,10 +60,12 @@ def attach(model, shift: int, chunk_size: int, label_smoothing: float = 0.0) -> 
     own = model.forward
 
     @functools.wraps(own)
-    def forward(*args, labels=None, num_items_in_batch=None, **kwargs):
+    def forward(*args, labels=None, num_items_in_batch=None, per_sequence=False, **kwargs):
         if labels is None:
             return own(*args, **kwargs)
         hidden = _up_to_head(own, head, *args, labels=labels, **kwargs)  # labels: encoder-decoders shift them
+        if per_sequence:
+            return LMLossOutput(sequence_log_probs=sequence_log_probs(hidden, head_fn, labels, shift, chunk_size))
         return _loss(hidden, head, head_fn, labels, shift, chunk_size, label_smoothing, num_items_in_batch)
 
     forward._chunked_lm_loss = True
@@ -79,6 +83,31 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable, targets: torch.T
     return sum((F.cross_entropy(head(hidden[i:i + chunk_size]).float(), targets[i:i + chunk_size], reduction="sum",
                                 label_smoothing=label_smoothing) for i in range(0, len(targets), chunk_size)),
                hidden.new_zeros((), dtype=torch.float32))
+
+
+def sequence_log_probs(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, shift: int,
+                       chunk_size: int) -> torch.Tensor:
+    """Per row of labels (-100: not scored): the summed log-probability of its labels, [rows] float32, from the output
+    layer's input `hidden`; only labelled positions reach the output layer, chunk_size at a time. Under autograd each
+    chunk's logits are recomputed in backward (torch.utils.checkpoint) rather than kept: unlike the summed loss, a
+    row's gradient is scaled by whatever follows (a preference loss), so it cannot be taken ahead in forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, shift:].to(hidden.device)
+    keep = targets != -100
+    h, t = hidden[:, : hidden.shape[1] - shift][keep], targets[keep]
+    parts = []
+    for start in range(0, len(t), chunk_size):
+        chunk = (head, h[start:start + chunk_size], t[start:start + chunk_size])
+        parts.append(checkpoint(_label_log_probs, *chunk, use_reentrant=False) if torch.is_grad_enabled()
+                     else _label_log_probs(*chunk))
+    per_token = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    rows = keep.nonzero(as_tuple=True)[0]
+    return torch.zeros(len(labels), dtype=torch.float32, device=h.device).index_add(0, rows, per_token)
+
+
+def _label_log_probs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

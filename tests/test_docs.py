@@ -10,7 +10,7 @@ in-process, without running it.
   argument stands for arguments left out and is dropped (the rest is still checked).
 - A documented console example (`$ python -m finetune ...` followed by `error: ...`) whose config is bad must fail
   with exactly that line.
-- Subcommands (finetune.predict / evaluate / push / leaderboard / bench / assets) are parsed by their own argparse
+- Subcommands (finetune.predict / evaluate / push / leaderboard / bench / assets / pairs) are parsed by their own argparse
   parser (built by their main(), stopped right after parsing); finetune.evaluate's data overrides compose too.
 """
 
@@ -45,7 +45,7 @@ PLACEHOLDER = re.compile(r"<[^<>]+>")
 # Hydra's own flags: how many arguments each takes
 HYDRA_FLAGS = {"-m": 0, "--multirun": 0, "--cfg": 1, "-c": 1, "--package": 1, "-p": 1, "--resolve": 0, "--help": 0,
                "-h": 0, "--hydra-help": 0, "--info": 0, "-i": 0}
-SUBCOMMANDS = ("predict", "evaluate", "push", "leaderboard", "bench", "assets")
+SUBCOMMANDS = ("predict", "evaluate", "push", "leaderboard", "bench", "assets", "pairs")
 
 
 @dataclass

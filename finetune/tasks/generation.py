@@ -156,7 +156,7 @@ class GenerationTask(Task):
     def _encode_chat(self, ds: Dataset, tokenizer, split: str) -> Dataset:
         ids, labels = [], []
         for row, messages in enumerate(ds["messages"]):
-            full = _render(tokenizer, messages)
+            full = render(tokenizer, messages)
             mask = [-100] * len(full)
             turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             if not turns:
@@ -165,9 +165,9 @@ class GenerationTask(Task):
             for i in turns:
                 # chat templates rarely mark assistant tokens ({% generation %}), so each turn's span is found by
                 # rendering the conversation up to it: the prompt with the assistant header, then with the turn
-                start = len(_render(tokenizer, messages[:i], prompt=True))
-                end = len(_render(tokenizer, messages[: i + 1]))
-                if full[:end] != _render(tokenizer, messages[: i + 1]):
+                start = len(render(tokenizer, messages[:i], prompt=True))
+                end = len(render(tokenizer, messages[: i + 1]))
+                if full[:end] != render(tokenizer, messages[: i + 1]):
                     raise FinetuneError("the chat template renders a conversation differently from its prefixes; "
                                         "assistant turns cannot be located: use data.format=prompt_completion")
                 turn = full[start:end]
@@ -179,7 +179,7 @@ class GenerationTask(Task):
         return _features(ids, labels)
 
     def _prompt_ids(self, tokenizer, prompt: Any, split: str, row: int) -> list[int]:
-        p = _render(tokenizer, prompt, prompt=True) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
+        p = render(tokenizer, prompt, prompt=True) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
         if len(p) >= self.cfg.block_size:
             raise FinetuneError(f"the prompt of row {row} in the {split} split has {len(p)} tokens, not below "
                                 f"task.block_size={self.cfg.block_size}; raise task.block_size or shorten the prompt")
@@ -207,8 +207,6 @@ class GenerationTask(Task):
     def model_metrics(self, model, tokenizer, raw: Dataset, base: bool = False) -> dict[str, float]:
         """Generate on the test prompts: scores against the references (prompt/completion, chat), sample
         continuations, and the trainer-side greedy outputs the exported pipeline must reproduce."""
-        import torch
-
         prompts, references = self._prompts(raw, tokenizer)
         model.eval()
         start = time.perf_counter()
@@ -219,15 +217,12 @@ class GenerationTask(Task):
         log.info("generated %d new tokens for %d test prompts in %.1fs", new_tokens, len(prompts), seconds)
         if base:  # the samples and the outputs the export must reproduce are the trained model's
             return out
-        greedy = self.generation_config(tokenizer, greedy=True)
         self._greedy, self._samples = [], []
-        for i, prompt in enumerate(prompts[: self.cfg.eval_prompts]):
-            ids = _prompt_tensor(tokenizer, prompt)
-            with torch.inference_mode():
-                full = model.generate(**ids, generation_config=greedy)[0].tolist()
+        shown = prompts[: self.cfg.eval_prompts]
+        for i, (prompt, (full, text)) in enumerate(zip(shown, greedy_answers(model, tokenizer, shown,
+                                                                              self.generation_config(tokenizer, True)))):
             self._greedy.append((prompt, full))
-            n = ids["input_ids"].shape[1]
-            sample = {"prompt": prompt, "generated": tokenizer.decode(full[n:], skip_special_tokens=True)}
+            sample = {"prompt": prompt, "generated": text}
             if references:
                 sample["reference"] = references[i]
             self._samples.append(sample)
@@ -243,15 +238,7 @@ class GenerationTask(Task):
         return [tokenizer.decode(b[:PROMPT_TOKENS]) for b in blocks[: self.cfg.eval_prompts]], []
 
     def generation_config(self, tokenizer, greedy: bool = False) -> GenerationConfig:
-        from transformers import GenerationConfig
-
-        g = self.cfg.generation
-        ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-               "bos_token_id": tokenizer.bos_token_id, "use_cache": True}
-        if greedy:
-            return GenerationConfig(max_new_tokens=g.max_new_tokens, repetition_penalty=g.repetition_penalty,
-                                    do_sample=False, num_beams=1, **ids)
-        return generation_config(g, **ids)  # task.generation.*, validated
+        return decoding(self.cfg.generation, tokenizer, greedy)
 
     def samples(self) -> list[dict[str, Any]]:
         return self._samples
@@ -301,15 +288,7 @@ class GenerationTask(Task):
             sums.append(self.preprocess_logits(kept, batch["labels"]).cpu().numpy())
         scores = perplexity(np.concatenate(sums))
         pipe.tokenizer.padding_side = side
-        greedy = self.generation_config(pipe.tokenizer, greedy=True).to_dict()
-        kwargs = {k: greedy[k] for k in ("do_sample", "num_beams", "max_new_tokens", "repetition_penalty")}
-        differ = [i for i, (prompt, expected) in enumerate(self._greedy)
-                  if pipe(prompt, return_tensors=True, **kwargs)[0]["generated_token_ids"] != expected]
-        if differ:
-            raise VerificationError(f"the exported text-generation pipeline's greedy output differs from the trainer's "
-                                    f"on {len(differ)} of {len(self._greedy)} test prompts (first: {differ[0]}); the "
-                                    f"exported model in {model_dir} does not reproduce training")
-        log.info("verified: pipeline greedy output equals the trainer's on %d test prompts", len(self._greedy))
+        check_greedy(pipe, self._greedy, self.generation_config(pipe.tokenizer, greedy=True), model_dir)
         return {**scores, "greedy_prompts_matched": float(len(self._greedy))}
 
 
@@ -318,21 +297,62 @@ def generate(model, tokenizer, prompts: list[Any], config: GenerationConfig, bat
     texts in the prompts' order, and the number of new tokens."""
     from finetune.pipelines.seq2seq import generate as batched_generate
 
-    encoded = [_prompt_tensor(tokenizer, p)["input_ids"][0].tolist() for p in prompts]
+    encoded = [prompt_tensor(tokenizer, p)["input_ids"][0].tolist() for p in prompts]
     rows = batched_generate(model, tokenizer, encoded, batch_size, generation_config=config)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows], sum(len(row) for row in rows)
 
 
-def _render(tokenizer, messages: list[dict], prompt: bool = False) -> list[int]:
+def render(tokenizer, messages: list[dict], prompt: bool = False) -> list[int]:
+    """A conversation's token ids as the chat template renders it (prompt: with the assistant's generation prompt)."""
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=prompt,
                                               return_dict=False))
 
 
-def _prompt_tensor(tokenizer, prompt: Any) -> dict[str, Any]:
-    """A prompt tokenized exactly as the text-generation pipeline tokenizes it."""
+def prompt_tensor(tokenizer, prompt: Any) -> dict[str, Any]:
+    """A prompt (a text, or chat messages) tokenized exactly as the text-generation pipeline tokenizes it."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     return tokenizer(prompt, return_tensors="pt")
+
+
+def decoding(settings: GenerationSettings, tokenizer, greedy: bool = False) -> GenerationConfig:
+    """The GenerationConfig of task.generation.* with the tokenizer's ids (validated); greedy: the same length and
+    repetition penalty, decoded greedily (what the exported pipeline must reproduce token for token)."""
+    from transformers import GenerationConfig
+
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.bos_token_id, "use_cache": True}
+    if greedy:
+        return GenerationConfig(max_new_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
+                                do_sample=False, num_beams=1, **ids)
+    return generation_config(settings, **ids)
+
+
+def greedy_answers(model, tokenizer, prompts: list[Any], greedy: GenerationConfig) -> list[tuple[list[int], str]]:
+    """Each prompt's greedy output, one prompt at a time as the pipeline runs it: (prompt + new token ids, new text)."""
+    import torch
+
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = prompt_tensor(tokenizer, prompt)
+        with torch.inference_mode():
+            full = model.generate(**ids.to(model.device), generation_config=greedy)[0].tolist()
+        out.append((full, tokenizer.decode(full[ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    return out
+
+
+def check_greedy(pipe, expected: list[tuple[Any, list[int]]], greedy: GenerationConfig, model_dir: Path) -> None:
+    """The exported pipeline's greedy output equals the trainer-side one (prompt, ids) for every prompt."""
+    settings = greedy.to_dict()
+    kwargs = {k: settings[k] for k in ("do_sample", "num_beams", "max_new_tokens", "repetition_penalty")}
+    differ = [i for i, (prompt, ids) in enumerate(expected)
+              if pipe(prompt, return_tensors=True, **kwargs)[0]["generated_token_ids"] != ids]
+    if differ:
+        raise VerificationError(f"the exported text-generation pipeline's greedy output differs from the trainer's "
+                                f"on {len(differ)} of {len(expected)} test prompts (first: {differ[0]}); the "
+                                f"exported model in {model_dir} does not reproduce training")
+    log.info("verified: pipeline greedy output equals the trainer's on %d test prompts", len(expected))
 
 
 def _features(ids: list[list[int]], labels: list[list[int]]) -> Dataset:
