@@ -169,9 +169,14 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
 
 
 def _optimizer_bytes(trained, optim: str) -> float:
+    import torch
+
+    low = [p.numel() for p in trained if p.dtype == torch.bfloat16]
+    # a bfloat16 weight steps in float32 buffers (weight, gradient) the size of the largest, plus rounding noise
+    buffers = 8 * max(low) + 4 * min(max(low), 1 << 22) if low else 0
     if optim == "adafactor":  # factored second moments: a row and a column of each matrix, a vector's own size
-        return float(sum(4 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in trained))
-    return float(STATE_BYTES.get(optim, 8) * sum(p.numel() for p in trained))
+        return float(buffers + sum(4 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in trained))
+    return float(buffers + STATE_BYTES.get(optim, 8) * sum(p.numel() for p in trained))
 
 
 def _loss_bytes(model, tokens: int, chunk: int, autocast: str | None) -> tuple[float, float]:
