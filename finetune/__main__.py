@@ -12,8 +12,10 @@ warnings only, to the console, and write no files of their own).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
+import shlex
 import shutil
 import string
 import sys
@@ -30,8 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune import compose, leaderboard, resume, sources, sweep, validate
+from finetune.engines import last_checkpoint
 from finetune.config import CONFIG_DIR, config_options, did_you_mean
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, disk_error
+from finetune.interrupt import Interrupted
 from finetune.tasks import registry
 
 # `model=<Hub id or dir>` / `data=<file, dir or Hub id>` select the generic config and set its source
@@ -42,6 +46,7 @@ _SWEEP = re.compile(r"^(choice|range|interval|tag|glob)\(|,")
 _job_started = False
 _resumed_dir: Path | None = None  # the existing run directory this launch continues
 _new_dir: tuple[Path, Path] | None = None  # the run directory this launch created, and runs_dir
+_user_args: list[str] = []  # the command line as given (for the command that resumes an interrupted run)
 _GRACE_S = 30.0  # long enough for a loaded machine: rank 0 reports first, and its exit ends the launch
 
 
@@ -184,23 +189,54 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         from finetune.run import run
 
         run(cfg, run_dir)
-    except FinetuneError as e:
+    except (FinetuneError, OSError) as e:
+        if isinstance(e, OSError) and not (e := disk_error(e)):
+            raise
+        message = str(e)
         if _is_main_process():
-            # never delete a run being resumed, nor a finished one (a failed push is retried with finetune.push)
-            if run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
+            # never delete a run being resumed, a finished one (a failed push is retried with finetune.push), nor
+            # one with checkpoints (the work to resume, when a disk filled up midway)
+            if last_checkpoint(run_dir) is not None:
+                message += f"; resume with resume={run_dir} once it is fixed"
+            elif run_dir.resolve() != _resumed_dir and not (run_dir / "model").is_dir():
                 _remove_run_dir(run_dir, Path(cfg.runs_dir).resolve())
             if cfg.debug:
                 traceback.print_exc()
-        _fail(str(e))
+        _fail(message)
+    except Interrupted as e:
+        _stopped(e, run_dir)
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        print("error: stopped at once; outputs are written whole or not at all, checkpoints stay as they were",
+              file=sys.stderr)
+        sys.exit(130)
     except Exception:
         traceback.print_exc()
         sys.exit(1)
     return None
 
 
+def _stopped(e: Interrupted, run_dir: Path) -> NoReturn:
+    """A signal stopped the run: one line saying where, and the command that resumes it (rank 0); exit 128 + signal."""
+    if _is_main_process():
+        if (run_dir / "model").is_dir() and not (run_dir / "metrics.json").is_file():
+            shutil.rmtree(run_dir / "model")  # exported but not verified: the resumed run exports again
+        checkpoint = last_checkpoint(run_dir)
+        if checkpoint is None:
+            print(f"error: {e}, with no checkpoint to resume from (trainer.eval_strategy=no saves none before the "
+                  "end of training); run it again", file=sys.stderr)
+        else:
+            args = [a for a in _user_args if not a.startswith("resume=")] + [f"resume={run_dir}"]
+            launcher = " (under the same launcher)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"error: {e}; {checkpoint.name} is in {run_dir}; resume with{launcher}: python -m finetune "
+                  f"{shlex.join(args)}", file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
 def main() -> None:
-    global _job_started, _resumed_dir, _new_dir
+    global _job_started, _resumed_dir, _new_dir, _user_args
     _job_started, _resumed_dir, _new_dir = False, None, None
+    _user_args = sys.argv[1:]
+    logging.raiseExceptions = False  # a log file on a full disk: its lines are lost, not a traceback printed for each
     leaderboard.failed_trials.clear()
     compose.register_configs()
     debug, argv = False, sys.argv[1:]

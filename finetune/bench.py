@@ -62,128 +62,25 @@ import time
 import traceback
 from pathlib import Path
 
+from finetune.bench_rows import EXPORTED, ROWS, SHAPES, SHARED_DATA, row_overrides
 from finetune.flops import SQUARE, flops_per_token, matmul_peak_flops, matmul_shapes
-
-# public data files beside the repository (not shipped); "{shared}" in a row's overrides points there
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-WNUT = "{shared}/wnut17"
-SQUAD = "{shared}/squad_v1.1/train.json"
-MULTI30K = "{shared}/multi30k_en_de"
-SCITLDR = "{shared}/scitldr"
-GOEMOTIONS = "{shared}/goemotions"
-
-# the tasks' own micro-batches (one 512-token block, one document, 4 pairs), fewer of them a step
-_GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
-        "task.eval_prompts=8"]
-_S2S = ["trainer.gradient_accumulation_steps=2", "data.max_train_samples=512", "data.max_eval_samples=16"]
-# (rows of other tasks set their micro-batch: --batch-size is the MiniLM rows', far too many SmolLM2 tokens for memory:
-# docs/benchmarks.md#bench-table)
-_MEM = ["task=generation", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=1",
-        "trainer.max_steps=2"]
-_CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.dtype=bfloat16"]
-EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
-# name -> (config overrides, pad every example to this length or None, description)
-ROWS: dict[str, tuple[list[str], int | None, str]] = {
-    "default": ([], None, "dynamic padding, length-grouped (trainer=hf)"),
-    "accelerate": (["trainer=accelerate"], None, "dynamic padding, length-grouped (trainer=accelerate)"),
-    "run_glue": (["trainer.group_by_length=false", "trainer.max_steps=6", "data.max_test_samples=300"], 128,
-                 "pad to 128, random order (HF run_glue.py defaults), 6 steps, 300 test sentences"),
-    "lora": (["peft=lora"], None, "default + peft=lora (configs/peft/lora.yaml)"),
-    "ner": (["task=ner", f"data.train_file={WNUT}/wnut17train.conll", f"data.test_file={WNUT}/emerging.dev.conll",
-             "trainer.max_steps=40"], None, "task=ner, WNUT-17 train / emerging.dev as test, 40 steps"),
-    "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
-            "task.doc_stride=64", "data.max_test_samples=300", "trainer.max_steps=10"],
-           None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions, 10 steps"),
-    "multi_label": (["task=classification", "data=custom", f"data.train_file={GOEMOTIONS}/train.tsv.gz",
-                     f"data.test_file={GOEMOTIONS}/dev.tsv.gz", "data.column_names=[text,labels,id]",
-                     "data.label_column=labels", f"data.label_names_file={GOEMOTIONS}/labels.txt",
-                     "data.max_eval_samples=1000", "data.max_test_samples=1000"], None,
-                    "task=classification, GoEmotions multi-label (28 labels), tuned thresholds, 1,000 dev comments"),
-    "mlm": (["task=mlm", "trainer.max_steps=30", "data.max_test_samples=500"], None,
-            "task=mlm, 15% of tokens masked, length-grouped, 500 test snippets, 30 steps"),
-    "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 2 x 1 x 512 tokens, 3 steps"),
-    "generation_lora": (["task=generation", *_GEN, "peft=lora"], None, "the same with peft=lora"),
-    "translation": (["task=translation", f"data.source={MULTI30K}", *_S2S, "trainer.max_steps=6",
-                     "trainer.per_device_train_batch_size=4", "data.max_test_samples=16"],
-                    None, "task=translation, SmolLM2 on Multi30k en->de, 2 x 4 pairs, 6 steps, 16 test sentences"),
-    "summarization": (["task=summarization", f"data.source={SCITLDR}", *_S2S, "trainer.max_steps=4",
-                       "trainer.per_device_train_batch_size=1", "data.max_test_samples=8"],
-                      None, "task=summarization, SmolLM2 on SciTLDR, 2 x 1 pair, 4 steps, 8 test abstracts"),
-    # memory rows: they train only (no evaluation), on Hamlet's 512-token blocks
-    "mem_135m": (_MEM, None, "SmolLM2-135M full fine-tuning, the task's micro-batch (1 x 512 tokens), 2 steps"),
-    "mem_135m_4x512": ([*_MEM, "trainer.per_device_train_batch_size=4"], None,
-                       "SmolLM2-135M full fine-tuning, 4 x 512 tokens, 2 steps"),
-    "mem_135m_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", _CKPT], None,
-                      "the same (4 x 512), gradient checkpointing"),
-    "mem_135m_lora": ([*_MEM, "trainer.per_device_train_batch_size=4", "peft=lora"], None,
-                      "SmolLM2-135M LoRA on its fp32 weights, 4 x 512 tokens, 2 steps"),
-    "mem_135m_lora_bf16": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16], None,
-                           "SmolLM2-135M LoRA on a bf16 base, 4 x 512 tokens, 2 steps"),
-    "mem_135m_lora_bf16_ckpt": ([*_MEM, "trainer.per_device_train_batch_size=4", *_LORA_BF16, _CKPT], None,
-                                "SmolLM2-135M LoRA on a bf16 base, gradient checkpointing, 4 x 512 tokens, 2 steps"),
-    "mem_360m": (_MEM, None, "360M shape (random weights), full fine-tuning, 1 x 512 tokens, 2 steps"),
-    "mem_360m_ckpt": ([*_MEM, _CKPT], None, "the same, gradient checkpointing"),
-    "mem_1.7b_lora_bf16_ckpt": ([*_MEM, *_LORA_BF16, _CKPT], None,
-                                "1.7B shape (random weights), LoRA on a bf16 base, checkpointing, 1 x 512, 2 steps"),
-}
-# memory rows with another model's shape: SmolLM2-360M's and SmolLM2-1.7B's (their config.json), built with random
-# weights from SmolLM2-135M's config (the same Llama family, 49,152-token vocabulary, tied embeddings): no download
-SHAPES = {"mem_360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                           num_key_value_heads=5),
-          "mem_1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                           num_key_value_heads=32)}
-
-
-def row_overrides(name: str, steps: int, batch_size: int, extra: list[str]) -> list[str]:
-    """The config overrides a row trains with: a row's own (steps, batch size) win over --steps / --batch-size."""
-    own = [o.replace("{shared}", str(SHARED_DATA)) for o in ROWS[name][0]]
-    # no validation pass or checkpoint while training: a run does them, but they are not training speed
-    return [f"trainer.max_steps={steps}", f"trainer.per_device_train_batch_size={batch_size}", *own, *extra,
-            "trainer.eval_strategy=no"]
 
 
 def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
     """Train one row in this process and return its measurements."""
-    from transformers import set_seed
-
-    from finetune import adapters, assets, compose, cpu, data, memory, validate
+    from finetune import memory
     from finetune.engines import make_engine
     from finetune.export import export, verify
-    from finetune.tasks import get_task
-    from finetune.tasks.base import auto_class
 
-    overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
-    compose.register_configs()
-    cfg = compose.compose(overrides)
-    validate.config(cfg)
-    cpu.tune()
-    set_seed(cfg.seed)
-    task = get_task(cfg.task)
-    raw = data.load(cfg.data, task)
-    path = assets.resolve(cfg.model.name_or_path)
-    tokenizer = task.load_tokenizer(path, cfg.model)
-    features = task.tokenize(raw, tokenizer)
-    if pad_to:
-        features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
+    cfg, task, raw, tokenizer, features, model = _build(name, steps, batch_size, extra)
     dtype = memory.model_dtype(cfg)
-    shape = next((shape for prefix, shape in SHAPES.items() if name.startswith(prefix)), None)
-    if shape:  # another model's shape, random weights
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        config.update(shape)
-        base = auto_class(task.auto_model).from_config(config, dtype=dtype)
-    else:
-        base = task.load_model(path, cfg.model, dtype)
-    model = adapters.wrap(base, cfg.peft, task)
-    validate.training(cfg, model)
     dense_flops = flops_per_token(model)
     only_training = name.startswith("mem_")
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(cfg, task, model, tokenizer, features, Path(tmp))
         loaded_mb = memory.usage_mb()
-        engine.train()
+        train_loss = engine.train()["train_loss"]
         metrics = {} if only_training else engine.evaluate("test")
         # base=True where nothing is exported: no samples, nor the outputs the pipeline check would compare against
         scores = {} if only_training else task.model_metrics(engine.model, tokenizer, raw["test"],
@@ -223,9 +120,46 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "test_" + task.main_metric: metrics.get("test_" + task.main_metric, float("nan")),
         "generation_tokens_per_s": metrics.get("test_generation_new_tokens_per_second"),
         "train_seconds": seconds,
+        "train_loss": train_loss,
         "all_steps_seconds": sum(engine.step_times),
         "steps": len(engine.step_times),
     }
+
+
+def _build(name: str, steps: int, batch_size: int, extra: list[str]) -> tuple:
+    """What run.py builds before its engine, for one row: (cfg, task, raw splits, tokenizer, features, model)."""
+    from transformers import set_seed
+
+    from finetune import adapters, assets, compose, cpu, data, memory, validate
+    from finetune.tasks import get_task
+    from finetune.tasks.base import auto_class
+
+    overrides, pad_to = row_overrides(name, steps, batch_size, extra), ROWS[name][1]
+    compose.register_configs()
+    cfg = compose.compose(overrides)
+    validate.config(cfg)
+    cpu.tune()
+    set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    raw = data.load(cfg.data, task)
+    path = assets.resolve(cfg.model.name_or_path)
+    tokenizer = task.load_tokenizer(path, cfg.model)
+    features = task.tokenize(raw, tokenizer)
+    if pad_to:
+        features = features.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=pad_to), batched=True)
+    dtype = memory.model_dtype(cfg)
+    shape = next((shape for prefix, shape in SHAPES.items() if name.startswith(prefix)), None)
+    if shape:  # another model's shape, random weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        config.update(shape)
+        base = auto_class(task.auto_model).from_config(config, dtype=dtype)
+    else:
+        base = task.load_model(path, cfg.model, dtype)
+    model = adapters.wrap(base, cfg.peft, task)
+    validate.training(cfg, model)
+    return cfg, task, raw, tokenizer, features, model
 
 
 def _mean(values) -> float:
@@ -328,7 +262,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes in {result['dtype']}", flush=True)
         results.append({**result, "row_seconds": row_seconds, "peak": rates[best]})
 
-    print(f"\n{args.steps} steps x batch {args.batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
+    _report(results, args.steps, args.batch_size)
+    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s; matmul peak {min(peaks) / 1e9:.1f}-"
+          f"{max(peaks) / 1e9:.1f} GFLOP/s over the invocation\n")
+    _compare(results)
+    return 0
+
+
+def _report(results: list[dict], steps: int, batch_size: int) -> None:
+    """The rows' tables: training rows, then memory rows."""
+    print(f"\n{steps} steps x batch {batch_size} unless said, bundled MiniLM on bundled Rotten Tomatoes "
           "unless said\n")
     print("| row | setup | samples/s | real tokens/s | peak RSS MB | test metric | MFU (MFLOP a token) "
           "| eval samples/s (x train per token) "
@@ -345,15 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     memory_rows = [r for r in results if r["eval_samples_per_s"] is None]
     if memory_rows:
         print("\n| row | setup | parameters | weights | loaded MB | peak MB | bytes/param total | above loaded "
-              "| real tokens/s | MFU (MFLOP a token) | row s |")
-        print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| real tokens/s | MFU (MFLOP a token) | train loss | row s |")
+        print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in memory_rows:
         print(f"| {r['row']} | {ROWS[r['row']][2]} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['loaded_mb']:.0f} | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] * 2**20 / r['params']:.1f} | "
               f"{(r['peak_mb'] - r['loaded_mb']) * 2**20 / r['params']:.1f} | {r['real_tokens_per_s']:.0f} | "
-              f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | {r['row_seconds']:.0f} |")
-    print(f"\nwhole bench: {time.perf_counter() - bench_start:.0f} s; matmul peak {min(peaks) / 1e9:.1f}-"
-          f"{max(peaks) / 1e9:.1f} GFLOP/s over the invocation\n")
+              f"{r['model_flops_per_s'] / r['peak']:.1%} ({r['flops_per_token'] / 1e6:.0f}) | {r['train_loss']:.4f} | "
+              f"{r['row_seconds']:.0f} |")
+
+
+def _compare(results: list[dict]) -> None:
+    """How stable a repeated row's figure is, and the ratios of the rows measured against each other."""
     for name in dict.fromkeys(r["row"] for r in results):  # a repeated row: how stable its figure is
         rates = [r["samples_per_s"] for r in results if r["row"] == name]
         if len(rates) > 1:
@@ -368,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
                 metric = "test_" + a["metric"]
                 line += f"; {metric} {(a[metric] - b[metric]) * 100:+.1f} points"
             print(line)
-    return 0
 
 
 if __name__ == "__main__":

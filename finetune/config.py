@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -108,6 +108,13 @@ class TrainerConfig:
     # 0: the model's own loss. 512: less memory than larger chunks, while smaller ones' matmuls run slower
     # (docs/benchmarks.md#chunked-loss)
     lm_loss_chunk_size: int = 512
+    # the optimizer (finetune/optim.py): adamw | adamw_fused | adamw_8bit | adafactor | sgd; optim_args: its own
+    # settings (betas, eps, momentum, ...); optimizer_in_backward: each weight steps as soon as its gradient is
+    # complete, so no whole-model gradient is kept (one process, no accumulation, max_grad_norm=0)
+    optim: str = "adamw"
+    # (a node open to new keys: trainer.optim_args.betas=[0.9,0.95] adds one, as trainer.optim_args={eps:1e-6} does)
+    optim_args: Any = field(default_factory=lambda: DictConfig({}, flags={"struct": False}))
+    optimizer_in_backward: bool = False
 
 
 @dataclass

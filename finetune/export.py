@@ -165,6 +165,7 @@ pipe = pipeline("{task.pipeline_task}", model="path/to/this/directory"{remote})
 ## Training
 
 - engine: {hp.engine}, epochs: {hp.num_train_epochs}, learning rate: {hp.learning_rate}, batch size: {hp.per_device_train_batch_size}, seed: {cfg.seed}
+- optimizer: {_optimizer(cfg)}
 - max sequence length: {task.max_length}; PEFT: {cfg.peft.method}{f" (r={cfg.peft.r})" if cfg.peft.method != "none" else ""}
 {adapters.card_section(cfg, task, base)}{task.card_section()}"""
     return ModelCard(content)
@@ -185,6 +186,18 @@ def check_card(card) -> None:
         raise ValueError(f"the model card's metadata would be rejected by the Hub: {e}") from e
     if data.to_dict() != card.data.to_dict():
         raise ValueError("the model card's metadata does not read back as written")
+
+
+def _optimizer(cfg) -> str:
+    """The model card's line about trainer.optim (finetune/optim.py)."""
+    t = cfg.trainer
+    args = OmegaConf.to_container(t.optim_args) if OmegaConf.is_config(t.optim_args) else dict(t.optim_args)
+    parts = [t.optim + (f" ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")]
+    if cfg.model.dtype == "bfloat16" and cfg.peft.method == "none":
+        parts.append("bfloat16 weights rounded stochastically")
+    if t.optimizer_in_backward:
+        parts.append("step inside the backward pass")
+    return ", ".join(parts)
 
 
 def _as_list(value: Any) -> list:

@@ -35,9 +35,13 @@ def model_dtype(cfg) -> str:
         gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         name = "bfloat16" if cfg.peft.method == "lora" and gpu_bf16 else "float32"
     elif name != "float32" and cfg.peft.method == "none":
-        log.warning("model.dtype=%s with full fine-tuning trains in pure %s: no float32 master weights, so updates "
-                    "below its precision are lost; model.dtype=float32 (with trainer.mixed_precision on a GPU) keeps "
-                    "them", name, name)
+        if name == "bfloat16":  # (finetune/optim.py)
+            log.info("model.dtype=bfloat16 with full fine-tuning: the weights step in float32 and are rounded back to "
+                     "bfloat16 stochastically, so updates below its precision survive on average")
+        else:
+            log.warning("model.dtype=%s with full fine-tuning trains in pure %s: no float32 master weights, so updates "
+                        "below its precision are lost; model.dtype=float32 (with trainer.mixed_precision on a GPU) "
+                        "or bfloat16 (rounded stochastically) keeps them", name, name)
     return name
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import adapters, assets, cpu, data, hub, memory, progress, report, resume, validate
+from finetune import adapters, assets, cpu, data, hub, interrupt, memory, progress, report, resume, validate
 from finetune.engines import CHECKPOINTS, last_checkpoint, make_engine, own_precision
 from finetune.errors import FinetuneError
 from finetune.export import export, verify
@@ -30,7 +30,7 @@ log = logging.getLogger("finetune")
 def run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     """on_evaluate(value): called with the validation main metric of each evaluation during training (a sweep's
     trial reports it to its pruner, which stops the run by raising)."""
-    with progress.console():  # in a terminal, log lines print above the progress bars
+    with progress.console(), interrupt.handled():  # in a terminal, log lines print above the progress bars
         return _run(cfg, run_dir, on_evaluate)
 
 
@@ -79,6 +79,7 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
         base.update({f"base_test_{k}": v for k, v in generated.items()})
         log.info("base model: %s", ", ".join(f"{k}={v:.4g}" for k, v in base.items()))
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in engine.train(resume_from).items()}
+    interrupt.check("after training")
     metrics.update(engine.best_validation() or engine.evaluate("validation"))
     _check_finite_loss(metrics, cfg.trainer.learning_rate)
     metrics.update(engine.evaluate("test"))
@@ -88,6 +89,7 @@ def _run(cfg: DictConfig, run_dir: Path, on_evaluate=None) -> dict[str, float]:
     metrics.update({f"num_{split}_examples": len(ds) for split, ds in raw.items()})
     metrics.update(params)
     peaks = memory.gather_peaks()  # every process's peak (the main process adds its export and check to its own)
+    interrupt.check("before the export")
     model = _whole_model(engine, build, main)
     history = engine.log_history
     model_dir = export(model, tokenizer, task, cfg, metrics, run_dir / "model") if main else None
@@ -154,6 +156,7 @@ def _whole_model(engine, build, main: bool):
 
 def _verify_and_report(cfg, run_dir: Path, task, model_dir: Path, history: list[dict], raw, metrics: dict,
                        start: float, memory_so_far: tuple[float, list[float]]) -> None:
+    interrupt.check("before the pipeline check")
     metrics.update(verify(task, model_dir, raw["test"], metrics, cfg.verify_tolerance))
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run finished: nothing left to resume
     metrics["total_runtime_s"] = round(time.time() - start, 1)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import difflib
 import os
 
-from finetune import memory
+from finetune import memory, optim
+from finetune.adapters import base_model
+from finetune.decoding import generation_config
 from finetune.engines import ENGINES, TRACKERS
 from finetune.errors import FinetuneError
 from finetune.loading import DROPOUT_KEYS
-from finetune.tasks import task_class
+from finetune.tasks import registry, task_class
 
 _PRECISIONS = ("auto", "no", "fp16", "bf16")
 PEFT_METHODS = ("none", "lora")
@@ -30,12 +32,11 @@ def config(cfg) -> None:
     model(cfg)
     peft(cfg.peft)
     if cfg.trainer.label_smoothing and not task.vocabulary_loss:
-        raise FinetuneError(f"trainer.label_smoothing smooths the token cross-entropy of a vocabulary head; this "
-                            f"task's ({cfg.task.name}) loss is not one: remove it")
+        smoothed = ", ".join(name for name, cls in registry().items() if cls.vocabulary_loss)
+        raise FinetuneError(f"trainer.label_smoothing smooths language-model losses (tasks {smoothed}); this "
+                            f"task's ({cfg.task.name}) is not one: remove it")
     task.check_config(cfg.task, cfg.data)
     if "generation" in cfg.task:
-        from finetune.decoding import generation_config
-
         generation_config(cfg.task.generation)  # as transformers will take the settings when it generates
     hub(cfg.hub)
     card_names(cfg)
@@ -84,13 +85,12 @@ def trainer(t) -> None:
     if t.mixed_precision not in _PRECISIONS:
         raise FinetuneError(f"trainer.mixed_precision must be {', '.join(_PRECISIONS[:-1])} or {_PRECISIONS[-1]} "
                             f"(got '{t.mixed_precision}')")
-    if t.fsdp and t.engine != "accelerate":
-        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
     unknown = [name for name in t.report_to if name not in TRACKERS]
     if unknown:
         raise FinetuneError(f"unknown tracker {unknown[0]} in trainer.report_to: choose from {', '.join(TRACKERS)}, "
                             "or [] for none")
     scheduler(t.lr_scheduler_type)
+    optim.check(t, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def scheduler(name: str) -> None:
@@ -170,8 +170,6 @@ def card_names(cfg) -> None:
 
 def training(cfg, built_model) -> None:
     """What needs the model and the launch's processes, before the engine is made."""
-    from finetune.adapters import base_model
-
     base = base_model(built_model)
     if cfg.trainer.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
         raise FinetuneError(f"trainer.gradient_checkpointing=true: {type(base).__name__} does not support gradient "
@@ -201,6 +199,8 @@ def fsdp(t) -> None:
                             "add trainer=accelerate trainer.fsdp=true to shard over the CPU processes with FSDP2")
     if not t.fsdp:
         return
+    if t.engine != "accelerate":
+        raise FinetuneError("trainer.fsdp=true (FSDP2 over CPU processes) needs trainer=accelerate")
     if kind == DistributedType.NO:
         raise FinetuneError("trainer.fsdp=true shards over several CPU processes, but this is a single process: "
                             "launch several (torchrun --nproc_per_node 2 -m finetune ...)")

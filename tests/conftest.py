@@ -1,11 +1,10 @@
-"""Shared fixtures: a tiny random BERT with a real (trained-here) WordPiece tokenizer, and small data files."""
+"""Shared fixtures: tiny random models with small real tokenizers, small data files, one finished run pushed to a fake
+Hub. They are built from tests/helpers/ (helpers/__init__.py lists what lives where); a test imports helpers, never
+another test module or this file."""
 
 from __future__ import annotations
 
 import os
-import random
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,77 +13,9 @@ import pytest
 # keep the tests' many small datasets out of the user's cache (read by `datasets` at import)
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.mkdtemp(prefix="finetune-tests-"), "datasets"))
 
-REPO = Path(__file__).resolve().parent.parent
-
-POSITIVE = ["great", "wonderful", "excellent", "loved", "brilliant", "moving", "superb", "delightful"]
-NEGATIVE = ["awful", "terrible", "boring", "hated", "dull", "tedious", "clumsy", "lifeless"]
-FILLER = ["the", "movie", "film", "plot", "acting", "was", "really", "quite", "and", "story", "cast", "ending",
-          "a", "truly", "experience", "script", "director", "scenes"]
-
-
-def make_sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(text, label) pairs whose label is decided by one sentiment word among fillers."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "pos" if i % 2 == 0 else "neg"
-        words = rng.sample(FILLER, rng.randint(3, 9))
-        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
-        rows.append((" ".join(words), label))
-    rng.shuffle(rows)
-    return rows
-
-
-def build_tiny_bert(path: Path, corpus: list[str]) -> Path:
-    """A 2-layer, 32-wide BERT with random weights and a WordPiece vocabulary of `corpus`'s words plus single
-    characters (other words split into pieces); the same files in every session."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    # built, not trained: tokenizers' WordPieceTrainer breaks frequency ties differently in every process
-    words = {w for text in corpus for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
-    chars = {c for w in words for c in w}
-    pieces = specials + sorted(words | chars) + sorted(f"##{c}" for c in chars)
-    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tok.decoder = decoders.WordPiece()
-    tokenizer = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
-    tokenizer.save_pretrained(path)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    return path
-
-
-def tiny_variant(bert_dir: Path, path: Path, family: str) -> Path:
-    """bert_dir's tokenizer with a tiny random encoder of another family: distilbert (no token_type_ids)
-    or deberta-v2 (relative attention, no absolute positions)."""
-    import torch
-    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel
-
-    inputs = {"model_input_names": ["input_ids", "attention_mask"]} if family == "distilbert" else {}
-    tokenizer = AutoTokenizer.from_pretrained(bert_dir, **inputs)  # distilbert's tokenizer has no token types
-    size = dict(vocab_size=len(tokenizer), max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    if family == "distilbert":
-        model = DistilBertModel(DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **size))
-    else:
-        model = DebertaV2Model(DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=64, relative_attention=True, position_buckets=16,
-                                               pos_att_type=["p2c", "c2p"], position_biased_input=False, **size))
-    tokenizer.save_pretrained(path)
-    model.save_pretrained(path)
-    return path
+from helpers import seq2seq_models  # noqa: E402
+from helpers.data import make_sentences, ner_corpus, write_sentiment_csv  # noqa: E402
+from helpers.models import build_tiny_bert, build_tiny_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -98,58 +29,82 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# --- tiny models ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT whose vocabulary holds every word of make_sentences."""
     corpus = [t for t, _ in make_sentences(400)] + ["[unused] a b c d e f g h i j k l m n o p q r s t u v w x y z"]
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus)
 
 
+@pytest.fixture(scope="module")
+def ner_bert(tmp_path_factory) -> Path:
+    """A tiny BERT whose WordPiece vocabulary holds every word make_ner uses as one piece."""
+    return build_tiny_bert(tmp_path_factory.mktemp("ner-bert"), ner_corpus())
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny Llama with a ChatML template, declaring its 256 positions as the tokenizer's model_max_length."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), max_length=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2 without a chat template."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), family="gpt2", chat=False)
+
+
+@pytest.fixture(scope="module")
+def s2s_models(tmp_path_factory) -> dict[str, str]:
+    """The tiny sequence-to-sequence models by family: t5, bart, mbart, bert (a BERT2BERT's encoder and decoder),
+    llama (decoder-only, ChatML) and llama_plain (decoder-only, no chat template)."""
+    root = tmp_path_factory.mktemp("s2s-models")
+    out = {}
+    for name, build in (("t5", seq2seq_models.build_t5), ("bart", seq2seq_models.build_bart),
+                        ("mbart", seq2seq_models.build_mbart50), ("bert", seq2seq_models.build_bert),
+                        ("llama", seq2seq_models.build_decoder_only)):
+        (root / name).mkdir()
+        out[name] = str(build(root / name))
+    (root / "gpt").mkdir()
+    out["llama_plain"] = str(seq2seq_models.build_decoder_only(root / "gpt", chat=False))
+    return out
+
+
+# --- data -------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def sentiment_csv(tmp_path) -> Path:
-    import pandas as pd
+    """tmp_path/reviews.csv: 160 rows (columns review, sentiment) the tiny BERT learns."""
+    return write_sentiment_csv(tmp_path / "reviews.csv")
 
-    path = tmp_path / "reviews.csv"
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(path, index=False)
+
+@pytest.fixture(scope="module")
+def sweep_work(tmp_path_factory) -> Path:
+    """A working directory for sweeps (helpers.sweeps.TINY): reviews.csv of SWEEP_ROWS rows."""
+    from helpers.sweeps import SWEEP_ROWS
+
+    path = tmp_path_factory.mktemp("sweeps")
+    write_sentiment_csv(path / "reviews.csv", SWEEP_ROWS)
     return path
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m finetune ...` in a subprocess, as a user runs it."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-# Fast trainer settings for runs on the tiny model.
-TINY_TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16",
-                "trainer.logging_steps=5", "trainer.warmup_ratio=0.0"]
-
-
-HUB_SECRET = "hf_fake_hub_token_never_written_0123456789"
-
-
-def hub_env(endpoint: str, home: Path, token: str | None = HUB_SECRET) -> dict:
-    """The environment of a CLI that talks to a fake Hub: its endpoint, a token (or none: HF_TOKEN empty and an
-    empty HF_HOME, so no login cache either), no Xet transfers (the fake Hub speaks the LFS protocol)."""
-    return {"HF_ENDPOINT": endpoint, "HF_TOKEN": token or "", "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_OFFLINE": "0"}
-
-
+# --- a finished run ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pushed_run(tiny_bert, tmp_path_factory):
     """One finished sentiment run on the tiny model (train.csv + test.csv), pushed by hub=push to a fake Hub on
-    127.0.0.1 (branch dev): for the push, predict, evaluate, tracking and permission tests."""
+    127.0.0.1 (branch dev): for the push, predict, evaluate, tracking and permission tests (marked slow: they share
+    its cost)."""
     from types import SimpleNamespace
 
-    import pandas as pd
-
-    from fake_hub import FakeHub
+    from helpers.cli import TINY_TRAINER
+    from helpers.fake_hub import FakeHub, hub_env
+    from helpers.processes import run_cli
 
     work = tmp_path_factory.mktemp("pushed")
     rows = make_sentences(200)
     (work / "data").mkdir()
-    pd.DataFrame(rows[:160], columns=["review", "sentiment"]).to_csv(work / "data" / "train.csv", index=False)
-    pd.DataFrame(rows[160:], columns=["review", "sentiment"]).to_csv(work / "data" / "test.csv", index=False)
+    write_sentiment_csv(work / "data" / "train.csv", rows=rows[:160])
+    write_sentiment_csv(work / "data" / "test.csv", rows=rows[160:])
     with FakeHub() as hub:
         proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=data", "data.text_column=review",
                        "data.label_column=sentiment", *TINY_TRAINER, "hub=push", "hub.repo_id=me/tiny-sentiment",

@@ -11,7 +11,7 @@ import pytest
 
 from finetune.config import DataConfig, TaskConfig
 from finetune.tasks.base import Task
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +80,7 @@ class WordCountTask(Task):
         return {"mae": float(np.mean([abs(s - t.split().count("great")) for s, t in zip(scores, raw["text"])]))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
 def test_a_task_defined_outside_the_package_trains_exports_and_verifies(engine, tiny_bert, tmp_path):
     import pandas as pd

@@ -12,7 +12,7 @@ import pytest
 
 from finetune import data
 from finetune.tasks import get_task
-from helpers import compose_cfg, fail
+from helpers.cli import compose_cfg, fail
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ["bad", "good", "odd"]

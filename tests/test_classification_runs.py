@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FILLER, NEGATIVE, POSITIVE
-from helpers import cli_main
+from helpers.data import FILLER, NEGATIVE, POSITIVE
+from helpers.cli import cli_main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # each test is a real run
 TRAIN = ["trainer.num_train_epochs=4", "trainer.learning_rate=1e-2", "trainer.per_device_train_batch_size=16",
          "trainer.warmup_ratio=0.0", "trainer.logging_steps=5", "trainer.report_to=[]"]
 

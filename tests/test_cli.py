@@ -5,19 +5,18 @@ import json
 import pytest
 import yaml
 
-from conftest import TINY_TRAINER, run_cli
-from helpers import cli_main, compose_cfg, fail
+from helpers.cli import TINY_TRAINER, cli_main, compose_cfg, fail
+from helpers.data import write_sentiment_csv
+from helpers.processes import run_cli
 
 SECRET = "hf_test_token_never_written_0123456789"
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_bert, tmp_path_factory):
-    from conftest import make_sentences
-    import pandas as pd
-
+    """One real CLI run (its tests are marked slow: they share its cost)."""
     work = tmp_path_factory.mktemp("cli")
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(work / "reviews.csv", index=False)
+    write_sentiment_csv(work / "reviews.csv")
     proc = run_cli("task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
                    "data.label_column=sentiment", *TINY_TRAINER, cwd=work, env={"HF_TOKEN": SECRET})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,6 +25,7 @@ def finished_run(tiny_bert, tmp_path_factory):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_run_directory_layout(finished_run):
     names = {p.name for p in finished_run.iterdir()}
     assert {"model", "metrics.json", "config.yaml", "finetune.log", "learning_curve.png"} <= names
@@ -40,6 +40,7 @@ def test_run_directory_layout(finished_run):
     assert "LOAD REPORT" not in log and "\x1b[" not in log  # not transformers' table with colour codes
 
 
+@pytest.mark.slow
 def test_exported_labels_and_pipeline_check(finished_run):
     config = json.loads((finished_run / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"}
@@ -52,6 +53,7 @@ def test_exported_labels_and_pipeline_check(finished_run):
     assert metrics["num_train_examples"] == 128 and metrics["num_test_examples"] == 16
 
 
+@pytest.mark.slow
 def test_exported_dir_loads_with_plain_pipeline(finished_run):
     from transformers import pipeline
 
@@ -60,6 +62,7 @@ def test_exported_dir_loads_with_plain_pipeline(finished_run):
     assert {o["label"] for o in out} <= {"neg", "pos"}
 
 
+@pytest.mark.slow
 def test_model_card_metadata(finished_run):
     text = (finished_run / "model" / "README.md").read_text()
     meta = yaml.safe_load(text.split("---")[1])
@@ -71,6 +74,7 @@ def test_model_card_metadata(finished_run):
     assert "| test_accuracy |" in text
 
 
+@pytest.mark.slow
 def test_config_snapshot_and_logs_hold_no_token(finished_run):
     cfg = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert cfg["task"]["name"] == "classification" and cfg["data"]["text_column"] == "review"
@@ -134,13 +138,14 @@ def test_help_is_one_screen_of_what_a_run_is_the_groups_and_examples(tmp_path, m
     assert code == 0 and out.startswith("Hydra (")  # Hydra's own help stays
 
 
+@pytest.mark.slow
 def test_bench_rows_run_in_forked_processes(tiny_bert, sentiment_csv, tmp_path):
     """python -m finetune.bench on the tiny model: each row in its own process, a repeated row's spread, the table."""
     import os
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers.processes import REPO
 
     args = ["--rows", "default", "lora", "default", "--steps", "4", "--batch-size", "8", f"model={tiny_bert}",
             f"data={sentiment_csv}", "data.text_column=review", "data.label_column=sentiment"]
@@ -180,7 +185,7 @@ def test_bench_counts_the_tokens_the_engine_trained(engine, tiny_bert, sentiment
     split's mean length: length-grouped batches come longest first."""
     from finetune import bench
     from finetune.engines import make_engine
-    from helpers import prepared
+    from helpers.cli import prepared
 
     cfg, task, tokenizer, features, model = prepared(
         f"trainer={engine}", f"model={tiny_bert}", f"data={sentiment_csv}", "data.text_column=review",

@@ -3,7 +3,7 @@ from hydra.errors import ConfigCompositionException
 
 from finetune.__main__ import rewrite_overrides
 from finetune.errors import FinetuneError
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
 
 
 def test_default_is_offline_sentiment():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 # allocates and frees a 64 MiB buffer, as a training step does with its activations; prints the page faults of
 # ten of them after ten to settle in (tuned, the heap takes a few rounds to hold a free block that fits the aligned size)
 _FAULTS = """
@@ -26,6 +28,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_freed_buffers_are_reused_not_faulted_in_again():
     # untuned, glibc maps every 64 MiB buffer afresh: 16k page faults each (the premise: it is what costs time)
     assert _faults("default") > 10 * 16_000

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 
 STARTUP_S = 60  # a busy 2-core machine: the server imports optuna and bottle before it listens
 
@@ -36,6 +37,7 @@ def _get(url: str, deadline: float, server: subprocess.Popen) -> dict:
             time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_dashboard_lists_the_trials_of_a_finished_study(tmp_path):
     import optuna
     from optuna.distributions import FloatDistribution

@@ -6,8 +6,8 @@ import pytest
 from finetune import data
 from finetune.errors import FinetuneError
 from finetune.tasks import get_task
-from helpers import compose_cfg
-from conftest import make_sentences
+from helpers.cli import compose_cfg
+from helpers.data import make_sentences
 
 
 def load(*overrides):

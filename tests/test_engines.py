@@ -13,8 +13,9 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from finetune.tasks.base import Task
-from helpers import compose_cfg
+from finetune.tasks.base import Task, auto_class
+from helpers.cli import compose_cfg
+from helpers.data import make_sentences, write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -53,13 +54,7 @@ def train(tiny_bert, csv, out: Path, *overrides):
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
-    import pandas as pd
-
-    from conftest import make_sentences
-
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -133,6 +128,7 @@ def test_early_stopping_after_patience(engine, tiny_bert, csv, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_last_step_is_evaluated_and_eval_strategy_no(engine, tiny_bert, csv, tmp_path):
     args = [f"trainer={engine}", "trainer.max_steps=7", "trainer.per_device_train_batch_size=8"]
     runner, _ = train(tiny_bert, csv, tmp_path / "steps", *args, "trainer.eval_strategy=steps", "trainer.eval_steps=3")
@@ -144,6 +140,7 @@ def test_last_step_is_evaluated_and_eval_strategy_no(engine, tiny_bert, csv, tmp
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_same_seed_same_metrics(engine, tiny_bert, csv, tmp_path):
     args = [f"trainer={engine}", *LEARNING, "trainer.num_train_epochs=4"]
     first = train(tiny_bert, csv, tmp_path / "a", *args)[1]
@@ -162,14 +159,11 @@ class _ProbeTask(Task):
     main_metric, greater_is_better = "accuracy", True
 
     def __init__(self, kind: str):
-        from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
-
+        super().__init__(None)
         self.kind, self.seen = kind, {}
-        self.auto_model = AutoModelForTokenClassification if kind == "token" else AutoModelForQuestionAnswering
+        self.auto_model = "AutoModelForTokenClassification" if kind == "token" else "AutoModelForQuestionAnswering"
 
     def features(self, tokenizer) -> DatasetDict:
-        from conftest import make_sentences
-
         texts = [t for t, _ in make_sentences(24, seed=3)]
         enc = tokenizer(texts, truncation=True)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
@@ -212,7 +206,7 @@ def test_per_token_and_multi_head_predictions_match_the_trainer(kind, tiny_bert,
                           "trainer.eval_strategy=steps", "trainer.eval_steps=1")
         task = _ProbeTask(kind)
         torch.manual_seed(0)
-        model = task.auto_model.from_pretrained(tiny_bert, num_labels=3 if kind == "token" else 2)
+        model = auto_class(task.auto_model).from_pretrained(tiny_bert, num_labels=3 if kind == "token" else 2)
         runner = make_engine(cfg, task, model, tokenizer, task.features(tokenizer), tmp_path / engine)
         runner.evaluate("test")
         seen[engine] = task.seen["test"]

@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from conftest import REPO, make_sentences, run_cli
 from finetune import __main__ as cli
 from finetune import assets
-from helpers import fail
+from helpers.cli import fail
+from helpers.data import make_sentences, write_sentiment_csv
+from helpers.processes import ENV, accelerate_launch, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SENTIMENT = ["data.text_column=review", "data.label_column=sentiment"]
@@ -32,10 +32,9 @@ def files(tmp_path_factory) -> Path:
     """Good and bad data files for every task, in one directory."""
     d = tmp_path_factory.mktemp("inputs")
     rows = make_sentences(160)
-    pd.DataFrame(rows, columns=["review", "sentiment"]).to_csv(d / "reviews.csv", index=False)
-    pd.DataFrame([(t, "pos") for t, _ in rows], columns=["review", "sentiment"]).to_csv(d / "one_class.csv", index=False)
-    pd.DataFrame([(t, i % 3 - 1) for i, (t, _) in enumerate(rows)],
-                 columns=["review", "sentiment"]).to_csv(d / "int_labels.csv", index=False)
+    write_sentiment_csv(d / "reviews.csv", rows=rows)
+    write_sentiment_csv(d / "one_class.csv", rows=[(t, "pos") for t, _ in rows])
+    write_sentiment_csv(d / "int_labels.csv", rows=[(t, i % 3 - 1) for i, (t, _) in enumerate(rows)])
     (d / "header_only.csv").write_text("review,sentiment\n")
     (d / "broken.json").write_text('{"review": "good", "sentiment": ')
     (d / "broken.csv").write_text('review,sentiment\n"unclosed,pos\n')
@@ -95,7 +94,7 @@ CONFIG_CASES = [
     (["task=sentimnt"], "unknown task 'sentimnt': did you mean task=sentiment? choose one of"),
     (["trainer.new_parameters_lr_scale=0"], "trainer.new_parameters_lr_scale must be above 0 (got 0.0)"),
     (["trainer.label_smoothing=1"], "trainer.label_smoothing must be at least 0 and below 1 (got 1.0)"),
-    (["trainer.label_smoothing=0.1"], "trainer.label_smoothing smooths language-model losses (tasks causal_lm, "),
+    (["trainer.label_smoothing=0.1"], "trainer.label_smoothing smooths language-model losses (tasks generation, mlm, "),
     # generation settings transformers refuses only once generate() runs, after training (every generating task)
     (["task=generation", "task.generation.do_sample=true", "task.generation.temperature=0"],
      "task.generation.temperature=0.0: `temperature` (=0.0) has to be a strictly positive float"),
@@ -257,6 +256,7 @@ def test_hub_offline_mode_is_honoured(tmp_path, monkeypatch, capfd):
     assert "the Hub (https://huggingface.co) is unreachable (HF_HUB_OFFLINE is set)" in message
 
 
+@pytest.mark.slow
 def test_hub_probe_gives_up_within_its_timeout(monkeypatch):
     import socket
 
@@ -320,9 +320,10 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_two_launches_in_the_same_second_get_two_run_dirs(tiny_bert, files, tmp_path):
     args = [f"model={tiny_bert}", f"data={files / 'reviews.csv'}", *SENTIMENT, *QUICK, "data.max_train_samples=32"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **ENV}
     procs = [subprocess.Popen([sys.executable, "-c", _START_TOGETHER, f"ready{seed}", *args, f"seed={seed}"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]
@@ -354,10 +355,10 @@ def test_hydra_errors_are_one_line_in_a_real_process(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_two_process_launch_reports_a_config_error_once(tmp_path):
-    from test_multiprocess import launch
-
-    proc = launch(["--multi_gpu", "--num_processes", "2"], "trainer.per_device_train_batch_size=0", cwd=tmp_path)
+    proc = accelerate_launch(["--multi_gpu", "--num_processes", "2"], "trainer.per_device_train_batch_size=0",
+                             cwd=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: trainer.per_device_train_batch_size must be at least 1 (got 0)"], proc.stderr[-3000:]

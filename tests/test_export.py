@@ -10,7 +10,7 @@ import pytest
 from finetune.export import VerificationError, export, verify
 from finetune.tasks import get_task
 from finetune.tasks.base import Task
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
 
 
 class _Task(Task):

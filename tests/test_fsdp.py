@@ -5,20 +5,14 @@ effective batch; sharded checkpoints resume a killed run; LoRA's merged weights 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_sentences
+from helpers.processes import kill_and_resume, start
 
-ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 # 128 training rows, effective batch 8 (2 processes x 4, or 1 x 8) in random order without length grouping (so the
 # two processes' halves of a batch make the single process's batch); evaluated and checkpointed every 8 steps
 TRAINER = ["trainer=accelerate", "trainer.learning_rate=3e-3", "trainer.warmup_ratio=0", "trainer.group_by_length=false",
@@ -29,10 +23,8 @@ TOLERANCE = 1e-4  # splitting a batch over processes changes float sums: 3.7e-5 
 
 
 @pytest.fixture
-def work(tmp_path, tiny_bert):
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
+def work(sentiment_csv, tiny_bert):
+    tmp_path = sentiment_csv.parent
     # without dropout, whose masks differ between one process and two, both runs compute the same function
     model = shutil.copytree(tiny_bert, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
@@ -46,34 +38,13 @@ def _args(work: Path, *extra: str) -> list[str]:
             "data.label_column=sentiment", *TRAINER, *extra]
 
 
-def _start(args: list[str], work: Path, log: str) -> subprocess.Popen:
-    """`torchrun --nproc_per_node 2 -m finetune ...` in the background."""
-    with socket.socket() as s:  # a free port: other test runs on this machine may launch at the same time
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    with open(work / log, "w") as out:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-        return subprocess.Popen([*torchrun, "-m", "finetune", *args], cwd=work, env={**os.environ, **ENV}, stdout=out,
-                                stderr=subprocess.STDOUT)
-
-
 def _unsharded(work: Path, *args: str) -> Path:
     """The same training in this process, unsharded (while the sharded launch runs)."""
     from finetune.run import run
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     run(compose_cfg(*args), work / "single")
     return work / "single"
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process it started (torchrun's workers have process groups of their own)."""
-    import psutil
-
-    launcher = psutil.Process(proc.pid)
-    for process in [*launcher.children(recursive=True), launcher]:
-        process.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def _finish(proc: subprocess.Popen, work: Path, log: str) -> Path:
@@ -95,29 +66,20 @@ def _max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_sharded_run_resumed_after_a_kill_exports_the_unsharded_weights(work, one_thread):
-    sharded = [*_args(work, *SHARDED), "trainer.num_train_epochs=4", "runs_dir=sharded"]
-    killed = _start(sharded, work, "killed.log")
-    deadline = time.time() + 300
-    while not list(work.glob("sharded/sentiment/*/checkpoints/checkpoint-16/trainer_state.json")):
-        assert killed.poll() is None, (work / "killed.log").read_text()[-4000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    _kill(killed)
-    (run_dir,) = list((work / "sharded" / "sentiment").iterdir())
-    assert not (run_dir / "model").exists()
-    # both processes wrote their shard of the model and optimizer into the checkpoint
-    assert {p.name for p in (run_dir / "checkpoints" / "checkpoint-16" / "sharded").glob("*.distcp")} == \
-        {"__0_0.distcp", "__1_0.distcp"}
+    from finetune.engines import last_checkpoint
 
-    launch = _start([*sharded, "resume=true"], work, "sharded.log")
-    reference = _unsharded(work, *_args(work, *SINGLE), "trainer.num_train_epochs=4")
-    resumed = _finish(launch, work, "sharded.log")
-    assert resumed == run_dir
-    log = (run_dir / "finetune.log").read_text()
-    step = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
-    assert 16 <= step < 64, step  # continued mid-run from a sharded checkpoint
-    assert "restored the best checkpoint" in log and "gathered the sharded model's" in log
+    def both_shards(run_dir: Path) -> None:  # both processes wrote their shard of the model and optimizer
+        shards = {p.name for p in (last_checkpoint(run_dir) / "sharded").glob("*.distcp")}
+        assert shards == {"__0_0.distcp", "__1_0.distcp"}
+
+    sharded = [*_args(work, *SHARDED), "trainer.num_train_epochs=4"]
+    resumed = kill_and_resume(sharded, work, "sentiment", 16, processes=2, killed=both_shards,
+                              reference=lambda: _unsharded(work, *_args(work, *SINGLE), "trainer.num_train_epochs=4"))
+    run_dir, reference = resumed.run_dir, resumed.reference
+    assert 16 <= resumed.step < 64, resumed.step  # continued mid-run from a sharded checkpoint
+    assert "restored the best checkpoint" in resumed.log and "gathered the sharded model's" in resumed.log
 
     metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
     assert metrics["pipeline_test_accuracy"] == metrics["test_accuracy"] == expected["test_accuracy"]
@@ -131,9 +93,10 @@ def test_sharded_run_resumed_after_a_kill_exports_the_unsharded_weights(work, on
                for k in exported if k.removeprefix("bert.") in base) > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_sharded_lora_exports_gathered_merged_weights_and_adapter(work, one_thread):
     lora = ["peft=lora", "peft.r=4", "trainer.num_train_epochs=2"]
-    launch = _start([*_args(work, *SHARDED, *lora), "runs_dir=sharded"], work, "sharded.log")
+    launch = start([*_args(work, *SHARDED, *lora), "runs_dir=sharded"], work, work / "sharded.log", processes=2)
     reference = _unsharded(work, *_args(work, *SINGLE, *lora))
     sharded = _finish(launch, work, "sharded.log")
     metrics = json.loads((sharded / "metrics.json").read_text())

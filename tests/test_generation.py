@@ -4,61 +4,13 @@ loss masks per data shape on the token ids, block packing, metrics, the exported
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import run_cli
-from helpers import cli_main, compose_cfg, fail
-
-WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind", "suffer",
-         "slings", "and", "arrows", "of", "outrageous", "fortune", "hello", "world", "say", "answer", "yes", "no",
-         "what", "who", "are", "you", "i", "am", "a", "bot", "user", "assistant", "system", "ok"]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def build_tiny_lm(path, family: str = "llama", chat: bool = True, words: list[str] = WORDS, max_length: int | None = None):
-    """A tiny random decoder with a word-level tokenizer (words, newline, ChatML specials); max_length: the
-    tokenizer's declared model_max_length (none by default)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + ["\n", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
-                                                 pre_tokenizers.WhitespaceSplit()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                        bos_token="<|im_start|>", pad_token="<|im_end|>",
-                                        **({"model_max_length": max_length} if max_length else {}))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    if chat:
-        tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    size = dict(vocab_size=len(vocab), bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                                             tie_word_embeddings=True, **size))
-    else:
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, **size))
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), max_length=256)  # its 256 positions
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), family="gpt2", chat=False)
+from helpers.cli import LM_TRAINER, cli_main, compose_cfg, fail
+from helpers.data import lm_corpus
+from helpers.processes import assert_same_scores, kill_and_resume
 
 
 def make_task(*overrides: str):
@@ -151,23 +103,14 @@ def test_generation_input_errors(tmp_path, tiny_llama, tiny_gpt2, monkeypatch, c
     assert message in fail(["task=generation", *args], tmp_path, monkeypatch, capfd)
 
 
-def _corpus(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(4, 12))) for _ in range(n)]
-
-
-TRAIN = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
-         "trainer.gradient_accumulation_steps=1", "trainer.logging_steps=5", "trainer.warmup_ratio=0.0",
-         "task.block_size=32", "task.eval_prompts=4", "task.generation.max_new_tokens=8"]
-
-
 @pytest.mark.parametrize("shape, extra", [
     ("text", ["trainer=accelerate"]),
     ("chat", []),
     ("pc", ["peft=lora", "peft.r=4"]),
 ])
+@pytest.mark.slow
 def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, monkeypatch, capfd):
-    rows = _corpus(240)
+    rows = lm_corpus(240)
     if shape == "text":
         (tmp_path / "data.txt").write_text("\n".join(rows))
     elif shape == "chat":
@@ -179,7 +122,7 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, mon
                                                      + "\n" for r in rows))
     data = "data.txt" if shape == "text" else "data.jsonl"
     # in this process (test_killed_generation_run_resumes_to_the_same_metrics runs the CLI as a real process)
-    code, _, err = cli_main(["task=generation", f"model={tiny_llama}", f"data={data}", *TRAIN, *extra], tmp_path,
+    code, _, err = cli_main(["task=generation", f"model={tiny_llama}", f"data={data}", *LM_TRAINER, *extra], tmp_path,
                             monkeypatch, capfd)
     assert code == 0, err[-4000:]
     run = next((tmp_path / "runs" / "generation").iterdir())
@@ -217,36 +160,14 @@ def test_cli_trains_exports_and_verifies(tmp_path, tiny_llama, shape, extra, mon
     assert out[0]["generated_text"][-1]["role"] == "assistant"  # chat messages work on the exported model
 
 
+@pytest.mark.slow
 def test_killed_generation_run_resumes_to_the_same_metrics(tmp_path, tiny_llama):
-    import os
-    import signal
-    import time
-
-    from test_resume import ENV, _scores, _start
-
-    (tmp_path / "data.txt").write_text("\n".join(_corpus(240)))
-    args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *TRAIN, "trainer.num_train_epochs=3",
+    (tmp_path / "data.txt").write_text("\n".join(lm_corpus(240)))
+    args = ["task=generation", f"model={tiny_llama}", "data=data.txt", *LM_TRAINER, "trainer.num_train_epochs=3",
             "trainer.eval_strategy=steps", "trainer.eval_steps=3", "trainer.logging_steps=3",
             "trainer.gradient_checkpointing=true"]  # (checkpointing changes nothing a resume needs)
-    full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
-    killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/generation/*/checkpoints/checkpoint-9/trainer_state.json")):
-        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    (run_dir,) = list((tmp_path / "killed" / "generation").iterdir())
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in (run_dir / "finetune.log").read_text()
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    (full_dir,) = list((tmp_path / "full" / "generation").iterdir())
-    expected, got = _scores(full_dir), _scores(run_dir)
-    assert expected.keys() == got.keys() and "test_perplexity" in got
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-4), key
+    resumed = kill_and_resume(args, tmp_path, "generation", 9)
+    assert "test_perplexity" in assert_same_scores(resumed.run_dir, resumed.reference, rel=1e-4)
 
 
 def test_generation_after_mixed_precision_training_runs_in_the_exported_precision(tiny_llama):

@@ -1,6 +1,6 @@
-"""hub=push and python -m finetune.push against a fake Hub on 127.0.0.1 (tests/fake_hub.py): what arrives (files,
-bytes, token, branch, commit message), what the run records, the token never written, and failures that name
-the fix, exit 2 and leave the run as it was so the push can be retried."""
+"""hub=push and python -m finetune.push against a fake Hub on 127.0.0.1 (tests/helpers/fake_hub.py): what arrives
+(files, bytes, token, branch, commit message), what the run records, the token never written, and failures that
+name the fix, exit 2 and leave the run as it was so the push can be retried."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import HUB_SECRET, REPO, hub_env
-from fake_hub import FakeHub
+from helpers.fake_hub import HUB_SECRET, FakeHub, hub_env
+from helpers.processes import REPO
 
 REPO_ID = "me/tiny-sentiment"
 
@@ -38,6 +38,7 @@ def expected_files(run_dir) -> dict[str, bytes]:
     return {**files, "learning_curve.png": (run_dir / "learning_curve.png").read_bytes()}
 
 
+@pytest.mark.slow
 def test_push_uploads_the_verified_export(pushed_run):
     hub, run_dir = pushed_run.hub, pushed_run.run_dir
     assert hub.repos[REPO_ID]["private"]  # hub.private defaults to true
@@ -60,6 +61,7 @@ def test_push_uploads_the_verified_export(pushed_run):
     assert all(r["headers"].get("authorization") == f"Bearer {HUB_SECRET}" for r in api_calls)
 
 
+@pytest.mark.slow
 def test_run_records_the_push(pushed_run):
     metrics = json.loads((pushed_run.run_dir / "metrics.json").read_text())
     (commit,) = pushed_run.hub.commits
@@ -70,6 +72,7 @@ def test_run_records_the_push(pushed_run):
     assert f"pushed to {metrics['hub_url']} (commit {commit['oid']})" in log
 
 
+@pytest.mark.slow
 def test_token_is_written_nowhere(pushed_run):
     secret = HUB_SECRET.encode()
     for path in pushed_run.work.rglob("*"):
@@ -80,6 +83,7 @@ def test_token_is_written_nowhere(pushed_run):
     assert HUB_SECRET not in pushed_run.proc.stderr + pushed_run.proc.stdout
 
 
+@pytest.mark.slow
 def test_model_card_passes_the_card_classes(pushed_run):
     from huggingface_hub import ModelCard
 
@@ -91,6 +95,7 @@ def test_model_card_passes_the_card_classes(pushed_run):
     assert card.data.pipeline_tag == "text-classification" and card.data.library_name == "transformers"
 
 
+@pytest.mark.slow
 def test_export_has_umask_permissions(pushed_run):
     umask = os.umask(0)
     os.umask(umask)
@@ -100,6 +105,7 @@ def test_export_has_umask_permissions(pushed_run):
         assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
 
 
+@pytest.mark.slow
 def test_push_cli_dry_run_lists_without_network(pushed_run, tmp_path):
     with FakeHub() as hub:
         proc = push_cli(str(pushed_run.run_dir), "--repo-id", "me/other", "--dry-run", cwd=tmp_path,
@@ -176,12 +182,12 @@ def test_push_cli_failure_exits_2(run_copy, monkeypatch, capsys):
     assert snapshot(run_copy) == before
 
 
-def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv, monkeypatch, capfd):
+@pytest.mark.usefixtures("sentiment_csv")  # tmp_path/reviews.csv
+def test_run_with_push_refuses_to_start_without_token(tmp_path, monkeypatch, capfd):
     import huggingface_hub.constants
 
-    from helpers import fail
+    from helpers.cli import fail
 
-    (tmp_path / "reviews.csv").write_text(sentiment_csv.read_text())
     monkeypatch.setenv("HF_TOKEN", "")  # no token: none in the environment, no login cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "home" / "token"))
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
@@ -199,14 +205,14 @@ def test_run_with_push_refuses_to_start_without_token(tmp_path, sentiment_csv, m
 def test_repo_id_is_checked_before_training(repo_id, message):
     from finetune.config import HubConfig
     from finetune.errors import FinetuneError
-    from finetune.hub import check
+    from finetune.validate import hub
 
     with pytest.raises(FinetuneError, match=re.escape(message)):
-        check(HubConfig(push=True, repo_id=repo_id))
+        hub(HubConfig(push=True, repo_id=repo_id))
 
 
 def test_hub_configs_compose():
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     cfg = compose_cfg("hub=push", "hub.repo_id=me/x", "hub.revision=dev", "hub.dry_run=true")
     assert cfg.hub.push and cfg.hub.private and cfg.hub.revision == "dev" and cfg.hub.dry_run

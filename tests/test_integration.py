@@ -5,9 +5,9 @@ import json
 import pytest
 
 from finetune.run import run
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_minilm_rotten_tomatoes_beats_chance_and_export_reproduces(tmp_path):

@@ -163,8 +163,8 @@ def test_chunk_size_0_keeps_the_models_own_loss_and_logits(tmp_path):
 
     from finetune.engines import make_engine
     from finetune.tasks import get_task
-    from helpers import compose_cfg
-    from test_generation import build_tiny_lm
+    from helpers.cli import compose_cfg
+    from helpers.models import build_tiny_lm
 
     path = build_tiny_lm(tmp_path / "lm")
     rows = Dataset.from_dict({"text": ["to be or not to be that is the question"] * 4})

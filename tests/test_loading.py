@@ -12,8 +12,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import compose_cfg, engine_for
-from test_generation import build_tiny_lm
+from helpers.cli import compose_cfg, engine_for
+from helpers.models import build_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,13 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import TINY_TRAINER, make_sentences
-from finetune import adapters
+from finetune import adapters, validate
 from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.tasks import get_task
-from helpers import compose_cfg
+from finetune.tasks.base import auto_class
+from helpers.cli import TINY_TRAINER, compose_cfg
+from helpers.data import make_sentences
 
 TEXTS = ["the movie was wonderful", "a dull and tedious film", "the acting was superb", "boring plot",
          "really great cast", "an awful script"]
@@ -65,7 +66,7 @@ def test_wrapped_model_sees_every_input(task_name, tiny_bert):
     """Segment ids reach the model (peft's PeftModelForQuestionAnswering drops token_type_ids)."""
     cfg = compose_cfg(f"task={task_name}", f"model={tiny_bert}", "peft=lora")
     task = get_task(cfg.task)
-    model = task.auto_model.from_pretrained(tiny_bert, **({} if task_name == "qa" else {"num_labels": 3})).eval()
+    model = auto_class(task.auto_model).from_pretrained(tiny_bert, **({} if task_name == "qa" else {"num_labels": 3})).eval()
     with torch.no_grad():  # a trained head and a nonzero adapter, as after training
         for name, param in model.named_parameters():
             if name.startswith(("classifier", "qa_outputs")):
@@ -124,14 +125,14 @@ def test_bad_peft_settings_are_one_line_errors(tiny_bert):
     cfg, task, model = _task_and_model(tiny_bert, "peft.modules_to_save=[headless]")
     with pytest.raises(FinetuneError, match="peft.modules_to_save names no module of this model: headless"):
         adapters.wrap(model, cfg.peft, task)
-    cfg, task, model = _task_and_model(tiny_bert, "peft.method=ia3")
     with pytest.raises(FinetuneError, match="unknown peft.method 'ia3'"):
-        adapters.wrap(model, cfg.peft, task)
+        validate.peft(compose_cfg("peft.method=ia3").peft)
 
 
 @pytest.fixture(scope="module")
 def trained_export(tiny_bert, tmp_path_factory):
-    """A few optimizer steps on the wrapped model (head included), its logits, and its export."""
+    """A few optimizer steps on the wrapped model (head included), its logits, and its export (its tests are marked
+    slow: they share its cost)."""
     cfg, task, model = _task_and_model(tiny_bert)
     tokenizer = task.load_tokenizer(str(tiny_bert), cfg.model)
     initial_head = model.classifier.weight.detach().clone()
@@ -154,6 +155,7 @@ def trained_export(tiny_bert, tmp_path_factory):
     return cfg, task, logits, model_dir
 
 
+@pytest.mark.slow
 def test_export_reloads_the_trained_head_with_plain_transformers(trained_export, tiny_bert):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -174,6 +176,7 @@ def test_export_reloads_the_trained_head_with_plain_transformers(trained_export,
         assert {s["label"]: s["score"] for s in row} == pytest.approx({"neg": p[0].item(), "pos": p[1].item()}, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_export_has_no_peft_dependency(trained_export):
     cfg, task, logits, model_dir = trained_export
     names = {p.name for p in model_dir.iterdir()}
@@ -207,6 +210,7 @@ print(json.dumps({{"logits": logits.tolist(), "labels": labels}}))
     assert out["labels"] == [task.labels[i] for i in logits.argmax(-1).tolist()]
 
 
+@pytest.mark.slow
 def test_adapter_folder_loads_onto_the_base_with_peft(trained_export, tiny_bert):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -228,12 +232,11 @@ def test_adapter_folder_loads_onto_the_base_with_peft(trained_export, tiny_bert)
     assert f"PEFT: lora (r={cfg.peft.r})" in card and "## LoRA" in card and "`adapter/`" in card
 
 
+@pytest.mark.usefixtures("sentiment_csv")  # tmp_path/reviews.csv
+@pytest.mark.slow
 def test_cli_run_with_lora(tiny_bert, tmp_path, monkeypatch, capfd):
-    from helpers import cli_main
+    from helpers.cli import cli_main
 
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
     code, _, err = cli_main(["task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
                              "data.label_column=sentiment", "peft=lora", *TINY_TRAINER, "trainer.learning_rate=5e-3"],
                             tmp_path, monkeypatch, capfd)

@@ -9,22 +9,15 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
-from finetune import adapters, memory
+from finetune import adapters, memory, validate
 from finetune.engines import make_engine
 from finetune.errors import FinetuneError
 from finetune.tasks import get_task
-from helpers import compose_cfg
-from test_errors import fail
-from test_generation import TRAIN, _corpus, build_tiny_lm
+from helpers.cli import LM_TRAINER, compose_cfg, fail
+from helpers.data import lm_corpus
+from helpers.processes import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
-
 
 def _generation(tiny_llama, *overrides):
     cfg = compose_cfg("task=generation", f"model={tiny_llama}", *overrides)
@@ -60,7 +53,7 @@ def test_bad_dtype_is_a_one_line_error(tmp_path, monkeypatch, capfd):
     assert message == "model.dtype must be one of auto, float32, bfloat16, float16 (got 'bf16')"
     cfg = compose_cfg("model.dtype=float16", "trainer.mixed_precision=fp16")  # (GradScaler refuses fp16 weights)
     with pytest.raises(FinetuneError, match="with full fine-tuning use model.dtype=auto"):
-        memory.model_dtype(cfg)
+        validate.model(cfg)
 
 
 def test_lora_merge_on_a_bf16_base_is_done_in_fp32_then_cast(tiny_llama):
@@ -76,9 +69,10 @@ def test_lora_merge_on_a_bf16_base_is_done_in_fp32_then_cast(tiny_llama):
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected)
 
 
+@pytest.mark.slow
 def test_lora_on_a_bf16_base_exports_in_bf16_and_passes_its_pipeline_check(tiny_llama, tmp_path):
-    (tmp_path / "data.txt").write_text("\n".join(_corpus(240)))
-    proc = run_cli("task=generation", f"model={tiny_llama}", "data=data.txt", *TRAIN, "trainer.num_train_epochs=1",
+    (tmp_path / "data.txt").write_text("\n".join(lm_corpus(240)))
+    proc = run_cli("task=generation", f"model={tiny_llama}", "data=data.txt", *LM_TRAINER, "trainer.num_train_epochs=1",
                    "peft=lora", "peft.r=4", "model.dtype=bfloat16", "trainer.gradient_checkpointing=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]  # the run verifies the export through its pipeline
     (run,) = (tmp_path / "runs" / "generation").iterdir()
@@ -135,7 +129,7 @@ def test_engines_turn_checkpointing_on_and_free_the_training_state(engine, tiny_
                             "task.block_size=16", "trainer.report_to=[]", "trainer.max_steps=1",
                             "trainer.eval_strategy=no")
     tokenizer = task.load_tokenizer(str(tiny_llama), cfg.model)
-    raw = DatasetDict({s: Dataset.from_dict({"text": _corpus(40)}) for s in ("train", "validation", "test")})
+    raw = DatasetDict({s: Dataset.from_dict({"text": lm_corpus(40)}) for s in ("train", "validation", "test")})
     model = adapters.wrap(task.load_model(str(tiny_llama), cfg.model), cfg.peft, task)
     engine_ = make_engine(cfg, task, model, tokenizer, task.tokenize(raw, tokenizer), tmp_path)
     engine_.train()  # (the Trainer turns it on when training starts)
@@ -154,4 +148,4 @@ def test_checkpointing_a_model_without_support_is_an_error(tiny_llama, tmp_path)
     model.supports_gradient_checkpointing = False
     with pytest.raises(FinetuneError, match="LlamaForCausalLM does not support gradient checkpointing; set "
                                             "trainer.gradient_checkpointing=false"):
-        make_engine(cfg, task, model, None, None, tmp_path)
+        validate.training(cfg, model)

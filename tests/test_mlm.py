@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +13,9 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 
-from conftest import REPO, TINY_TRAINER, make_sentences, run_cli
-from helpers import cli_main, compose_cfg, fail
+from helpers.cli import TINY_TRAINER, cli_main, compose_cfg, fail
+from helpers.data import make_sentences
+from helpers.processes import assert_same_scores, kill_and_resume, run_cli
 
 TEXTS = [t for t, _ in make_sentences(300)]
 # words outside the tiny vocabulary: split into several pieces
@@ -197,6 +193,7 @@ def test_fill_mask_pipeline_predicts_what_the_model_does(tiny_bert, tmp_path, on
 
 @pytest.fixture(scope="module")
 def cli_run(tiny_bert, text_file):
+    """One real CLI run (its tests are marked slow: they share its cost)."""
     work = text_file.parent
     proc = run_cli("task=mlm", f"model={tiny_bert}", f"data={text_file}", *TINY_TRAINER, cwd=work, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,6 +201,7 @@ def cli_run(tiny_bert, text_file):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_run_reports_base_and_fine_tuned_and_verifies_the_pipeline(cli_run):
     m = json.loads((cli_run / "metrics.json").read_text())
     assert m["num_train_examples"] == 128 and m["num_test_examples"] == 16  # 160 lines; blank lines dropped
@@ -222,6 +220,7 @@ def test_cli_run_reports_base_and_fine_tuned_and_verifies_the_pipeline(cli_run):
     assert "LOAD REPORT" not in log and "\x1b[" not in log  # one plain line, not transformers' table
 
 
+@pytest.mark.slow
 def test_engines_score_the_same_base_and_lora_exports_merged_and_adapter(tiny_bert, text_file, cli_run, tmp_path):
     from finetune.run import run
 
@@ -240,6 +239,7 @@ def test_engines_score_the_same_base_and_lora_exports_merged_and_adapter(tiny_be
     assert (tmp_path / "lora" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_model_dir_is_a_valid_model_for_sentiment(cli_run, sentiment_csv, monkeypatch, capfd, one_thread):
     work = sentiment_csv.parent
     code, _, err = cli_main(["task=sentiment", f"model={cli_run / 'model'}", f"data={sentiment_csv}",
@@ -252,40 +252,19 @@ def test_a_run_model_dir_is_a_valid_model_for_sentiment(cli_run, sentiment_csv, 
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name_or_path"] == str(cli_run / "model")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tiny_bert, text_file, tmp_path):
-    """Training masks are seeded by the batch, so a resumed run replays them (cf. tests/test_resume.py)."""
+    """Training masks are seeded by the batch, so a resumed run replays them. Also the full fine-tuning case on the
+    default engine (hf) of tests/test_resume.py, which covers the other engine and LoRA."""
     args = ["task=mlm", f"model={tiny_bert}", f"data={text_file}", "trainer.num_train_epochs=2",
             "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8", "trainer.warmup_ratio=0",
             "trainer.eval_strategy=steps", "trainer.eval_steps=6", "trainer.logging_steps=6"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), **ENV}
-
-    def start(runs: str) -> subprocess.Popen:
-        with open(tmp_path / f"{runs}.log", "w") as log:
-            return subprocess.Popen([sys.executable, "-m", "finetune", *args, f"runs_dir={runs}"], cwd=tmp_path,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    full, killed = start("full"), start("killed")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/mlm/*/checkpoints/checkpoint-18/trainer_state.json")):
-        assert killed.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-
-    def scores(runs: str) -> dict[str, float]:
-        (run_dir,) = list((tmp_path / runs / "mlm").iterdir())
-        m = json.loads((run_dir / "metrics.json").read_text())
-        return {k: v for k, v in m.items() if k.startswith(("validation_", "test_", "pipeline_")) and
-                not k.endswith(("_runtime", "_per_second", "_time"))}
-
-    expected, got = scores("full"), scores("killed")
-    assert "resuming" in next((tmp_path / "killed" / "mlm").iterdir()).joinpath("finetune.log").read_text()
-    assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, abs=1e-4), key
+    resumed = kill_and_resume(args, tmp_path, "mlm", 18)
+    assert "step 1/" in resumed.log  # the resumed launch appended to the run's log
+    assert resumed.step > 16 and resumed.step % 16, resumed.step  # mid-epoch (128 lines / batch 8), epoch 2
+    assert_same_scores(resumed.run_dir, resumed.reference, abs=1e-4)
+    expected = json.loads((resumed.reference / "metrics.json").read_text())
+    assert expected["test_perplexity"] < 0.9 * expected["base_test_perplexity"]  # it learned: the metrics moved
 
 
 @pytest.mark.parametrize("problem", ["no mask token", "empty file"])

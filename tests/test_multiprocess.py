@@ -4,19 +4,14 @@ evaluation gathered over both processes, input errors reported once."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, make_sentences
+from helpers.processes import REPO, accelerate_launch
 
-ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+pytestmark = pytest.mark.slow  # every test launches 2 processes
 # on a machine without GPUs `accelerate launch` starts several processes only through its torchrun path:
 # --multi_gpu on the command line, or an accelerate config with distributed_type MULTI_GPU (our ddp.yaml)
 LAUNCHES = [pytest.param(["--multi_gpu", "--num_processes", "2"], ["trainer=hf"], id="hf-multi_gpu-flag"),
@@ -27,28 +22,16 @@ TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.
            "trainer.per_device_eval_batch_size=4", "trainer.logging_steps=1", "trainer.warmup_ratio=0.0"]
 
 
-def launch(launcher_args, *args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port: other test runs on this machine may launch at the same time
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    return subprocess.run([ACCELERATE, "launch", *launcher_args, "--main_process_port", port, "-m", "finetune", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture
-def work(tmp_path):
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
-    return tmp_path
+def work(sentiment_csv):
+    return sentiment_csv.parent
 
 
 @pytest.mark.parametrize("launcher_args, trainer", LAUNCHES)
 def test_two_processes_one_run(launcher_args, trainer, tiny_bert, work):
     args = ["task=sentiment", f"model={tiny_bert}", "data=reviews.csv", "data.text_column=review",
             "data.label_column=sentiment", *trainer, *TRAINER]
-    proc = launch(launcher_args, *args, cwd=work)
+    proc = accelerate_launch(launcher_args, *args, cwd=work)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "terminate called" not in proc.stderr  # every process left the process group cleanly
     (run_dir,) = list((work / "runs" / "sentiment").iterdir())  # both processes wrote into rank 0's run dir
@@ -75,7 +58,7 @@ def _single_process_test_scores(model_dir: Path, tiny_bert, work: Path, args) ->
     from finetune import data
     from finetune.engines.batches import without_length
     from finetune.tasks import get_task
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
     cfg = compose_cfg(*[a.replace("data=reviews.csv", f"data={work / 'reviews.csv'}") for a in args])
     task = get_task(cfg.task)
@@ -90,7 +73,7 @@ def _single_process_test_scores(model_dir: Path, tiny_bert, work: Path, args) ->
 
 
 def test_input_error_reported_once(work):
-    proc = launch(["--multi_gpu", "--num_processes", "2"], "data=missing.csv", cwd=work)
+    proc = accelerate_launch(["--multi_gpu", "--num_processes", "2"], "data=missing.csv", cwd=work)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: data file or directory not found: missing.csv; check the path"], proc.stderr[-3000:]

@@ -2,56 +2,23 @@
 
 import gzip
 import json
-import random
 from pathlib import Path
 
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from conftest import FILLER, build_tiny_bert, run_cli, tiny_variant
-from finetune import data
+from finetune import data, validate
 from finetune.errors import FinetuneError
 from finetune.metrics import entity_metrics
 from finetune.tasks import get_task
 from finetune.tagging import read_conll
 from finetune.tasks.ner import align_labels, entities_to_tags, word_anchors
-from helpers import compose_cfg
+from helpers.cli import compose_cfg
+from helpers.data import make_ner, ner_corpus, write_conll
+from helpers.models import tiny_variant
+from helpers.processes import run_cli
 
-ENTITIES = {"PER": ["alice", "bob smith", "carol"], "LOC": ["paris", "new york", "berlin"],
-            "ORG": ["acme", "globex corp"]}
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
-
-
-def make_ner(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
-    """Sentences of filler words with one or two entities (some of two words), IOB2-tagged."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = rng.sample(FILLER, rng.randint(3, 8))
-        tags = ["O"] * len(words)
-        for _ in range(rng.randint(1, 2)):
-            kind = rng.choice(sorted(ENTITIES))
-            entity = rng.choice(ENTITIES[kind]).split()
-            at = rng.randrange(len(words) + 1)
-            words[at:at] = entity
-            tags[at:at] = [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
-        out.append((words, tags))
-    return out
-
-
-def write_conll(path: Path, sentences) -> Path:
-    path.write_text("\n\n".join("\n".join(f"{w}\t{t}" for w, t in zip(*s)) for s in sentences) + "\n")
-    return path
-
-
-def corpus() -> list[str]:
-    return [" ".join(w) for w, _ in make_ner(300, 0)] + ["[unused] a b c d e f g h i j k l m n o p q r s t u v w x y z"]
-
-
-@pytest.fixture(scope="module")
-def ner_bert(tmp_path_factory) -> Path:
-    """A tiny BERT whose WordPiece vocabulary holds every word make_ner uses as one piece."""
-    return build_tiny_bert(tmp_path_factory.mktemp("ner-bert"), corpus())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +30,7 @@ def ner_roberta(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("ner-roberta")
     bpe = ByteLevelBPETokenizer(add_prefix_space=True)
-    bpe.train_from_iterator(corpus(), vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(ner_corpus(), vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     model = json.loads(bpe._tokenizer.to_str())["model"]
     merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tokenizer = RobertaTokenizer(vocab=model["vocab"], merges=merges)
@@ -181,7 +148,7 @@ def test_tags_outside_the_scheme_are_rejected(tags, scheme, message):
 
 def test_other_tag_errors():
     with pytest.raises(FinetuneError, match="unknown task.tag_scheme 'IOE2'"):
-        prepare([(["a"], ["B-PER"])], "task.tag_scheme=IOE2")
+        validate.config(compose_cfg("task=ner", "task.tag_scheme=IOE2"))
     with pytest.raises(FinetuneError, match="train sentence 2 has 2 tokens but 1 tags"):
         prepare([(["a"], ["B-PER"]), (["a", "b"], ["O"])])
     with pytest.raises(FinetuneError, match="no entities"):
@@ -358,6 +325,7 @@ def test_export_check_uses_the_task_tolerance_when_larger():
 
 # --- the CLI -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setup", [[], ["trainer=accelerate"], ["peft=lora"]], ids=["hf", "accelerate", "lora"])
+@pytest.mark.slow
 def test_cli_ner_run(setup, ner_bert, tmp_path):
     (tmp_path / "conll").mkdir()
     for split, n, seed in (("train", 160, 1), ("dev", 30, 2), ("test", 30, 3)):
@@ -380,7 +348,7 @@ def test_cli_ner_run(setup, ner_bert, tmp_path):
 
 
 def test_cli_without_data_says_how_to_pass_it(tmp_path, monkeypatch, capfd):
-    from helpers import fail
+    from helpers.cli import fail
 
     assert fail(["task=ner"], tmp_path, monkeypatch, capfd).startswith("no data given: pass data=<file, directory or "
                                                                        "Hub dataset id>")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-import helpers
-from helpers import compose_cfg, prepared
+from helpers import cli
+from helpers.cli import compose_cfg, prepared
+from helpers.data import write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCALE = 10.0
@@ -20,13 +21,7 @@ FAST = ["trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16", 
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
-    import pandas as pd
-
-    from conftest import make_sentences
-
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "reviews.csv", 96)
 
 
 def sentiment(tiny_bert, csv) -> list[str]:
@@ -40,7 +35,7 @@ def build(tiny_bert, csv, *overrides):
 
 
 def engine_for(tiny_bert, csv, out, *overrides):
-    return helpers.engine_for(out, *sentiment(tiny_bert, csv), *overrides)
+    return cli.engine_for(out, *sentiment(tiny_bert, csv), *overrides)
 
 
 def optimizer_of(engine):
@@ -86,6 +81,7 @@ def test_only_the_new_parameters_get_the_scaled_rate_and_keep_the_decay_split(en
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
+@pytest.mark.slow
 def test_the_schedule_scales_every_group_and_a_resumed_run_restores_them(engine, tiny_bert, csv, tmp_path):
     first = engine_for(tiny_bert, csv, tmp_path / "a", f"trainer={engine}")
     first.train()

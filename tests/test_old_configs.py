@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_main, engine_for
+from helpers.cli import cli_main, engine_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data"
@@ -47,6 +47,7 @@ def resumed(tiny_bert, tmp_path_factory):
     return work, run_dir, data
 
 
+@pytest.mark.slow
 def test_a_run_saved_under_an_old_task_name_resumes(resumed, tiny_bert, monkeypatch, capfd):
     work, run_dir, data = resumed
     assert "name: token_classification" in (run_dir / "config.yaml").read_text()
@@ -57,6 +58,7 @@ def test_a_run_saved_under_an_old_task_name_resumes(resumed, tiny_bert, monkeypa
     assert [p.name for p in (work / "runs" / "ner").iterdir()] == [run_dir.name]  # continued, not started anew
 
 
+@pytest.mark.slow
 def test_an_export_recording_an_old_task_name_predicts_and_evaluates(resumed, tmp_path, monkeypatch):
     from finetune import evaluate, predict
 

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from conftest import run_cli
-from test_tracking import scalars
-from test_sweeps import TINY, _fake_trial, _trial, _trial_cfg, work  # noqa: F401  (work: the module's data fixture)
+from helpers.data import scalars
+from helpers.processes import run_cli
+from helpers.sweeps import TINY, fake_trial, trial_config, trial_record
 
 
 # --- the search space -------------------------------------------------------------------------------------
@@ -137,15 +137,16 @@ def _study_with_a_finished_trial(storage: str, curve: dict[int, float]):
 
 
 @pytest.mark.parametrize("engine", ["hf", "accelerate"])
-def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, work, tmp_path, one_thread,
-                                                                monkeypatch):
+@pytest.mark.slow
+def test_both_engines_report_each_evaluation_and_stop_when_told(engine, tiny_bert, sweep_work, tmp_path,
+                                                                one_thread, monkeypatch):
     import mlflow
     import optuna
 
     from finetune.run import run
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
-    overrides = [a.replace("data=reviews.csv", f"data={work / 'reviews.csv'}") for a in TINY]
+    overrides = [a.replace("data=reviews.csv", f"data={sweep_work / 'reviews.csv'}") for a in TINY]
     heard = []
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(*overrides, f"model={tiny_bert}", f"trainer={engine}", "trainer.max_steps=4",
@@ -177,8 +178,8 @@ def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = _study_with_a_finished_trial(storage, {1: 0.5, 2: 1.0})
     assert study.ask().number == 1  # what the sweeper asked before it launched this trial
-    cfg = _trial_cfg("hydra/sweeper=finetune_optuna", f"hydra.sweeper.storage={storage}",
-                     "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
+    cfg = trial_config("hydra/sweeper=finetune_optuna", f"hydra.sweeper.storage={storage}",
+                       "hydra.sweeper.pruner=median", "hydra.sweeper.median.n_startup_trials=1", num=1)
     (tmp_path / "1" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
 
     def fake_run(cfg, run_dir, on_evaluate=None):
@@ -198,13 +199,14 @@ def test_a_pruned_trial_is_recorded_as_pruned(tmp_path, monkeypatch):
     assert study.trials[1].intermediate_values == {1: 0.5, 2: 0.25}
 
 
-def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, work):
+@pytest.mark.slow
+def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, sweep_work):
     """Trials in worker processes attach to their Optuna trials in the sweep's sqlite storage. Trial 1 does not
     evaluate while training (it cannot be pruned) and finishes, trial 2 is pruned at its first evaluation, trial 3
     fails on its bad learning rate; trials 1 and 2 run side by side."""
     import optuna
 
-    sweep = work / "pruned"
+    sweep = sweep_work / "pruned"
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     sweep.mkdir()
     study = _study_with_a_finished_trial(storage, {1: 1.0})  # no tiny trial scores 1.0: any that evaluates is pruned
@@ -218,14 +220,14 @@ def test_a_pruned_trial_under_the_joblib_launcher(tiny_bert, work):
                    "trainer.learning_rate=choice(-1.0, 1e-3)",
                    "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=median",
                    "hydra.sweeper.median.n_startup_trials=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   f"hydra.sweep.dir={sweep}", cwd=work, env=env)
+                   f"hydra.sweep.dir={sweep}", cwd=sweep_work, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: 1 trial(s) failed (see their trial.json): {sweep / '3'}"
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout
     study = optuna.load_study(study_name="search", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]
     assert study.trials[2].value == study.trials[2].intermediate_values[1] < 1.0  # stopped at its 1st evaluation
-    records = {n: _trial(sweep, n) for n in (1, 2, 3)}
+    records = {n: trial_record(sweep, n) for n in (1, 2, 3)}
     assert [records[n]["status"] for n in (1, 2, 3)] == ["ok", "pruned", "failed"]
     assert records[2]["step"] == 1 and records[2]["value"] == study.trials[2].value
     assert (sweep / "1" / "model").is_dir() and not (sweep / "2" / "model").exists()
@@ -242,11 +244,11 @@ def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
 
     sweep = tmp_path / "sweep"
     acc = {"objective": "validation_accuracy", "direction": "maximize"}
-    _fake_trial(sweep, 0, ["trainer.learning_rate=0.001"], {**acc, "status": "ok", "value": 0.7},
-                {"validation_accuracy": 0.7})
-    _fake_trial(sweep, 1, ["trainer.learning_rate=0.0001"], {**acc, "status": "pruned", "step": 1, "value": 0.55})
-    _fake_trial(sweep, 2, ["trainer.learning_rate=0.01"], {**acc, "status": "pruned", "step": 2, "value": 0.9})
-    _fake_trial(sweep, 3, ["trainer.learning_rate=0.1"], {**acc, "status": "failed", "error": "boom"})
+    fake_trial(sweep, 0, ["trainer.learning_rate=0.001"], {**acc, "status": "ok", "value": 0.7},
+               {"validation_accuracy": 0.7})
+    fake_trial(sweep, 1, ["trainer.learning_rate=0.0001"], {**acc, "status": "pruned", "step": 1, "value": 0.55})
+    fake_trial(sweep, 2, ["trainer.learning_rate=0.01"], {**acc, "status": "pruned", "step": 2, "value": 0.9})
+    fake_trial(sweep, 3, ["trainer.learning_rate=0.1"], {**acc, "status": "failed", "error": "boom"})
     board = build(sweep)
     assert [(r["trial"], r["rank"], r["status"]) for r in board.rows] == [
         (0, 1, "ok"), (2, None, "pruned"), (1, None, "pruned"), (3, None, "failed")]
@@ -265,7 +267,7 @@ def test_pruned_trials_rank_after_finished_ones_and_are_no_failures(tmp_path):
      "trainer.per_device_train_batch_size=range(8, 8) is empty (range excludes its stop value)"),
 ])
 def test_bad_search_settings_are_one_line_errors(overrides, error, tmp_path, monkeypatch, capfd):
-    from test_errors import fail
+    from helpers.cli import fail
 
     args = ["-m", "hydra/sweeper=finetune_optuna", "trainer.learning_rate=choice(1e-4, 1e-3)", *overrides]
     assert fail(args, tmp_path, monkeypatch, capfd) == error

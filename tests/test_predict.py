@@ -10,25 +10,14 @@ import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import make_sentences
-from helpers import compose_cfg
+from helpers.cli import compose_cfg, run_main
+from helpers.data import make_ner, make_sentences, read_jsonl, write_conll
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def texts(n: int = 40) -> list[str]:
     return [t for t, _ in make_sentences(n, seed=7)]
-
-
-def run_main(module, argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(argv)
-        raise SystemExit(0)
-    return exit_info.value.code
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +29,7 @@ def direct(pushed_run):
     return clf(texts(), top_k=None, truncation=True)
 
 
+@pytest.mark.slow
 def test_predict_cli_on_a_run_directory(pushed_run, direct, tmp_path, monkeypatch, capsys, caplog):
     import logging
 
@@ -72,6 +62,7 @@ def write_formats(folder) -> list:
     return ["a.tsv.gz", "a.parquet", "a.jsonl.bz2", "a.json", "a.txt"]
 
 
+@pytest.mark.slow
 def test_every_input_format_gives_the_same_predictions(pushed_run, direct, tmp_path):
     from finetune import predict
 
@@ -108,6 +99,7 @@ def test_input_is_read_in_chunks(tmp_path):
     ("review,n\ngreat,1\n,2\nawful,3\n", [], "{path} row 2 has no text (column 'review'); fill it or drop the row"),
     ("body\nfine film\n", ["--text-column", "nope"], "column 'nope' not found"),
 ])
+@pytest.mark.slow
 def test_predict_errors_are_one_line_and_leave_nothing(pushed_run, tmp_path, capsys, content, args, message):
     from finetune import predict
 
@@ -128,6 +120,7 @@ def test_predict_refuses_a_directory_finetune_did_not_export(tiny_bert, tmp_path
     assert "is not a model directory exported by finetune" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_runs_pipeline_check(pushed_run, tmp_path):
     from finetune.evaluate import evaluate
 
@@ -139,6 +132,7 @@ def test_evaluate_reproduces_the_runs_pipeline_check(pushed_run, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_evaluate_single_file_with_other_columns_and_one_class(pushed_run, tmp_path, capsys):
     """Another column name (data.text_column=...) and data holding one label only: the data is encoded in the
     model's label order (id2label), so the score is the share of rows the pipeline labels 'pos'."""
@@ -161,25 +155,22 @@ def test_evaluate_single_file_with_other_columns_and_one_class(pushed_run, tmp_p
 
 
 @pytest.fixture(scope="module")
-def ner_export(tmp_path_factory):
+def ner_export(ner_bert, tmp_path_factory):
     """A tiny random NER model exported the way a run exports it."""
     import torch
     from transformers import AutoModelForTokenClassification
 
-    from conftest import build_tiny_bert
     from finetune.export import export
     from finetune.tasks import get_task
-    from test_ner import corpus, make_ner
 
     folder = tmp_path_factory.mktemp("ner-export")
-    bert = build_tiny_bert(folder / "bert", corpus())
-    cfg = compose_cfg("task=ner", f"model={bert}")
+    cfg = compose_cfg("task=ner", f"model={ner_bert}")
     task = get_task(cfg.task)
     tokens, tags = zip(*make_ner(30, 1))
     raw = task.prepare(DatasetDict({"test": Dataset.from_dict({"tokens": tokens, "tags": tags})}), cfg.data)
     torch.manual_seed(1)
-    model = AutoModelForTokenClassification.from_pretrained(bert, **task.model_kwargs()).eval()
-    export(model, task.load_tokenizer(str(bert), cfg.model), task, cfg, {}, folder / "model")
+    model = AutoModelForTokenClassification.from_pretrained(ner_bert, **task.model_kwargs()).eval()
+    export(model, task.load_tokenizer(str(ner_bert), cfg.model), task, cfg, {}, folder / "model")
     return folder / "model", task, raw["test"], make_ner(30, 1)
 
 
@@ -188,7 +179,6 @@ def test_ner_predict_and_evaluate(ner_export, tmp_path):
 
     from finetune import predict
     from finetune.evaluate import evaluate
-    from test_ner import write_conll
 
     model_dir, task, raw, sentences = ner_export
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": w}) + "\n" for w, _ in sentences))

@@ -12,14 +12,16 @@ import pytest
 import yaml
 from datasets import Dataset, DatasetDict
 
-from conftest import FILLER, TINY_TRAINER, make_sentences, run_cli, tiny_variant
 from finetune import data
 from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.metrics import normalize_answer, squad_metrics
 from finetune.pipelines.question_answering import best_answers, context_offsets, encode_windows
 from finetune.tasks import get_task
-from helpers import compose_cfg
+from helpers.cli import TINY_TRAINER, compose_cfg
+from helpers.data import FILLER, make_sentences
+from helpers.models import tiny_variant
+from helpers.processes import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
@@ -371,6 +373,7 @@ def test_metrics_refuse_predictions_out_of_order(tiny_bert):
 # --- the CLI ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setup", [[], ["trainer=accelerate"], ["peft=lora"]], ids=["hf", "accelerate", "lora"])
+@pytest.mark.slow
 def test_cli_qa_run(setup, tiny_bert, tmp_path):
     (tmp_path / "squad.json").write_text(json.dumps(squad_json(10)))
     proc = run_cli("task=qa", f"model={tiny_bert}", "data=squad.json", "data.group_column=title", *WINDOW,

@@ -4,27 +4,19 @@ checkpoint and ends with the metrics of an uninterrupted run of the same config 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_sentences, run_cli
+from helpers.processes import assert_same_scores, kill_and_resume
 
-# Extra overrides per resumable setup
-SETUPS = [pytest.param(["trainer=hf"], id="hf"), pytest.param(["trainer=accelerate"], id="accelerate"),
-          pytest.param(["peft=lora"], id="lora")]
+# Extra overrides per resumable setup (full fine-tuning on the default engine, hf: tests/test_mlm.py's kill test)
+SETUPS = [pytest.param(["trainer=accelerate"], id="accelerate"), pytest.param(["peft=lora"], id="lora")]
 STEPS_PER_EPOCH = 16  # 128 training rows / batch 8
 # learns the toy task (so the metrics move with every step), evaluates and checkpoints every 6 steps:
 # checkpoints 18, 24, 30 are mid-epoch (epoch 2), after an epoch boundary; 48 is the first at an epoch end
 TRAINER = ["trainer.num_train_epochs=6", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
            "trainer.warmup_ratio=0.1", "trainer.weight_decay=0", "trainer.eval_strategy=steps",
            "trainer.eval_steps=6", "trainer.logging_steps=6"]
-ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def _args(tiny_bert, extra):
@@ -32,68 +24,24 @@ def _args(tiny_bert, extra):
             "data.label_column=sentiment", *TRAINER, *extra]
 
 
-def _start(args, cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env={**os.environ, **ENV},
-                                stdout=out, stderr=subprocess.STDOUT)
-
-
-def _newest_complete_step(runs_dir: Path) -> int:
-    from finetune.engines import last_checkpoint
-
-    found = [last_checkpoint(run) for run in runs_dir.glob("sentiment/*")]
-    return max((int(c.name.split("-")[1]) for c in found if c), default=0)
-
-
-def _scores(run_dir: Path) -> dict[str, float]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if k.startswith(("validation_", "test_", "pipeline_"))
-            and not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
-
-
 @pytest.fixture
-def work(tmp_path):
-    import pandas as pd
-
-    pd.DataFrame(make_sentences(160), columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
-    return tmp_path
+def work(sentiment_csv):
+    return sentiment_csv.parent
 
 
 @pytest.mark.parametrize("extra", SETUPS)
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(extra, tiny_bert, work):
-    args = _args(tiny_bert, extra)
-    full = _start([*args, "runs_dir=full"], work, work / "full.log")
-    killed = _start([*args, "runs_dir=killed"], work, work / "killed.log")
-    deadline = time.time() + 400
-    while _newest_complete_step(work / "killed") < 18:
-        assert killed.poll() is None, (work / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL
-    (run_dir,) = list((work / "killed" / "sentiment").iterdir())
-    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
-
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=work, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert list((work / "killed" / "sentiment").iterdir()) == [run_dir]  # continued in place, no new run dir
-    log = (run_dir / "finetune.log").read_text()
-    assert "step 1/" in log and "resuming" in log  # the resumed launch appended to the run's log
-    step = int(log.split("resuming")[1].split("checkpoint-")[1].split()[0])
-    assert step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH, step  # mid-epoch, after the first epoch
-
-    assert full.wait(timeout=400) == 0, (work / "full.log").read_text()[-3000:]
-    (full_dir,) = list((work / "full" / "sentiment").iterdir())
-    expected, got = _scores(full_dir), _scores(run_dir)
-    assert expected.keys() == got.keys()
+    resumed = kill_and_resume(_args(tiny_bert, extra), work, "sentiment", 18)
+    assert "step 1/" in resumed.log  # the resumed launch appended to the run's log
+    assert resumed.step > STEPS_PER_EPOCH and resumed.step % STEPS_PER_EPOCH, resumed.step  # mid-epoch, epoch 2
+    expected = assert_same_scores(resumed.run_dir, resumed.reference, abs=1e-4)
     if "peft=lora" not in extra:  # (LoRA on a frozen random tiny base moves its losses, not yet its accuracy)
         assert expected["test_accuracy"] >= 0.85  # it learned: the metrics moved with the steps
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, abs=1e-4), key
 
 
 def test_resume_with_nothing_to_resume_is_one_line(work, monkeypatch, capfd):
-    from helpers import fail
+    from helpers.cli import fail
 
     assert fail(["resume=true"], work, monkeypatch, capfd).startswith("nothing to resume")
     assert not (work / "runs").exists()
@@ -102,7 +50,7 @@ def test_resume_with_nothing_to_resume_is_one_line(work, monkeypatch, capfd):
 def test_resume_of_a_run_with_another_config_names_the_difference(tiny_bert, work, monkeypatch, capfd):
     from omegaconf import OmegaConf
 
-    from helpers import cli_main, compose_cfg
+    from helpers.cli import cli_main, compose_cfg
 
     args = _args(tiny_bert, ["trainer=accelerate"])
     run_dir = work / "runs" / "sentiment" / "old"

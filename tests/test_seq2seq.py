@@ -8,14 +8,15 @@ import gzip
 import json
 
 import pytest
-from datasets import Dataset, DatasetDict
 
-import seq2seq_models as tiny
-from conftest import run_cli
-from helpers import compose_cfg
+from finetune import validate
+from helpers import seq2seq_models as tiny
+from helpers.cli import compose_cfg, run_main
+from helpers.data import read_jsonl, write_jsonl
+from helpers.processes import assert_same_scores, kill_and_resume, run_cli
+from helpers.seq2seq_models import ROWS, features, write_parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROWS = tiny.corpus(300)
 # the tiny models learn part of the toy translation in these settings (test chrF far above the base model's)
 TRAIN = ["trainer.num_train_epochs=4", "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=16",
          "trainer.warmup_ratio=0", "trainer.logging_steps=10", "task.generation.max_new_tokens=10"]
@@ -24,33 +25,6 @@ TRAIN = ["trainer.num_train_epochs=4", "trainer.learning_rate=5e-3", "trainer.pe
 TRANSLATION = ["task=translation", "trainer.gradient_accumulation_steps=1"]
 DECODER_ONLY = ["trainer.max_steps=200", "trainer.eval_strategy=steps", "trainer.eval_steps=100",
                 "trainer.learning_rate=1e-2"]  # a tiny decoder-only model learns to attend back to the source slower
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s2s-models")
-    out = {}
-    for name, build in (("t5", tiny.build_t5), ("bart", tiny.build_bart), ("mbart", tiny.build_mbart50),
-                        ("bert", tiny.build_bert), ("llama", tiny.build_decoder_only)):
-        (root / name).mkdir()
-        out[name] = str(build(root / name))
-    (root / "gpt").mkdir()
-    out["llama_plain"] = str(tiny.build_decoder_only(root / "gpt", chat=False))
-    return out
-
-
-def write_parallel(directory, rows=ROWS, splits=(("train", 0, 240), ("val", 240, 270), ("test", 270, 300))):
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, start, end in splits:
-        for lang, i in (("en", 0), ("de", 1)):
-            with gzip.open(directory / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
-                f.write("".join(r[i] + "\n" for r in rows[start:end]))
-    return directory
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def load(*overrides):
@@ -138,41 +112,28 @@ def test_each_seq2seq_task_has_its_own_schema():
 
 
 # --- features per family ----------------------------------------------------------------------
-def features(model, *overrides, task_name="translation"):
-    """The task after load_tokenizer, the tokenizer, and the training features of "a man runs" -> "ein mann rennt"."""
-    from finetune import assets
-    from finetune.tasks import get_task
-
-    cfg = compose_cfg(f"task={task_name}", f"model={model}", *overrides)
-    task = get_task(cfg.task)
-    tokenizer = task.load_tokenizer(assets.resolve(cfg.model.name_or_path), cfg.model)
-    rows = Dataset.from_dict({"source": ["a man runs"], "target": ["ein mann rennt"]})
-    raw = task.prepare(DatasetDict({"train": rows}), cfg.data)
-    row = task.tokenize(raw, tokenizer)["train"][0]
-    return task, tokenizer, row, cfg
-
-
-def test_encoder_decoder_features_t5_prefix_bart_and_mbart_language_codes(models):
-    task, tok, row, _ = features(models["t5"])
+def test_encoder_decoder_features_t5_prefix_bart_and_mbart_language_codes(s2s_models):
+    task, tok, row, _ = features(s2s_models["t5"])
     assert tok.convert_ids_to_tokens(row["input_ids"]) == [*tiny.PREFIX.split(), "a", "man", "runs", "</s>"]
     assert tok.convert_ids_to_tokens(row["labels"]) == ["ein", "mann", "rennt", "</s>"]
-    _, tok, row, _ = features(models["t5"], "task.prefix=")  # an explicit prefix wins (here: none)
+    _, tok, row, _ = features(s2s_models["t5"], "task.prefix=")  # an explicit prefix wins (here: none)
     assert tok.convert_ids_to_tokens(row["input_ids"]) == ["a", "man", "runs", "</s>"]
-    _, tok, row, _ = features(models["bart"])
+    _, tok, row, _ = features(s2s_models["bart"])
     assert tok.convert_ids_to_tokens(row["labels"]) == ["<s>", "ein", "mann", "rennt", "</s>"]
-    task, tok, row, cfg = features(models["mbart"])
+    task, tok, row, cfg = features(s2s_models["mbart"])
     assert tok.convert_ids_to_tokens(row["input_ids"])[0] == "en_XX"
     assert tok.convert_ids_to_tokens(row["labels"])[0] == "de_DE"
-    model = task.load_model(models["mbart"], cfg.model)
+    model = task.load_model(s2s_models["mbart"], cfg.model)
     assert model.generation_config.forced_bos_token_id == tok.convert_tokens_to_ids("de_DE")
     from finetune.errors import FinetuneError
 
     with pytest.raises(FinetuneError, match="none fits 'xx': set task.target_lang_code=<code>"):
-        features(models["mbart"], "task.target_lang=xx")
+        features(s2s_models["mbart"], "task.target_lang=xx")
 
 
-def test_warm_started_encoder_decoder_generates_from_cls_and_stops_at_sep(models):
-    task, tok, row, cfg = features("bert2bert", f"model.encoder={models['bert']}", f"model.decoder={models['bert']}")
+def test_warm_started_encoder_decoder_generates_from_cls_and_stops_at_sep(s2s_models):
+    bert = s2s_models["bert"]
+    task, tok, row, cfg = features("bert2bert", f"model.encoder={bert}", f"model.decoder={bert}")
     assert tok.convert_ids_to_tokens(row["labels"]) == ["ein", "mann", "rennt", "[SEP]"]  # [CLS] is the start token
     model = task.load_model(cfg.model.name_or_path, cfg.model)
     g = model.generation_config
@@ -190,45 +151,44 @@ def test_warm_started_encoder_decoder_generates_from_cls_and_stops_at_sep(models
         {f"decoder.bert.encoder.layer.{i}" for i in range(model.config.decoder.num_hidden_layers)}
 
 
-def test_dropouts_reach_every_family_that_has_them(models, caplog):
+def test_dropouts_reach_every_family_that_has_them(s2s_models, caplog):
     """model.attention_dropout / hidden_dropout set the checkpoint's own keys (0 attention dropout lets PyTorch's fused
     attention kernel run)."""
     from finetune.errors import FinetuneError
 
-    task, _, _, cfg = features("bert2bert", f"model.encoder={models['bert']}", f"model.decoder={models['bert']}",
+    bert = s2s_models["bert"]
+    task, _, _, cfg = features("bert2bert", f"model.encoder={bert}", f"model.decoder={bert}",
                                "model.attention_dropout=0", "model.hidden_dropout=0.05")
     model = task.load_model(cfg.model.name_or_path, cfg.model)
     assert model.config.encoder.attention_probs_dropout_prob == model.config.decoder.attention_probs_dropout_prob == 0
     assert model.config.encoder.hidden_dropout_prob == model.config.decoder.hidden_dropout_prob == 0.05
-    task, _, _, cfg = features(models["bart"], "model.hidden_dropout=0")
-    config = task.load_model(models["bart"], cfg.model).config
+    task, _, _, cfg = features(s2s_models["bart"], "model.hidden_dropout=0")
+    config = task.load_model(s2s_models["bart"], cfg.model).config
     assert (config.dropout, config.attention_dropout) == (0, 0.0)  # the other stays the checkpoint's own
-    task, _, _, cfg = features(models["t5"], "model.hidden_dropout=0.2")
-    assert task.load_model(models["t5"], cfg.model).config.dropout_rate == 0.2
-    task, _, _, cfg = features(models["llama"], "model.hidden_dropout=0")
-    task.load_model(models["llama"], cfg.model)
+    task, _, _, cfg = features(s2s_models["t5"], "model.hidden_dropout=0.2")
+    assert task.load_model(s2s_models["t5"], cfg.model).config.dropout_rate == 0.2
+    task, _, _, cfg = features(s2s_models["llama"], "model.hidden_dropout=0")
+    task.load_model(s2s_models["llama"], cfg.model)
     assert "model.hidden_dropout=0.0 is not applied" in caplog.text and "(llama) has no hidden dropout" in caplog.text
-    task, _, _, cfg = features(models["llama"], "model.attention_dropout=0.25")
-    assert task.load_model(models["llama"], cfg.model).config.attention_dropout == 0.25
-    task, _, _, cfg = features(models["t5"], "model.attention_dropout=0")
-    task.load_model(models["t5"], cfg.model)  # T5 has no such setting: said, not silently ignored
+    task, _, _, cfg = features(s2s_models["llama"], "model.attention_dropout=0.25")
+    assert task.load_model(s2s_models["llama"], cfg.model).config.attention_dropout == 0.25
+    task, _, _, cfg = features(s2s_models["t5"], "model.attention_dropout=0")
+    task.load_model(s2s_models["t5"], cfg.model)  # T5 has no such setting: said, not silently ignored
     assert "model.attention_dropout=0.0 is not applied" in caplog.text and "(t5) has no attention dropout" in caplog.text
-    task, _, _, cfg = features(models["bart"], "model.attention_dropout=1.5")
     with pytest.raises(FinetuneError, match="model.attention_dropout must be at least 0 and below 1"):
-        task.load_model(models["bart"], cfg.model)
-    task, _, _, cfg = features(models["bart"], "model.hidden_dropout=-0.1")
+        validate.model(compose_cfg("model.attention_dropout=1.5"))
     with pytest.raises(FinetuneError, match="model.hidden_dropout must be at least 0 and below 1"):
-        task.load_model(models["bart"], cfg.model)
+        validate.model(compose_cfg("model.hidden_dropout=-0.1"))
 
 
-def test_decoder_only_loss_is_on_the_target_and_its_end_of_turn_only(models):
-    task, tok, row, _ = features(models["llama"], "task.prompt_template='translate {source}'")
+def test_decoder_only_loss_is_on_the_target_and_its_end_of_turn_only(s2s_models):
+    task, tok, row, _ = features(s2s_models["llama"], "task.prompt_template='translate {source}'")
     trained = [tok.convert_ids_to_tokens(i) for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert trained == ["ein", "mann", "rennt", "<|im_end|>"]
     prompt = tok.apply_chat_template([{"role": "user", "content": "translate a man runs"}], tokenize=True,
                                      add_generation_prompt=True, return_dict=False)
     assert row["input_ids"][: len(prompt)] == list(prompt)  # a chat user turn, as the pipeline renders it
-    _, tok, row, _ = features(models["llama_plain"], "task.prompt_template='translate {source}'")
+    _, tok, row, _ = features(s2s_models["llama_plain"], "task.prompt_template='translate {source}'")
     n = len(tok("translate a man runs")["input_ids"])
     assert row["labels"][:n] == [-100] * n and row["labels"][n:] == row["input_ids"][n:]
     assert tok.convert_ids_to_tokens(row["input_ids"][n:]) == ["ein", "mann", "rennt", tok.eos_token]
@@ -251,13 +211,14 @@ def check_learned_and_verified(metrics, main, score, margin):
     assert metrics[f"pipeline_test_{main}"] == pytest.approx(metrics[f"test_{main}"], abs=1e-9)
 
 
-def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path, caplog):
+@pytest.mark.slow
+def test_t5_translation_round_trip_through_the_shipped_pipeline(s2s_models, tmp_path, caplog):
     import logging
 
     from transformers import pipeline
 
     with caplog.at_level(logging.INFO, logger="finetune.tasks.seq2seq"):
-        metrics, model_dir = train(tmp_path, *TRANSLATION, f"model={models['t5']}",
+        metrics, model_dir = train(tmp_path, *TRANSLATION, f"model={s2s_models['t5']}",
                                    f"data={write_parallel(tmp_path / 'data')}")
     check_learned_and_verified(metrics, "bleu", "chrf", 5)
     # the base model's test scores first, then one validation generation per epoch (best-model selection), the
@@ -283,7 +244,6 @@ def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path
     # finetune.predict and finetune.evaluate go through the same exported pipeline
     from finetune import predict
     from finetune.evaluate import evaluate
-    from test_predict import read_jsonl, run_main
 
     write_jsonl(tmp_path / "in.jsonl", [{"source": s} for s, _ in ROWS[270:]])
     assert run_main(predict, [str(model_dir), str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
@@ -294,10 +254,11 @@ def test_t5_translation_round_trip_through_the_shipped_pipeline(models, tmp_path
     assert result["split"] == "test" and result["bleu"] == pytest.approx(metrics["pipeline_test_bleu"])
 
 
-def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentence_lists(models, tmp_path):
+@pytest.mark.slow
+def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentence_lists(s2s_models, tmp_path):
     rows = [{"source": s.split(" on "), "target": [t, t.split()[0]]} for s, t in ROWS]
     data = write_jsonl(tmp_path / "tldr.jsonl", rows)
-    metrics, model_dir = train(tmp_path, "task=summarization", f"model={models['bart']}", f"data={data}",
+    metrics, model_dir = train(tmp_path, "task=summarization", f"model={s2s_models['bart']}", f"data={data}",
                                "trainer=accelerate", "trainer.max_steps=300", "trainer.eval_strategy=steps",
                                "trainer.eval_steps=100", "trainer.learning_rate=3e-3", "task.max_source_length=64",
                                "task.generation.num_beams=3")
@@ -315,9 +276,10 @@ def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentenc
     assert summarizer("a man runs on the street")[0]["summary_text"] == expected
 
 
-def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(models, tmp_path):
-    metrics, model_dir = train(tmp_path, *TRANSLATION, "model=bert2bert", f"model.encoder={models['bert']}",
-                               f"model.decoder={models['bert']}", f"data={write_parallel(tmp_path / 'data')}",
+@pytest.mark.slow
+def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(s2s_models, tmp_path):
+    metrics, model_dir = train(tmp_path, *TRANSLATION, "model=bert2bert", f"model.encoder={s2s_models['bert']}",
+                               f"model.decoder={s2s_models['bert']}", f"data={write_parallel(tmp_path / 'data')}",
                                "peft=lora", "peft.r=8", "trainer.learning_rate=1e-2")
     assert metrics["test_loss"] < metrics["base_test_loss"]
     assert metrics["pipeline_test_bleu"] == pytest.approx(metrics["test_bleu"], abs=1e-9)
@@ -339,8 +301,9 @@ def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(models, tmp_
     assert scope["model"].generate(**inputs).tolist() == expected
 
 
-def test_decoder_only_translation_also_loads_as_text_generation(models, tmp_path):
-    metrics, model_dir = train(tmp_path, *TRANSLATION, f"model={models['llama']}",
+@pytest.mark.slow
+def test_decoder_only_translation_also_loads_as_text_generation(s2s_models, tmp_path):
+    metrics, model_dir = train(tmp_path, *TRANSLATION, f"model={s2s_models['llama']}",
                                f"data={write_parallel(tmp_path / 'data')}", *DECODER_ONLY)
     check_learned_and_verified(metrics, "bleu", "chrf", 5)
     assert metrics["pipeline_test_text_generation_prompts_matched"] == 4  # pipeline("text-generation") agrees
@@ -349,10 +312,11 @@ def test_decoder_only_translation_also_loads_as_text_generation(models, tmp_path
     assert config["seq2seq"]["chat_template"] is True
 
 
-def test_cli_summarization_decoder_only(models, tmp_path):
+@pytest.mark.slow
+def test_cli_summarization_decoder_only(s2s_models, tmp_path):
     rows = [{"source": s, "target": t} for s, t in ROWS]
     write_jsonl(tmp_path / "docs.jsonl", rows)
-    proc = run_cli("task=summarization", f"model={models['llama_plain']}", "data=docs.jsonl", "trainer=accelerate",
+    proc = run_cli("task=summarization", f"model={s2s_models['llama_plain']}", "data=docs.jsonl", "trainer=accelerate",
                    "task.prompt_template='summarize: {source}'", *TRAIN, *DECODER_ONLY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = next((tmp_path / "runs" / "summarization").iterdir())
@@ -368,32 +332,10 @@ def test_cli_summarization_decoder_only(models, tmp_path):
     assert generator("summarize: a man runs", return_full_text=False)[0]["generated_text"].strip() == text
 
 
-def test_killed_translation_run_resumes_to_the_same_metrics(models, tmp_path):
-    import os
-    import signal
-    import time
-
-    from test_resume import ENV, _scores, _start
-
+@pytest.mark.slow
+def test_killed_translation_run_resumes_to_the_same_metrics(s2s_models, tmp_path):
     write_parallel(tmp_path / "data")
-    args = [*TRANSLATION, f"model={models['t5']}", "data=data", *TRAIN, "trainer.eval_strategy=steps",
+    args = [*TRANSLATION, f"model={s2s_models['t5']}", "data=data", *TRAIN, "trainer.eval_strategy=steps",
             "trainer.eval_steps=10"]
-    full = _start([*args, "runs_dir=full"], tmp_path, tmp_path / "full.log")
-    killed = _start([*args, "runs_dir=killed"], tmp_path, tmp_path / "killed.log")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("killed/translation/*/checkpoints/checkpoint-20/trainer_state.json")):
-        assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    (run_dir,) = list((tmp_path / "killed" / "translation").iterdir())
-    resumed = run_cli(*args, "runs_dir=killed", "resume=true", cwd=tmp_path, env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in (run_dir / "finetune.log").read_text()
-    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    (full_dir,) = list((tmp_path / "full" / "translation").iterdir())
-    expected, got = _scores(full_dir), _scores(run_dir)
-    assert expected.keys() == got.keys() and "test_bleu" in got
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    resumed = kill_and_resume(args, tmp_path, "translation", 20)
+    assert "test_bleu" in assert_same_scores(resumed.run_dir, resumed.reference, rel=1e-4, abs=1e-6)

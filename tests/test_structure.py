@@ -35,8 +35,10 @@ def test_one_name_per_task():
     class is finetune/tasks/<x>.py's and whose page is docs/tasks/<x>.md."""
     from finetune.tasks import registry
 
-    tasks = registry()
+    tasks = registry()  # (and the task tests/test_add_a_task.py defines outside the package)
     for name, cls in tasks.items():
+        if not cls.__module__.startswith("finetune."):
+            continue
         assert cls.__module__ == f"finetune.tasks.{name}"
         assert (ROOT / "configs" / "task" / f"{name}.yaml").is_file()
         assert (ROOT / "docs" / "tasks" / f"{name}.md").is_file()

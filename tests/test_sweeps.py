@@ -10,56 +10,43 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import make_sentences, run_cli
-
-ROWS = 96  # 76 train / 10 validation / 10 test
-TINY = ["task=sentiment", "data=reviews.csv", "data.text_column=review", "data.label_column=sentiment",
-        "trainer.max_steps=3", "trainer.per_device_train_batch_size=16", "trainer.warmup_ratio=0"]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    import pandas as pd
-
-    path = tmp_path_factory.mktemp("sweeps")
-    pd.DataFrame(make_sentences(ROWS), columns=["review", "sentiment"]).to_csv(path / "reviews.csv", index=False)
-    return path
-
-
-def _trial(sweep: Path, n: int) -> dict:
-    return json.loads((sweep / str(n) / "trial.json").read_text())
+from helpers.processes import run_cli
+from helpers.sweeps import TINY, fake_trial, trial_config, trial_record
 
 
 # --- a grid: every combination, one failing, two trials at a time (joblib) -----------------------------------
 @pytest.fixture(scope="module")
-def grid(tiny_bert, work):
+def grid(tiny_bert, sweep_work):
+    """A real sweep of 4 trials (its tests are marked slow: they share its cost)."""
     # peft.r=0 is a bad value only for LoRA: trial 3 (lora, r=0) fails, full fine-tuning ignores r
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # joblib sets it per worker
     proc = run_cli("-m", f"model={tiny_bert}", *TINY, "trainer.learning_rate=1e-3", "peft=none,lora", "peft.r=8,0",
-                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=grid", cwd=work, env=env)
-    return proc, work / "grid"
+                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=grid", cwd=sweep_work,
+                   env=env)
+    return proc, sweep_work / "grid"
 
 
+@pytest.mark.slow
 def test_grid_runs_every_combination_and_survives_a_failure(grid):
     proc, sweep = grid
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"error: 1 trial(s) failed (see their trial.json): {Path('grid') / '3'}" in proc.stderr
-    combos = {n: _trial(sweep, n)["overrides"][-2:] for n in range(4)}
+    combos = {n: trial_record(sweep, n)["overrides"][-2:] for n in range(4)}
     assert combos == {0: ["peft=none", "peft.r=8"], 1: ["peft=none", "peft.r=0"], 2: ["peft=lora", "peft.r=8"],
                       3: ["peft=lora", "peft.r=0"]}
     for n in range(3):  # each a normal run: exported, verified through the pipeline, its objective returned
-        record, metrics = _trial(sweep, n), json.loads((sweep / str(n) / "metrics.json").read_text())
+        record, metrics = trial_record(sweep, n), json.loads((sweep / str(n) / "metrics.json").read_text())
         assert record["status"] == "ok" and record["objective"] == "validation_accuracy"
         assert record["value"] == metrics["validation_accuracy"]
         assert "pipeline_test_accuracy" in metrics and (sweep / str(n) / "model" / "model.safetensors").is_file()
-    failed = _trial(sweep, 3)
+    failed = trial_record(sweep, 3)
     assert failed["status"] == "failed" and "value" not in failed
     assert failed["error"].startswith("peft.r must be >= 1") and "\n" not in failed["error"]
     assert not (sweep / "3" / "model").exists()
 
 
+@pytest.mark.slow
 def test_grid_leaderboard_files_and_best_link(grid):
     _, sweep = grid
     rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
@@ -79,6 +66,7 @@ def test_grid_leaderboard_files_and_best_link(grid):
     assert (best / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_leaderboard_cli(grid, capsys, tmp_path):
     from finetune.leaderboard import main
 
@@ -93,24 +81,25 @@ def test_leaderboard_cli(grid, capsys, tmp_path):
 
 
 # --- an Optuna search, interrupted and resumed from its storage ---------------------------------------------
-def test_optuna_search_resumes_from_its_storage(tiny_bert, work, monkeypatch, capfd, one_thread):
+@pytest.mark.slow
+def test_optuna_search_resumes_from_its_storage(tiny_bert, sweep_work, monkeypatch, capfd, one_thread):
     import optuna
 
-    from helpers import cli_main
+    from helpers.cli import cli_main
 
     # both launches in this process (the grid above is a real one); trials run one after another, in-process
     args = ["-m", "hparams_search=sentiment_optuna", f"model={tiny_bert}", *TINY, "hydra.sweep.dir=search"]
-    code, _, err = cli_main([*args, "hydra.sweeper.n_trials=2"], work, monkeypatch, capfd)
+    code, _, err = cli_main([*args, "hydra.sweeper.n_trials=2"], sweep_work, monkeypatch, capfd)
     assert code == 0, err[-3000:]
-    sweep, storage = work / "search", f"sqlite:///{work / 'search' / 'optuna.db'}"
+    sweep, storage = sweep_work / "search", f"sqlite:///{sweep_work / 'search' / 'optuna.db'}"
     before = {n: (sweep / str(n) / "trial.json").read_text() for n in (0, 1)}
     # what a launch killed during trial 2 leaves: a RUNNING trial in the study and a trial dir without a result
     optuna.load_study(study_name="search", storage=storage).ask()
     (sweep / "2").mkdir()
-    killed = {"trial": 2, "status": "running", "overrides": _trial(sweep, 1)["overrides"]}
+    killed = {"trial": 2, "status": "running", "overrides": trial_record(sweep, 1)["overrides"]}
     (sweep / "2" / "trial.json").write_text(json.dumps(killed))
 
-    code, out, err = cli_main([*args, "hydra.sweeper.n_trials=3"], work, monkeypatch, capfd)
+    code, out, err = cli_main([*args, "hydra.sweeper.n_trials=3"], sweep_work, monkeypatch, capfd)
     assert code == 1, err[-3000:]  # trial 2 never finished
     assert "continuing study 'search': 2 trials finished, 1 interrupted, 1 to go" in out
     study = optuna.load_study(study_name="search", storage=storage)
@@ -118,7 +107,7 @@ def test_optuna_search_resumes_from_its_storage(tiny_bert, work, monkeypatch, ca
     assert {n: (sweep / str(n) / "trial.json").read_text() for n in (0, 1)} == before  # not overwritten
     params = []
     for t in study.trials[:2] + study.trials[3:]:
-        record = _trial(sweep, t.number)
+        record = trial_record(sweep, t.number)
         assert record["status"] == "ok" and record["value"] == pytest.approx(t.value)
         assert f"trainer.learning_rate={t.params['trainer.learning_rate']}" in record["overrides"]
         params.append(t.params)
@@ -129,41 +118,31 @@ def test_optuna_search_resumes_from_its_storage(tiny_bert, work, monkeypatch, ca
     assert (sweep / "leaderboard.png").is_file() and (sweep / "best" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_joblib_runs_two_trials_at_a_time_with_the_cores_split(grid):
     from joblib import cpu_count
 
     proc, sweep = grid
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout
-    assert {_trial(sweep, n)["torch_threads"] for n in range(3)} == {max(1, cpu_count() // 2)}
+    assert {trial_record(sweep, n)["torch_threads"] for n in range(3)} == {max(1, cpu_count() // 2)}
     logs = [(sweep / str(n) / "finetune.log").read_text().splitlines() for n in (0, 1)]
     first_ends, second_starts = logs[0][-1][:24], logs[1][0][:24]  # "[YYYY-mm-dd HH:MM:SS,mmm"
     assert second_starts < first_ends  # trial 1 started before trial 0 finished
 
 
 # --- the leaderboard on hand-written trial records ------------------------------------------------------------
-def _fake_trial(sweep: Path, n: int, overrides: list[str], record: dict | None, metrics: dict | None = None):
-    d = sweep / str(n)
-    (d / ".hydra").mkdir(parents=True)
-    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    if record is not None:
-        (d / "trial.json").write_text(json.dumps({"trial": n, "overrides": overrides, **record}))
-    if metrics is not None:
-        (d / "metrics.json").write_text(json.dumps(metrics))
-        (d / "model").mkdir()
-
-
 def test_leaderboard_ranks_by_the_task_direction_and_marks_failures(tmp_path):
     from finetune.leaderboard import build
 
     sweep = tmp_path / "sweep"
     lm = {"objective": "validation_perplexity", "direction": "minimize"}
     for n, (lr, ppl) in enumerate([(1e-5, 30.0), (1e-3, 12.5), (1e-4, 20.0)]):
-        _fake_trial(sweep, n, [f"trainer.learning_rate={lr}", "seed=1"], {**lm, "status": "ok", "value": ppl},
-                    {"validation_perplexity": ppl, "test_perplexity": ppl + 1, "pipeline_test_perplexity": ppl + 1,
-                     "total_runtime_s": 10.0, "train_samples_per_second": 50.0})
-    _fake_trial(sweep, 3, ["trainer.learning_rate=0.1", "seed=1"], {**lm, "status": "failed",
-                                                                    "error": "training diverged: validation_loss is nan"})
-    _fake_trial(sweep, 4, ["trainer.learning_rate=0.01", "seed=1"], None)  # killed before it wrote anything
+        fake_trial(sweep, n, [f"trainer.learning_rate={lr}", "seed=1"], {**lm, "status": "ok", "value": ppl},
+                   {"validation_perplexity": ppl, "test_perplexity": ppl + 1, "pipeline_test_perplexity": ppl + 1,
+                    "total_runtime_s": 10.0, "train_samples_per_second": 50.0})
+    fake_trial(sweep, 3, ["trainer.learning_rate=0.1", "seed=1"], {**lm, "status": "failed",
+                                                                   "error": "training diverged: validation_loss is nan"})
+    fake_trial(sweep, 4, ["trainer.learning_rate=0.01", "seed=1"], None)  # killed before it wrote anything
     board = build(sweep)
     assert [r["trial"] for r in board.rows] == [1, 2, 0, 3, 4]  # lowest perplexity first, then failed, unfinished
     assert [r["rank"] for r in board.rows] == [1, 2, 3, None, None]
@@ -179,30 +158,11 @@ def test_leaderboard_ranks_by_the_task_direction_and_marks_failures(tmp_path):
 
 
 # --- one trial ---------------------------------------------------------------------------------------------
-def _trial_cfg(*hydra_overrides: str, num: int = 7):
-    """The config a sweep's trial `num` sees, HydraConfig included."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from finetune.compose import register_configs
-    from finetune.config import CONFIG_DIR
-
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
-        cfg = compose("config", overrides=["task=sentiment", "trainer.learning_rate=0.5", *hydra_overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.job.num = num
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 @pytest.fixture
 def trial_cfg():
     from hydra.core.hydra_config import HydraConfig
 
-    yield _trial_cfg()
+    yield trial_config()
     HydraConfig.instance().cfg = None
 
 
@@ -246,7 +206,7 @@ def test_the_sweeper_direction_must_match_the_task(tmp_path, monkeypatch):
 
     from finetune.sweep import run_trial
 
-    cfg = _trial_cfg("hydra/sweeper=finetune_optuna", "hydra.sweeper.direction=minimize")
+    cfg = trial_config("hydra/sweeper=finetune_optuna", "hydra.sweeper.direction=minimize")
     monkeypatch.setattr(finetune.run, "run", lambda cfg, run_dir, on_evaluate=None: pytest.fail("must not train"))
     try:
         assert run_trial(cfg, tmp_path / "7") is None
@@ -255,10 +215,6 @@ def test_the_sweeper_direction_must_match_the_task(tmp_path, monkeypatch):
     error = json.loads((tmp_path / "7" / "trial.json").read_text())["error"]
     assert error.startswith("hydra.sweeper.direction=minimize, but this task's objective validation_accuracy must "
                             "be maximized")
-
-
-class PerplexityTask:  # a stand-in for a language-modelling task: its main metric is minimized
-    greater_is_better = False
 
 
 @pytest.mark.parametrize("search, direction", [("sentiment_optuna", "maximize"), ("ner_optuna", "maximize"),
@@ -287,22 +243,21 @@ def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     assert ({"peft.r", "peft.alpha"} <= set(space)) == (cfg.peft.method == "lora")
 
 
-def test_direction_comes_from_the_task(monkeypatch):
+def test_direction_comes_from_the_task():
     from finetune import sweep
-    from finetune.tasks import TASKS
 
-    monkeypatch.setitem(TASKS, "language_model", "test_sweeps:PerplexityTask")
-    assert sweep.direction("language_model") == "minimize" and sweep.direction("classification") == "maximize"
-    assert sweep.direction("causal_lm") == "minimize"
+    assert sweep.direction("generation") == "minimize" and sweep.direction("classification") == "maximize"
+    assert sweep.direction("causal_lm") == "minimize"  # (a name configs of an earlier release saved)
 
 
-def test_a_diverging_run_stops_with_a_one_line_error(tiny_bert, work, tmp_path, one_thread):
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_a_one_line_error(tiny_bert, sweep_work, tmp_path, one_thread):
     """A NaN loss leaves argmax scores that look valid (every prediction the same class): the run must fail."""
     from finetune.errors import FinetuneError
     from finetune.run import run
-    from helpers import compose_cfg
+    from helpers.cli import compose_cfg
 
-    overrides = [a.replace("data=reviews.csv", f"data={work / 'reviews.csv'}") for a in TINY]
+    overrides = [a.replace("data=reviews.csv", f"data={sweep_work / 'reviews.csv'}") for a in TINY]
     cfg = compose_cfg(*overrides, f"model={tiny_bert}", "trainer.learning_rate=1e30")
     with pytest.raises(FinetuneError, match=r"^training diverged: validation_loss is nan; lower "
                                             r"trainer.learning_rate \(now 1e\+30\)$"):

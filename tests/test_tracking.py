@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from helpers import engine_for
+from helpers.cli import engine_for
+from helpers.data import scalars, write_sentiment_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINES = ["hf", "accelerate"]
@@ -21,13 +22,7 @@ SCALARS = {"train/loss", "train/learning_rate", "train/grad_norm", "train/sample
 
 @pytest.fixture(scope="module")
 def csv(tmp_path_factory):
-    import pandas as pd
-
-    from conftest import make_sentences
-
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(make_sentences(96), columns=["review", "sentiment"]).to_csv(path, index=False)
-    return path
+    return write_sentiment_csv(tmp_path_factory.mktemp("data") / "reviews.csv", 96)
 
 
 def train(tiny_bert, csv, out, *overrides):
@@ -36,15 +31,6 @@ def train(tiny_bert, csv, out, *overrides):
     engine.train()
     engine.evaluate("test")
     return engine
-
-
-def scalars(folder) -> dict[str, list]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (events,) = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents")]
-    acc = EventAccumulator(str(events))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +43,7 @@ def tracked(tiny_bert, csv, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_both_engines_write_the_same_scalars(tracked):
     tags = {}
     for name, (engine, out) in tracked.items():
@@ -78,14 +65,17 @@ def test_report_to_empty_writes_no_events(tiny_bert, csv, tmp_path):
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
-def test_unknown_tracker_is_an_input_error(tiny_bert, csv, tmp_path):
+def test_unknown_tracker_is_an_input_error():
+    from finetune import validate
     from finetune.errors import FinetuneError
+    from helpers.cli import compose_cfg
 
     with pytest.raises(FinetuneError, match=r"unknown tracker wandb in trainer.report_to: choose from tensorboard, "
                                             r"mlflow, or \[\] for none"):
-        train(tiny_bert, csv, tmp_path / "run", "trainer.report_to=[wandb]")
+        validate.trainer(compose_cfg("trainer.report_to=[wandb]").trainer)
 
 
+@pytest.mark.slow
 def test_mlflow_local_store(tiny_bert, csv, tmp_path, monkeypatch):
     import mlflow  # the [mlflow] extra (also in [test])
     from mlflow.tracking import MlflowClient
@@ -107,6 +97,7 @@ def test_mlflow_local_store(tiny_bert, csv, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_terminal_gets_bars_and_each_log_once(engine, tiny_bert, csv, tmp_path, monkeypatch, capsys, caplog):
     from finetune import progress
 
@@ -121,6 +112,7 @@ def test_terminal_gets_bars_and_each_log_once(engine, tiny_bert, csv, tmp_path, 
     assert len(train_lines) == len(set(train_lines)) == 6  # steps 1, 2, 4, 6, 8, 10: each once
 
 
+@pytest.mark.slow
 def test_log_file_gets_eta_and_throughput_every_logging_step(pushed_run):
     """A run whose stderr is not a terminal (the CLI under pytest): no bars, a line per logging step."""
     log = (pushed_run.run_dir / "finetune.log").read_text()

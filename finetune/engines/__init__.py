@@ -28,8 +28,10 @@ to the trackers of trainer.report_to (finetune/engines/tracking.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +39,7 @@ from typing import Any, Callable
 from finetune import adapters
 from finetune.cpu import release_freed_memory
 from finetune.engines.tracking import TENSORBOARD, TRACKERS  # noqa: F401  (the engines' names, for their users)
+from finetune.errors import FinetuneError, disk_error
 
 log = logging.getLogger("finetune.train")
 
@@ -100,7 +103,7 @@ class TrainLogs:
 def eval_keys(model) -> list[str]:
     """The outputs evaluation does not keep as predictions: the loss, the model's cache, a task's logged scalars."""
     config = getattr(adapters.base_model(model), "config", None)
-    return [*getattr(config, "keys_to_ignore_at_inference", []), "loss", "metrics"]
+    return [*getattr(config, "keys_to_ignore_at_inference", ["cache"]), "loss", "metrics"]  # (the Trainer's default)
 
 
 def eval_step(task, model, batch: dict, ignore: list[str], label_names: list[str]) -> tuple[Any, Any, Any]:
@@ -166,15 +169,47 @@ def gathered_state_dict(accelerator, model) -> dict | None:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint under output_dir/checkpoints (a run killed while saving leaves a partial one:
-    the Trainer writes its state file last, in place, so a kill can leave it missing, empty or cut short)."""
+    """The newest complete checkpoint under output_dir/checkpoints. A run killed while saving leaves a partial one
+    (the Trainer writes its state file last, in place, so a kill can leave it missing, empty or cut short); a weights
+    or optimizer file cut short (a full disk, a copy stopped midway) makes one incomplete too: skipped, with a warning
+    naming it, for the one before."""
     from transformers.trainer_utils import sort_checkpoints
 
     folder = Path(output_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
-    complete = [Path(p) for p in sort_checkpoints(str(folder)) if _state_is_whole(Path(p) / STATE_FILE)]
-    return complete[-1] if complete else None
+    for path in map(Path, reversed(sort_checkpoints(str(folder)))):
+        if not _state_is_whole(path / STATE_FILE):
+            continue
+        if broken := next((f for f in sorted(path.iterdir()) if not _file_is_whole(f)), None):
+            log.warning("skipping %s: %s is cut short or corrupt", path, broken.name)
+            continue
+        return path
+    return None
+
+
+@contextlib.contextmanager
+def checkpoint_write(directory: Path, model, optimizer):
+    """A checkpoint written into `directory`: a write that fails for want of space (a full disk, a quota) or of
+    permission removes what it had written, leaves the earlier checkpoints as they are, and becomes one line naming
+    the path and about how many bytes a checkpoint takes (the weights and the optimizer's states)."""
+    try:
+        yield
+    except Exception as e:
+        tensors = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values()
+                                          if hasattr(t, "element_size"))]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        # torch.save's C++ stream reports a full disk as a RuntimeError ("iostream error"): the free space tells
+        free = shutil.disk_usage(directory.parent).free if directory.parent.is_dir() else size
+        why = disk_error(e) if isinstance(e, OSError) else None
+        if why is None and free >= size:
+            raise
+        shutil.rmtree(directory, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"no space left: {free / 2**20:,.1f} MB free"
+        shown = directory.with_name(directory.name.removeprefix(".tmp-"))  # (trainer=accelerate writes a temp dir)
+        raise FinetuneError(f"cannot write the checkpoint {shown} ({reason}): it takes about {size / 2**20:,.1f} "
+                            "MB; free that much there, or lower trainer.save_total_limit; the earlier checkpoints are "
+                            "kept") from e
 
 
 def _state_is_whole(path: Path) -> bool:
@@ -182,6 +217,26 @@ def _state_is_whole(path: Path) -> bool:
         return isinstance(json.loads(path.read_text()), dict)
     except (OSError, ValueError):
         return False
+
+
+def _file_is_whole(path: Path) -> bool:
+    """Whether a checkpoint's file ends where its format says: a safetensors file at its header's last tensor, a
+    torch.save file (a zip) at its central directory. Other files, and directories, are not checked."""
+    import struct
+    import zipfile
+
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            return path.stat().st_size == 8 + length + end
+        except (OSError, ValueError, struct.error, KeyError, TypeError):
+            return False
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        return zipfile.is_zipfile(path)
+    return True
 
 
 def own_precision(model):

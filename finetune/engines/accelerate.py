@@ -32,10 +32,10 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, drop_training_state,
-                              eval_keys, eval_step, logged_validation, mixed_precision, new_parameters, param_groups,
-                              process_scale, step_items)
+from finetune import adapters, interrupt, optim, progress
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, checkpoint_write,
+                              drop_training_state, eval_keys, eval_step, logged_validation, mixed_precision,
+                              new_parameters, param_groups, process_scale, step_items)
 from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
 from finetune.engines.sharding import CpuFsdp, Replicated
 from finetune.engines.tracking import accelerate_trackers, setup_tracking
@@ -96,8 +96,8 @@ class AccelerateEngine:
         self.placement = CpuFsdp() if t.fsdp else Replicated()
         new, new_lr = new_parameters(model, t)  # (named before FSDP2 replaces the parameters: it keeps the names)
         model = self.placement.shard(model)  # before the optimizer is built
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, new, new_lr), lr=t.learning_rate,
-                                      fused=acc.device.type in ("cpu", "cuda"))
+        optimizer = optim.build(t.optim, t.optim_args, _param_groups(model, t.weight_decay, new, new_lr),
+                                t.learning_rate, acc.device, t.optimizer_in_backward)
         self._model, self.optimizer, self.train_loader = self.placement.prepare(acc, model, optimizer, loader)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
@@ -119,7 +119,7 @@ class AccelerateEngine:
     def train(self, resume_from: str | Path | None = None) -> dict[str, float]:
         try:
             return self._train(resume_from)
-        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+        except BaseException:  # stopped (a sweep's pruner, a signal): the trackers flush and close as at the end
             if self.tracking:
                 for tracker in self.accelerator.trackers:
                     tracker.finish()
@@ -166,6 +166,8 @@ class AccelerateEngine:
                 last = s.global_step >= self.max_steps  # evaluated too, as the Trainer does
                 if t.eval_strategy == "steps" and (s.global_step % t.eval_steps == 0 or last):
                     self._evaluate_and_save()
+                if (signum := interrupt.stop_requested(acc)) is not None:
+                    raise self._interrupted(signum)
                 if self._done():
                     break
             if t.eval_strategy == "epoch":
@@ -196,6 +198,14 @@ class AccelerateEngine:
         self.step_times.append(time.perf_counter() - start)
         self._pending.append(torch.stack(losses).sum())
         return grad_norm, learning_rate
+
+    def _interrupted(self, signum: int) -> interrupt.Interrupted:
+        """A signal stops training after this step: its checkpoint written (unless an evaluation just wrote it)."""
+        s = self.state
+        checkpoint = self.checkpoints / f"checkpoint-{s.global_step}"
+        if not checkpoint.is_dir():
+            self._save()
+        return interrupt.Interrupted(signum, f"at step {s.global_step} of {self.max_steps}", checkpoint)
 
     def _done(self) -> bool:
         patience = self.args.early_stopping_patience
@@ -236,14 +246,16 @@ class AccelerateEngine:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        self.placement.save(acc, self._model, self.optimizer, tmp)
-        acc.wait_for_everyone()
+        with checkpoint_write(tmp, self._model, self.optimizer):
+            self.placement.save(acc, self._model, self.optimizer, tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                s.write(tmp / STATE_FILE)
         if acc.is_main_process:
-            s.write(tmp / STATE_FILE)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            rotate_checkpoints(str(self.checkpoints), self.args.save_total_limit,
-                               best_model_checkpoint=str(self.checkpoints / s.best_checkpoint))
+            best = str(self.checkpoints / s.best_checkpoint) if s.best_checkpoint else None
+            rotate_checkpoints(str(self.checkpoints), self.args.save_total_limit, best_model_checkpoint=best)
         acc.wait_for_everyone()
 
     def _finish(self, runtime: float, steps: int) -> dict[str, float]:

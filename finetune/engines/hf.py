@@ -13,10 +13,10 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from finetune import adapters, progress
-from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, drop_training_state, eval_keys, eval_step,
-                              gathered_state_dict, logged_validation, mixed_precision, new_parameters, param_groups,
-                              process_scale, step_items)
+from finetune import adapters, interrupt, optim, progress
+from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, checkpoint_write, drop_training_state, eval_keys,
+                              eval_step, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
+                              param_groups, process_scale, step_items)
 from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
 from finetune.engines.tracking import TENSORBOARD, setup_tracking
 from finetune.progress import Meter
@@ -28,8 +28,9 @@ class _Trainer(Trainer):
     """The Trainer with the task's objective, normalised as both engines normalise a step (finetune/engines), and the
     engines' shared training order; evaluation runs in inference mode."""
 
-    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task, **kwargs):
-        self.epoch_sampler, self.meter = sampler, meter
+    def __init__(self, *args, sampler, meter: Meter, new_parameters: tuple[set[str], float], task, trainer_cfg,
+                 **kwargs):
+        self.epoch_sampler, self.meter, self.trainer_cfg = sampler, meter, trainer_cfg
         self.new_parameters, self.new_lr = new_parameters
         self.task, self.train_logs = task, TrainLogs()
         super().__init__(*args, **kwargs)
@@ -48,12 +49,14 @@ class _Trainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.new_parameters:  # trainer.new_parameters_lr_scale: groups of their own
+        """trainer.optim over the Trainer's decay groups (the new parameters in groups of their own)."""
+        if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters,
-                                                        self.new_lr), **kwargs)
+            groups = param_groups(opt_model, decay, self.args.weight_decay, self.new_parameters, self.new_lr)
+            t = self.trainer_cfg
+            self.optimizer = optim.build(t.optim, t.optim_args, groups, self.args.learning_rate, self.args.device,
+                                         t.optimizer_in_backward)
         return super().create_optimizer(model)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -86,7 +89,8 @@ class _Trainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, *args, **kwargs):
-        with self.meter.paused():
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with self.meter.paused(), checkpoint_write(folder, self.model, self.optimizer):
             return super()._save_checkpoint(*args, **kwargs)
 
     def _load_best_model(self) -> None:
@@ -134,6 +138,18 @@ class _EpochClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class _StopOnSignal(TrainerCallback):
+    """After each optimizer step: a signal any process received stops training there, with a checkpoint."""
+
+    def __init__(self):
+        self.trainer, self.signum = None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.signum = interrupt.stop_requested(self.trainer.accelerator)
+        if self.signum is not None:
+            control.should_save = control.should_training_stop = True
+
+
 class _OnEvaluate(TrainerCallback):
     """Hands the main metric of each validation evaluation during training to the engine's on_evaluate."""
 
@@ -156,7 +172,8 @@ class HFEngine:
                                 cfg.seed, t.group_by_length)
         self.clock = _EpochClock(sampler)
         meter = Meter(args.per_device_train_batch_size * t.gradient_accumulation_steps * args.world_size)
-        callbacks = [_LogCallback(meter), self.clock]
+        self.stop = _StopOnSignal()
+        callbacks = [_LogCallback(meter), self.clock, self.stop]
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
         if on_evaluate:
@@ -168,6 +185,7 @@ class HFEngine:
             meter=meter,
             new_parameters=new_parameters(model, t),
             task=task,
+            trainer_cfg=t,
             train_dataset=features["train"],
             eval_dataset=self.eval_sets["validation"][0],
             data_collator=without_length(task.collator(tokenizer)),
@@ -176,6 +194,7 @@ class HFEngine:
             preprocess_logits_for_metrics=task.preprocess_logits,
             callbacks=callbacks,
         )
+        self.stop.trainer = self.trainer
         self.trainer.remove_callback(PrinterCallback)
         if self.trainer.pop_callback(ProgressCallback):  # a terminal: bars, without printing logs a second time
             self.trainer.add_callback(_Bars)
@@ -186,7 +205,7 @@ class HFEngine:
     def train(self, resume_from: str | None = None) -> dict[str, float]:
         try:
             metrics = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-        except Exception:  # stopped (e.g. by a sweep's pruner): the trackers flush and close as at the end
+        except BaseException:  # stopped (a sweep's pruner, a second signal): the trackers flush and close as at the end
             t = self.trainer
             for callback in t.callback_handler.callbacks:
                 if isinstance(callback, (TensorBoardCallback, MLflowCallback)):
@@ -195,6 +214,10 @@ class HFEngine:
         finally:
             for tracker in (TensorBoardCallback, MLflowCallback):  # they record the training and close at its end
                 self.trainer.pop_callback(tracker)
+        if self.stop.signum is not None:
+            state = self.trainer.state
+            raise interrupt.Interrupted(self.stop.signum, f"at step {state.global_step} of {state.max_steps}",
+                                        Path(self.trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         drop_training_state(self.trainer.optimizer, self.trainer.model)
         return metrics
 
@@ -241,6 +264,7 @@ def _training_arguments(cfg, task, output_dir: Path) -> TrainingArguments:
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler_type,
+        optim=optim.TRAINER_NAMES[t.optim],  # (the optimizer itself is trainer.optim's: _Trainer.create_optimizer)
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,

@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from finetune import loading
 from finetune.config import DataConfig, TaskConfig
 from finetune.decoding import GenerationSettings
 from finetune.errors import FinetuneError, VerificationError
@@ -177,8 +178,6 @@ class Seq2SeqTask(Task):
         return None, None
 
     def load_model(self, path: str, model_cfg, dtype: str = "float32"):
-        from finetune import loading
-
         family = self._family(path, model_cfg)
         model = family.load(path, model_cfg, dtype)
         g, tokenizer = self.cfg.generation, self.tokenizer

@@ -24,6 +24,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 _MAX_CHUNKS = 100_000  # bound on the chunks of one chunked request body
+HUB_SECRET = "hf_fake_hub_token_never_written_0123456789"
+
+
+def hub_env(endpoint: str, home, token: str | None = HUB_SECRET) -> dict:
+    """The environment of a CLI that talks to a fake Hub: its endpoint, a token (or none: HF_TOKEN empty and an
+    empty HF_HOME, so no login cache either), no Xet transfers (the fake Hub speaks the LFS protocol)."""
+    return {"HF_ENDPOINT": endpoint, "HF_TOKEN": token or "", "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0"}
 
 
 class FakeHub:

@@ -1,9 +1,13 @@
 """Tiny random sequence-to-sequence models with small word-level tokenizers, and a toy parallel corpus: English
-sentences and their word-by-word "German" (each word has one translation), which a tiny model learns in seconds."""
+sentences and their word-by-word "German" (each word has one translation), which a tiny model learns in seconds,
+and its parallel files."""
 
 from __future__ import annotations
 
+import gzip
 import random
+
+from helpers.models import build_tiny_bert, build_tiny_lm
 
 EN_DE = {"a": "ein", "man": "mann", "woman": "frau", "dog": "hund", "cat": "katze", "runs": "rennt", "sits": "sitzt",
          "on": "auf", "the": "der", "street": "strasse", "red": "rot", "blue": "blau", "big": "gross", "small": "klein",
@@ -19,6 +23,36 @@ def corpus(n: int, seed: int = 0, words: int = 10, length: tuple[int, int] = (2,
         sentence = [rng.choice(words) for _ in range(rng.randint(*length))]
         rows.append((" ".join(sentence), " ".join(EN_DE[w] for w in sentence)))
     return rows
+
+
+ROWS = corpus(300)
+
+
+def write_parallel(directory, rows=ROWS, splits=(("train", 0, 240), ("val", 240, 270), ("test", 270, 300))):
+    """<split>.en.gz and <split>.de.gz line by line: a Multi30k-shaped directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, start, end in splits:
+        for lang, i in (("en", 0), ("de", 1)):
+            with gzip.open(directory / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("".join(r[i] + "\n" for r in rows[start:end]))
+    return directory
+
+
+def features(model, *overrides, task_name="translation"):
+    """The task after load_tokenizer, the tokenizer, and the training features of "a man runs" -> "ein mann rennt"."""
+    from datasets import Dataset, DatasetDict
+
+    from finetune import assets
+    from finetune.tasks import get_task
+    from helpers.cli import compose_cfg
+
+    cfg = compose_cfg(f"task={task_name}", f"model={model}", *overrides)
+    task = get_task(cfg.task)
+    tokenizer = task.load_tokenizer(assets.resolve(cfg.model.name_or_path), cfg.model)
+    rows = Dataset.from_dict({"source": ["a man runs"], "target": ["ein mann rennt"]})
+    raw = task.prepare(DatasetDict({"train": rows}), cfg.data)
+    row = task.tokenize(raw, tokenizer)["train"][0]
+    return task, tokenizer, row, cfg
 
 
 def _vocab(specials: list[str]) -> dict[str, int]:
@@ -89,13 +123,9 @@ def build_mbart50(path):
 
 def build_bert(path):
     """A tiny BERT (WordPiece over the corpus' words): model.encoder and model.decoder of a BERT2BERT."""
-    from conftest import build_tiny_bert
-
     return build_tiny_bert(path, [" ".join([*EN_DE, *EN_DE.values()])])
 
 
 def build_decoder_only(path, chat: bool = True):
     """A tiny Llama (ChatML template when chat) whose word-level vocabulary holds both languages."""
-    from test_generation import build_tiny_lm
-
     return build_tiny_lm(path, chat=chat, words=sorted({*EN_DE, *EN_DE.values(), "translate", "summarize:"}))

@@ -1,5 +1,6 @@
-"""The CLI in this process: compose the real config tree the way it does, call its entry point with argv, or build
-what run.py builds before it trains (a task's engine on a tiny model)."""
+"""The CLI in this process: compose the real config tree the way it does, call its entry point with argv (or another
+module's main), or build what run.py builds before it trains (a task's engine on a tiny model). Real processes are
+in processes.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import logging
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from finetune.__main__ import rewrite_overrides
 from finetune.compose import register_configs
 from finetune.config import CONFIG_DIR
+
+# Fast trainer settings for runs on the tiny BERT.
+TINY_TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=1e-3", "trainer.per_device_train_batch_size=16",
+                "trainer.logging_steps=5", "trainer.warmup_ratio=0.0"]
+# task=generation on the tiny Llama (helpers.models.build_tiny_lm) and helpers.data.lm_corpus: it learns the data
+LM_TRAINER = ["trainer.num_train_epochs=2", "trainer.learning_rate=3e-3", "trainer.per_device_train_batch_size=8",
+              "trainer.gradient_accumulation_steps=1", "trainer.logging_steps=5", "trainer.warmup_ratio=0.0",
+              "task.block_size=32", "task.eval_prompts=4", "task.generation.max_new_tokens=8"]
 
 
 def compose_cfg(*overrides: str):
@@ -45,6 +55,14 @@ def cli_main(args: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, 
         root.handlers[:], root.level = handlers, level
     out = capfd.readouterr()
     return code, out.out, out.err
+
+
+def run_main(module, argv: list[str]) -> int:
+    """module.main(argv) (finetune.predict, finetune.evaluate, ...) in this process; returns its exit code."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+        raise SystemExit(0)
+    return exit_info.value.code
 
 
 def fail(args: list[str], tmp_path: Path, monkeypatch, capfd) -> str:
