@@ -41,20 +41,28 @@ def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]
     return out
 
 
-def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, per_label: bool = True) -> np.ndarray:
+# a label with fewer validation positives than this takes the global threshold: the best cut of so few scores is
+# chance, and a low one floods every text with a label the model has not learned
+MIN_POSITIVES = 20
+
+
+def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, per_label: bool = True,
+                    min_positives: int = MIN_POSITIVES) -> np.ndarray:
     """Decision thresholds (one a label) that maximise macro-F1 on (y_true, scores), [rows, labels] arrays.
 
+    Global: one threshold for every label, the best of 0.01, 0.02, ..., 0.99 for the mean of the labels' F1.
     per_label: each label's F1-best cut of its sorted scores (maximising each label's F1 maximises their mean), set
-    midway to the next lower score; a label without a positive row keeps 0.5. Otherwise one threshold for every label,
-    the best of 0.01, 0.02, ..., 0.99."""
+    midway to the next lower score; a label with fewer than min_positives positive rows takes the global threshold;
+    without any positive row at all, 0.5."""
     y_true, scores = np.asarray(y_true) > 0.5, np.asarray(scores, dtype=np.float64)
     n, k = scores.shape
+    grid = np.round(np.linspace(0.01, 0.99, 99), 2)
+    tp = np.stack([((scores >= t) & y_true).sum(0) for t in grid])
+    predicted = np.stack([(scores >= t).sum(0) for t in grid])
+    f1 = np.divide(2 * tp, predicted + y_true.sum(0), out=np.zeros(tp.shape), where=tp > 0)
+    shared = grid[f1.mean(1).argmax()] if y_true.any() else 0.5
     if not per_label:
-        grid = np.round(np.linspace(0.01, 0.99, 99), 2)
-        tp = np.stack([((scores >= t) & y_true).sum(0) for t in grid])
-        predicted = np.stack([(scores >= t).sum(0) for t in grid])
-        f1 = np.divide(2 * tp, predicted + y_true.sum(0), out=np.zeros(tp.shape), where=tp > 0)
-        return np.full(k, grid[f1.mean(1).argmax()])
+        return np.full(k, shared)
     order = np.argsort(-scores, axis=0, kind="stable")
     ranked, hits = np.take_along_axis(scores, order, 0), np.take_along_axis(y_true, order, 0)
     f1 = 2 * np.cumsum(hits, 0) / (np.arange(1, n + 1)[:, None] + hits.sum(0))  # the top 1, 2, ... n rows predicted
@@ -62,7 +70,9 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, per_label: bool = Tr
     best = np.where(cut, f1, -1.0).argmax(0)
     columns = np.arange(k)
     below = np.where(best + 1 < n, ranked[np.minimum(best + 1, n - 1), columns], 0.0)
-    return np.where(hits.any(0), (ranked[best, columns] + below) / 2, 0.5)
+    own = (ranked[best, columns] + below) / 2
+    positives = hits.sum(0)
+    return np.where(positives >= max(min_positives, 1), own, np.where(positives > 0, shared, 0.5))
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

@@ -171,7 +171,33 @@ def test_tuned_thresholds_beat_one_half_on_held_out_rows():
     assert f1["half"] < 0.4 < 0.75 < f1["global"] < f1["per_label"]  # 0.35, 0.80, 0.92
     # a label without a positive keeps 0.5; every cut leaves tied scores on one side
     assert tune_thresholds(np.array([[0], [0]]), np.array([[0.9], [0.2]]))[0] == 0.5
-    assert tune_thresholds(np.array([[1], [0], [0]]), np.array([[0.8], [0.8], [0.1]]))[0] == pytest.approx(0.45)
+    assert tune_thresholds(np.array([[1], [0], [0]]), np.array([[0.8], [0.8], [0.1]]), min_positives=1)[0] == \
+        pytest.approx(0.45)
+
+
+def test_each_threshold_is_its_labels_best_and_rare_labels_take_the_global_one():
+    """Every per-label threshold reaches the best F1 any threshold gives its label (brute force over the scores); a
+    label with fewer positives than min_positives (here one the model ranks at the bottom, 5 of 400) takes the global
+    threshold instead of a low cut that predicts it for most rows."""
+    from finetune.metrics import tune_thresholds
+
+    def f1_score(truth, predicted):
+        return 2 * (truth & predicted).sum() / (truth.sum() + predicted.sum())
+
+    rng = np.random.default_rng(0)
+    truth = np.column_stack([rng.random(400) < 0.3, rng.random(400) < 0.25, np.arange(400) % 80 == 0])
+    scores = np.column_stack([np.where(truth[:, 0], 0.6, 0.3), np.where(truth[:, 1], 0.4, 0.2), np.full(400, 0.05)])
+    scores = np.clip(scores + rng.normal(0, 0.1, scores.shape), 0, 1)
+    scores[:, 2] = rng.random(400) * 0.1  # label 2: never learned, its 5 positives among the lowest scores
+    scores[truth[:, 2], 2] /= 20
+    own = tune_thresholds(truth, scores, min_positives=1)
+    for j in range(3):
+        best = max(f1_score(truth[:, j], scores[:, j] >= t) for t in scores[:, j])
+        assert f1_score(truth[:, j], scores[:, j] >= own[j]) == pytest.approx(best)
+    assert (scores[:, 2] >= own[2]).mean() > 0.8  # the rare label's own best cut predicts it for most rows
+    floored = tune_thresholds(truth, scores)  # min_positives=20
+    shared = tune_thresholds(truth, scores, per_label=False)[0]
+    assert list(floored[:2]) == list(own[:2]) and floored[2] == shared and not (scores[:, 2] >= shared).any()
 
 
 def test_metrics_against_scipy_and_sklearn():
