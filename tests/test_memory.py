@@ -43,9 +43,13 @@ def test_auto_dtype(tiny_llama, monkeypatch):
 
 
 def test_full_fine_tuning_in_16_bits_is_warned(tiny_llama, caplog):
-    cfg, _ = _generation(tiny_llama, "model.dtype=bfloat16")
+    caplog.set_level("INFO", logger=memory.log.name)
+    cfg, _ = _generation(tiny_llama, "model.dtype=bfloat16")  # bf16 weights are rounded stochastically: said, no warning
     assert memory.model_dtype(cfg) == "bfloat16"
-    assert "pure bfloat16" in caplog.text
+    assert "rounded back to bfloat16 stochastically" in caplog.text and "WARNING" not in caplog.text
+    cfg, _ = _generation(tiny_llama, "model.dtype=float16")
+    assert memory.model_dtype(cfg) == "float16"
+    assert [r.levelname for r in caplog.records if "pure float16" in r.message] == ["WARNING"]
 
 
 def test_bad_dtype_is_a_one_line_error(tmp_path, monkeypatch, capfd):
