@@ -19,6 +19,7 @@ import shlex
 import shutil
 import string
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -171,7 +172,9 @@ def usage() -> str:
         options = [o for o in config_options(group) if o != "custom" and not (per_task and o in config_options("task"))]
         options += [_FREE_HELP[group]] if group in _FREE_HELP else []
         chosen = "none" if default is None else "the task's own" if per_task else default
-        lines.append(f"  {group}: {', '.join(options)} (default: {chosen})")
+        # a long list of options wraps, so the help stays one screen wide
+        lines.append(textwrap.fill(f"  {group}: {', '.join(options)} (default: {chosen})", 120,
+                                   subsequent_indent="    ", break_on_hyphens=False))
     help_cfg = OmegaConf.to_container(config.hydra.help, resolve=True)
     return string.Template(help_cfg["template"]).substitute(APP_CONFIG_GROUPS="\n".join(lines)).rstrip()
 

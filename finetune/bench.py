@@ -11,6 +11,8 @@ bench's time: docs/benchmarks.md#bench-table):
   lora        the default setup with peft=lora (frozen base weights, low-rank adapters, its own learning rate)
   ner         task=ner on WNUT-17 (../shared/data beside the repository; skipped when it is absent); 40 steps
   qa          task=qa on SQuAD v1.1 articles, 256-token windows (../shared/data, as ner); 10 steps
+  multi_label task=classification on GoEmotions (28 labels a comment, ../shared/data, as ner): BCE, and the test
+              split (dev.tsv, 1,000 comments) decided at the thresholds tuned on 1,000 held-out training comments
   mlm         task=mlm: masked-LM domain adaptation on the snippets' text (metric: test perplexity); 30 steps
   generation  task=generation: the bundled SmolLM2-135M fully fine-tuned on Hamlet, 2 512-token blocks a step (one
               a micro-batch, as the task trains), 3 steps; also new tokens/s of batched greedy generation from 8 test

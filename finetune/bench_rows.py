@@ -12,6 +12,7 @@ SQUAD = "{shared}/squad_v1.1/train.json"
 MULTI30K = "{shared}/multi30k_en_de"
 SCITLDR = "{shared}/scitldr"
 HH_RLHF = "{shared}/hh_rlhf_harmless/pairs.jsonl.gz"
+GOEMOTIONS = "{shared}/goemotions"
 
 # the tasks' own micro-batches (one 512-token block, one document, 4 pairs), fewer of them a step
 _GEN = ["trainer.max_steps=3", "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2",
@@ -43,6 +44,11 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "qa": (["task=qa", f"data.source={SQUAD}", "data.group_column=title", "task.max_seq_length=256",
             "task.doc_stride=64", "data.max_test_samples=300", "trainer.max_steps=10"],
            None, "task=qa, SQuAD v1.1 split by article, 256-token windows, 300 test questions, 10 steps"),
+    "multi_label": (["task=classification", "data=custom", f"data.train_file={GOEMOTIONS}/train.tsv.gz",
+                     f"data.test_file={GOEMOTIONS}/dev.tsv.gz", "data.column_names=[text,labels,id]",
+                     "data.label_column=labels", f"data.label_names_file={GOEMOTIONS}/labels.txt",
+                     "data.max_eval_samples=1000", "data.max_test_samples=1000"], None,
+                    "task=classification, GoEmotions multi-label (28 labels), tuned thresholds, 1,000 dev comments"),
     "mlm": (["task=mlm", "trainer.max_steps=30", "data.max_test_samples=500"], None,
             "task=mlm, 15% of tokens masked, length-grouped, 500 test snippets, 30 steps"),
     "generation": (["task=generation", *_GEN], None, "task=generation, SmolLM2 on Hamlet, 2 x 1 x 512 tokens, 3 steps"),

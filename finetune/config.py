@@ -52,6 +52,8 @@ class DataConfig:
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
+    # headerless csv/tsv files: the names of their columns, in order (a file with a header row must not set it)
+    column_names: Optional[list[str]] = None
     group_column: Optional[str] = None  # split so that no group is in two splits
     deduplicate: bool = False  # drop rows whose inputs repeat an earlier row
     validation_size: float = 0.1  # fraction held out when the data has no validation split

@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
+from omegaconf import ListConfig
 
 from finetune import assets
 from finetune.errors import FinetuneError
@@ -87,7 +88,7 @@ def _load_source(cfg: DataConfig, task: Task) -> DatasetDict:
     out = {}
     for split, f in files.items():
         ds = reader(f) if reader is not None else None
-        out[split] = ds if ds is not None else _read_file(f, split)
+        out[split] = ds if ds is not None else _read_file(f, split, cfg.column_names)
     return DatasetDict(out)
 
 
@@ -107,13 +108,18 @@ def _split_files(directory: Path) -> dict[str, str]:
     return files
 
 
-def _read_file(path: str, split: str) -> Dataset:
+def _read_file(path: str, split: str, column_names: list[str] | None = None) -> Dataset:
     fmt = file_format(path)
     if fmt not in BUILDERS:
         raise FinetuneError(f"cannot read {path}: unknown format '{fmt}'; use csv, tsv, json, jsonl or parquet")
     if Path(path).stat().st_size == 0:
         raise FinetuneError(f"the {split} split is empty: {path} is an empty file; give it data")
     kwargs = {"sep": "\t"} if fmt == ".tsv" else {}
+    if column_names:
+        if fmt not in (".csv", ".tsv"):
+            raise FinetuneError(f"data.column_names names the columns of headerless csv/tsv files; {path} is "
+                                f"{fmt[1:]}, which names its own: drop data.column_names")
+        kwargs["column_names"] = list(column_names)  # (pandas then reads the first line as data)
     try:
         return datasets.load_dataset(BUILDERS[fmt], data_files={"train": path}, split="train", **kwargs)
     except Exception as e:  # datasets raises many types for a bad file; all mean the same to the user
@@ -158,22 +164,29 @@ def _keep_rows(ds: Dataset, cfg: DataConfig, split: str) -> Dataset:
 
 def _rename(ds: Dataset, cfg: DataConfig, task: Task, split: str) -> Dataset:
     """Rename the user's columns to the task's canonical names; drop the rest (keeping the group column). A dotted
-    name (input.messages) names a field nested in a column: the nested columns are flattened to such names."""
-    if any("." in str(getattr(cfg, f)) and getattr(cfg, f) not in ds.column_names for f in task.columns.values()):
+    name (input.messages) names a field nested in a column: the nested columns are flattened to such names. A field
+    naming a list of columns makes its canonical column of lists: each row's values of those columns, in order."""
+    sources = [getattr(cfg, field) for field in task.column_fields(cfg).values()]
+    if any(isinstance(s, str) and "." in s and s not in ds.column_names for s in sources):
         ds = ds.flatten()
     mapping: dict[str, str] = {}
-    for canonical, field in task.columns.items():
+    gathered: dict[str, list] = {}
+    for canonical, field in task.column_fields(cfg).items():
         source = getattr(cfg, field)
         if source is None and canonical not in task.optional_columns:
             raise FinetuneError(f"data.{field} is not set; name the column holding the {canonical}")
         if canonical in task.optional_columns and source not in ds.column_names:
             continue  # the task checks which of its optional columns it needs
-        if source not in ds.column_names:
-            raise FinetuneError(
-                f"column '{source}' (data.{field}) not found in the {split} data; available columns: "
-                f"{', '.join(ds.column_names)}; set data.{field}=<one of them>"
-            )
-        mapping[source] = canonical
+        for column in (list(source) if isinstance(source, (list, ListConfig)) else [source]):
+            if column not in ds.column_names:
+                raise FinetuneError(
+                    f"column '{column}' (data.{field}) not found in the {split} data; available columns: "
+                    f"{', '.join(ds.column_names)}; set data.{field}=<{'some' if column != source else 'one'} of them>"
+                )
+        if isinstance(source, (list, ListConfig)):
+            gathered[canonical] = [list(row) for row in zip(*(ds[c] for c in source))]
+        else:
+            mapping[source] = canonical
     keep = set(mapping) | ({cfg.group_column} if cfg.group_column else set())
     if cfg.group_column and cfg.group_column not in ds.column_names:
         raise FinetuneError(
@@ -181,7 +194,10 @@ def _rename(ds: Dataset, cfg: DataConfig, task: Task, split: str) -> Dataset:
             f"columns: {', '.join(ds.column_names)}"
         )
     ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
-    return ds.rename_columns({s: c for s, c in mapping.items() if s != c})
+    ds = ds.rename_columns({s: c for s, c in mapping.items() if s != c})
+    for canonical, values in gathered.items():
+        ds = ds.add_column(canonical, values)
+    return ds
 
 
 def _deduplicate(ds: Dataset, columns: tuple[str, ...]) -> Dataset:

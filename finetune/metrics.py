@@ -22,6 +22,75 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     return out
 
 
+def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """Micro-, macro- and samples-F1, exact match (a row's whole label set right) and per-label precision / recall / F1
+    of multi-hot rows (scikit-learn). A label never true nor predicted scores 0, as in classification_metrics; in
+    samples-F1 a row with no label that gets none is right."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    y_true, y_pred = np.asarray(y_true).astype(np.int8), np.asarray(y_pred).astype(np.int8)
+    out = {
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "f1_micro": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "f1_samples": float(f1_score(y_true, y_pred, average="samples", zero_division=1.0)),
+        "exact_match": float(accuracy_score(y_true, y_pred)),
+    }
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    for i, name in enumerate(labels):
+        out.update({f"precision_{name}": float(p[i]), f"recall_{name}": float(r[i]), f"f1_{name}": float(f[i])})
+    return out
+
+
+# a label with fewer validation positives than this takes the global threshold: the best cut of so few scores is
+# chance, and a low one floods every text with a label the model has not learned
+MIN_POSITIVES = 20
+
+
+def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, per_label: bool = True,
+                    min_positives: int = MIN_POSITIVES) -> np.ndarray:
+    """Decision thresholds (one a label) that maximise macro-F1 on (y_true, scores), [rows, labels] arrays.
+
+    Global: one threshold for every label, the best of 0.01, 0.02, ..., 0.99 for the mean of the labels' F1.
+    per_label: each label's F1-best cut of its sorted scores (maximising each label's F1 maximises their mean), set
+    midway to the next lower score; a label with fewer than min_positives positive rows takes the global threshold;
+    without any positive row at all, 0.5."""
+    y_true, scores = np.asarray(y_true) > 0.5, np.asarray(scores, dtype=np.float64)
+    n, k = scores.shape
+    grid = np.round(np.linspace(0.01, 0.99, 99), 2)
+    tp = np.stack([((scores >= t) & y_true).sum(0) for t in grid])
+    predicted = np.stack([(scores >= t).sum(0) for t in grid])
+    f1 = np.divide(2 * tp, predicted + y_true.sum(0), out=np.zeros(tp.shape), where=tp > 0)
+    shared = grid[f1.mean(1).argmax()] if y_true.any() else 0.5
+    if not per_label:
+        return np.full(k, shared)
+    order = np.argsort(-scores, axis=0, kind="stable")
+    ranked, hits = np.take_along_axis(scores, order, 0), np.take_along_axis(y_true, order, 0)
+    f1 = 2 * np.cumsum(hits, 0) / (np.arange(1, n + 1)[:, None] + hits.sum(0))  # the top 1, 2, ... n rows predicted
+    cut = np.vstack([ranked[:-1] > ranked[1:], np.ones((1, k), bool)])  # a cut never splits tied scores
+    best = np.where(cut, f1, -1.0).argmax(0)
+    columns = np.arange(k)
+    below = np.where(best + 1 < n, ranked[np.minimum(best + 1, n - 1), columns], 0.0)
+    own = (ranked[best, columns] + below) / 2
+    positives = hits.sum(0)
+    return np.where(positives >= max(min_positives, 1), own, np.where(positives > 0, shared, 0.5))
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlation (scipy), mean squared and mean absolute error (scikit-learn). A correlation
+    with constant predictions (undefined) is reported as 0: they carry no ranking."""
+    import warnings
+
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    with warnings.catch_warnings():  # scipy warns on constant input, which the 0 below covers
+        warnings.simplefilter("ignore")
+        pearson, spearman = float(pearsonr(y_true, y_pred)[0]), float(spearmanr(y_true, y_pred)[0])
+    return {"pearson": 0.0 if math.isnan(pearson) else pearson, "spearman": 0.0 if math.isnan(spearman) else spearman,
+            "mse": float(mean_squared_error(y_true, y_pred)), "mae": float(mean_absolute_error(y_true, y_pred))}
+
+
 def entity_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> dict[str, float]:
     """Entity-level precision / recall / F1 (micro over entities, as conlleval) overall and per entity type,
     and token accuracy (seqeval). Tags are IOB2; an I- after O or another type starts an entity, as in

@@ -57,7 +57,7 @@ def run_trial(cfg: DictConfig, run_dir: Path):
     reporter = None
     try:
         task = task_class(cfg.task.name)
-        record.update(objective=f"validation_{task.main_metric}", direction=direction(cfg.task.name))
+        record.update(objective=f"validation_{task.main_metric_of(cfg.task)}", direction=direction(cfg.task.name))
         _check_sweeper_direction(hydra.sweeper, record["direction"], record["objective"])
         validate.config(cfg)
         reporter = Reporter.for_job(hydra)

@@ -241,7 +241,8 @@ def test_the_sweeper_direction_must_match_the_task(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("search, direction", [("sentiment_optuna", "maximize"), ("ner_optuna", "maximize"),
                                                ("qa_optuna", "maximize"), ("generation_optuna", "minimize"),
-                                               ("preference_optuna", "maximize")])
+                                               ("multi_label_optuna", "maximize"), ("preference_optuna", "maximize"),
+                                               ("regression_optuna", "maximize")])
 def test_search_configs_compose_into_an_optuna_search_space(search, direction):
     from hydra import compose, initialize_config_dir
     from hydra_plugins.finetune_sweeper._space import search_space
@@ -310,5 +311,6 @@ def test_an_unknown_search_is_a_one_line_error():
     assert rewrite_overrides(["hparams_search=ner_optuna"]) == ["hparams_search=ner_optuna"]
     with pytest.raises(FinetuneError, match="^unknown hparams_search 'sentimnt_optuna': did you mean "
                                             "hparams_search=sentiment_optuna\\? choose one of generation_optuna, "
-                                            "ner_optuna, preference_optuna, qa_optuna, sentiment_optuna$"):
+                                            "multi_label_optuna, ner_optuna, preference_optuna, qa_optuna, "
+                                            "regression_optuna, sentiment_optuna$"):
         rewrite_overrides(["hparams_search=sentimnt_optuna"])

@@ -96,6 +96,11 @@ class Task:
         """The task.* and data.* values no schema type can check (finetune/validate.py runs this before anything is
         written)."""
 
+    @classmethod
+    def main_metric_of(cls, cfg: TaskConfig) -> str:
+        """The main metric of a run with task config `cfg` (a sweep's objective, before the task is built)."""
+        return cls.main_metric
+
     max_length_key: ClassVar[str] = "task.max_seq_length"  # the config key that sets max_length
 
     @property
@@ -104,6 +109,11 @@ class Task:
         return self.cfg.max_seq_length
 
     # --- data ---------------------------------------------------------------------------------
+    def column_fields(self, data_cfg: DataConfig) -> dict[str, str]:
+        """canonical column -> the data config field naming it, for this data config (default: `columns`). A field
+        whose value is a list of columns makes a canonical column of lists (finetune/data.py)."""
+        return self.columns
+
     def prepare(self, raw: DatasetDict, data_cfg: DataConfig) -> DatasetDict:
         """Validate and encode labels on all splits at once (before held-out splits are made)."""
         return raw
