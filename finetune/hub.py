@@ -29,6 +29,7 @@ from typing import Iterator
 
 from finetune import report
 from finetune.errors import FinetuneError
+from finetune.interrupt import pid_alive
 
 log = logging.getLogger("finetune.hub")
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # huggingface_hub's HTTP client logs every request at INFO
@@ -119,18 +120,9 @@ def _remove_stale_staging(run_dir: Path) -> None:
     for folder in run_dir.parent.glob(f"{_staging_prefix(run_dir)}*@*"):
         owner = folder.name.removeprefix(_staging_prefix(run_dir)).rsplit("-", 1)[0]
         pid, _, owner_host = owner.partition("@")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _explain(e: Exception, repo: str, run_dir: Path, hub_cfg, endpoint: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Iterator
@@ -86,3 +87,14 @@ def check(where: str) -> None:
     """Between phases: stop here if a signal asked to (Interrupted)."""
     if _requested is not None:
         raise Interrupted(_requested, where)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (a lock's or a staging folder's owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +14,7 @@ from typing import Iterator
 import optuna
 
 from finetune.errors import FinetuneError
+from finetune.interrupt import pid_alive
 
 PRUNERS = ("none", "median", "hyperband")
 _SQLITE_TIMEOUT_S = 120  # trials in other processes (joblib) write to one sqlite file: wait for its lock, don't fail
@@ -80,7 +80,7 @@ def fail_interrupted(study, rdb) -> int:
     failed = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         host, _, pid = str(t.user_attrs.get(OWNER, "")).rpartition(":")
-        if host and (host != socket.gethostname() or not pid.isdigit() or _alive(int(pid))):
+        if host and (host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))):
             continue
         trial_id = rdb.get_trial_id_from_study_id_trial_number(rdb.get_study_id_from_name(study.study_name), t.number)
         try:
@@ -145,12 +145,3 @@ def _sqlite_path(url: str | None) -> Path | None:
         return None
     return Path(url.removeprefix("sqlite:///"))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
