@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_minilm_rotten_tomatoes_beats_chance_and_export_reproduces(tmp_path):
     cfg = compose_cfg("task=sentiment", "data.max_train_samples=1600", "data.max_eval_samples=200",
-                      "data.max_test_samples=400", "trainer.num_train_epochs=2", f"runs_dir={tmp_path}")
+                      "data.max_test_samples=400", "trainer.num_train_epochs=1", f"runs_dir={tmp_path}")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["test_accuracy"] > 0.70, metrics
     assert abs(metrics["pipeline_test_accuracy"] - metrics["test_accuracy"]) <= 0.005
