@@ -151,7 +151,7 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     trained = [p for p in unique_tensors(model, parameters=True) if p.requires_grad]
     weights = sum(p.nbytes for p in unique_tensors(model, parameters=None)) / settings.shards
     trainable = sum(p.nbytes for p in trained) / settings.shards
-    optimizer = _optimizer_bytes(trained, settings.optim) / settings.shards
+    optimizer = _optimizer_bytes(trained, settings.optim, cpu=heap) / settings.shards
     # stepped inside backward, a weight's gradient is freed as soon as it is complete: one is held at a time
     gradients = max((p.nbytes for p in trained), default=0) if settings.in_backward else trainable
     kept = activations.kept(rows, tokens, settings.checkpointing)
@@ -168,12 +168,14 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, step, slack, (rows, tokens))
 
 
-def _optimizer_bytes(trained, optim: str) -> float:
+def _optimizer_bytes(trained, optim: str, cpu: bool = True) -> float:
     import torch
 
     low = [p.numel() for p in trained if p.dtype == torch.bfloat16]
     # a bfloat16 weight steps in float32 buffers (weight, gradient) the size of the largest, plus rounding noise
     buffers = 8 * max(low) + 4 * min(max(low), 1 << 22) if low else 0
+    if optim == "adamw_8bit" and cpu and trained:  # bitsandbytes' CPU step: both moments, the gradient, the
+        buffers += 20 * max(p.numel() for p in trained)  # denominator and its root in float32, a tensor at a time
     if optim == "adafactor":  # factored second moments: a row and a column of each matrix, a vector's own size
         return float(buffers + sum(4 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in trained))
     return float(buffers + STATE_BYTES.get(optim, 8) * sum(p.numel() for p in trained))
