@@ -68,7 +68,8 @@ def optimizer_class(name: str, device: torch.device) -> tuple[type, dict]:
                                 f"trainer.optim=adamw")
         return torch.optim.AdamW, {"fused": True} if fused else {}
     if name == "adamw_8bit":
-        # bitsandbytes, not torchao: on a CPU its step ran 3x faster, with no compiling first (docs/benchmarks.md)
+        # bitsandbytes, not torchao: on a CPU its step ran 1.8x faster, with no compiling first
+        # (docs/benchmarks.md#optimizers)
         try:
             import bitsandbytes
         except ImportError:
