@@ -83,6 +83,8 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "mem_135m_opt_bf16": ([*_OPT, "model.dtype=bfloat16"], None, "the same, AdamW, bf16 weights rounded stochastically"),
     "mem_135m_opt_8bit_bf16": ([*_OPT, "trainer.optim=adamw_8bit", "model.dtype=bfloat16"], None,
                                "the same, 8-bit AdamW, bf16 weights rounded stochastically"),
+    "mem_135m_opt_adafactor_bf16": ([*_OPT, "trainer.optim=adafactor", "model.dtype=bfloat16"], None,
+                                    "the same, Adafactor, bf16 weights rounded stochastically"),
     "mem_135m_opt_lean": ([*_OPT, *_LEAN], None, "the same, 8-bit AdamW, bf16 weights, step inside backward, no clipping"),
     "mem_360m": (_MEM, None, "360M shape (random weights), full fine-tuning, 1 x 512 tokens, 2 steps"),
     "mem_360m_opt_adamw": (_OPT, None, "360M shape (random weights), full fine-tuning, AdamW, 1 x 512, 6 steps"),
