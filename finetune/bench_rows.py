@@ -31,6 +31,7 @@ _CKPT, _LORA_BF16 = "trainer.gradient_checkpointing=true", ["peft=lora", "model.
 _OPT = [*_MEM, "trainer.max_steps=6"]
 _LEAN = ["trainer.optim=adamw_8bit", "model.dtype=bfloat16", "trainer.optimizer_in_backward=true",
          "trainer.max_grad_norm=0"]
+_LEAN_ADAFACTOR = ["trainer.optim=adafactor", *_LEAN[1:]]
 EXPORTED = ("default",)  # rows that also export and re-score through the pipeline (the bench's time goes to training)
 # name -> (config overrides, pad every example to this length or None, description)
 ROWS: dict[str, tuple[list[str], int | None, str]] = {
@@ -91,6 +92,11 @@ ROWS: dict[str, tuple[list[str], int | None, str]] = {
     "mem_360m_opt_lean": ([*_OPT, *_LEAN], None, "the same, 8-bit AdamW, bf16 weights, step inside backward"),
     "mem_1.7b_opt_lean": ([*_OPT, *_LEAN, "trainer.max_steps=3"], None,
                           "1.7B shape (random weights), 8-bit AdamW, bf16 weights, step inside backward, 3 steps"),
+    "mem_360m_opt_adafactor_lean": ([*_OPT, *_LEAN_ADAFACTOR], None,
+                                    "360M shape, Adafactor, bf16 weights, step inside backward"),
+    "mem_360m_opt_adafactor_lean_ckpt": ([*_OPT, *_LEAN_ADAFACTOR, _CKPT], None, "the same, checkpointing"),
+    "mem_1.7b_opt_adafactor_lean_ckpt": ([*_OPT, *_LEAN_ADAFACTOR, "trainer.max_steps=3", _CKPT], None,
+                                         "1.7B shape, Adafactor, bf16 weights, step inside backward, checkpointing"),
     "mem_1.7b_opt_lean_ckpt": ([*_OPT, *_LEAN, "trainer.max_steps=3", _CKPT], None, "the same, checkpointing"),
     "mem_360m_ckpt": ([*_MEM, _CKPT], None, "the same, gradient checkpointing"),
     "mem_1.7b_lora_bf16_ckpt": ([*_MEM, *_LORA_BF16, _CKPT], None,
