@@ -24,7 +24,7 @@ def tagged(n: int, seed: int) -> pd.DataFrame:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        tags = [t for t, p in (("good", 0.6), ("bad", 0.2)) if rng.random() < p]
+        tags = [t for t, p in (("good", 0.6), ("bad", 0.35)) if rng.random() < p]
         words = rng.sample(FILLER, rng.randint(3, 7)) + [rng.choice(POSITIVE if t == "good" else NEGATIVE) for t in tags]
         rng.shuffle(words)
         rows.append((" ".join(words), ",".join(tags)))
@@ -57,9 +57,10 @@ def test_multi_label_thresholds_travel_from_validation_to_export_pipeline_predic
     from finetune import evaluate, predict
 
     (tmp_path / "data").mkdir()
-    tagged(240, 0).to_csv(tmp_path / "data" / "train.csv", index=False)
+    tagged(480, 0).to_csv(tmp_path / "data" / "train.csv", index=False)
     tagged(60, 1).to_csv(tmp_path / "data" / "test.csv", index=False)
-    run, metrics = _run(["task=classification", f"model={tiny_bert}", "data=data", "data.label_column=tags", *TRAIN],
+    steady = [o.replace("learning_rate=1e-2", "learning_rate=3e-3").replace("epochs=4", "epochs=6") for o in TRAIN]
+    run, metrics = _run(["task=classification", f"model={tiny_bert}", "data=data", "data.label_column=tags", *steady],
                         tmp_path, monkeypatch, capfd)
     assert "problem type: multi_label (labels such as" in (run / "finetune.log").read_text()
     for key in ("f1_macro", "f1_micro", "f1_samples", "exact_match", "f1_macro_at_0.5", "f1_bad", "recall_good"):
@@ -101,7 +102,7 @@ def test_regression_on_text_pairs(setup, tiny_bert, tmp_path, monkeypatch, capfd
     scored(200, 0).to_csv(tmp_path / "pairs.csv", index=False)
     run, metrics = _run(["task=classification", f"model={tiny_bert}", "data=pairs.csv", "data.text_column=first",
                          "data.text_pair_column=second", "data.label_column=similarity", "task.regression_loss=huber",
-                         *TRAIN, "trainer.num_train_epochs=3", *setup], tmp_path, monkeypatch, capfd)
+                         *TRAIN, "trainer.num_train_epochs=6", *setup], tmp_path, monkeypatch, capfd)
     for key in ("pearson", "spearman", "mse", "mae"):
         assert metrics[f"test_{key}"] == pytest.approx(metrics[f"pipeline_test_{key}"], abs=1e-5)
     if setup == ["trainer=accelerate"]:  # (LoRA on the tiny model learns more slowly than these 30 steps)
@@ -148,3 +149,21 @@ def test_a_resumed_multi_label_run_tunes_the_same_thresholds(tiny_bert, tmp_path
         assert metrics[key] == pytest.approx(seen["metrics"][key])
     assert export_module.read_record(run / "model")["task"]["thresholds"] == "global"
     assert np.isfinite(metrics["pipeline_test_f1_macro"])
+
+
+def test_a_new_multi_label_head_starts_at_the_labels_prior_and_a_trained_one_is_kept(tiny_bert, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.tasks.classification import start_at_prior
+
+    odds = np.log(np.array([0.6 / 0.4, 0.05 / 0.95]))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    start_at_prior(model, odds)
+    assert model.classifier.bias.detach().numpy() == pytest.approx(odds, abs=1e-6)
+    model.save_pretrained(tmp_path)  # a fine-tuned head: loaded, not new
+    trained = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    with torch.no_grad():
+        trained.classifier.bias.zero_()
+    start_at_prior(trained, odds)
+    assert trained.classifier.bias.abs().max().item() == 0
