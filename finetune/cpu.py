@@ -7,7 +7,8 @@ import gc
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_FROM = 32 << 20  # the largest threshold glibc takes on 64 bits (DEFAULT_MMAP_THRESHOLD_MAX)
 
 
 def tune(processes_here: int = 1) -> int:
@@ -21,7 +22,7 @@ def tune(processes_here: int = 1) -> int:
 
 
 def keep_freed_memory() -> bool:
-    """Keep freed blocks in the heap; returns False where the C library is not glibc (macOS, musl) and nothing changed."""
+    """Keep freed blocks below 32 MiB in the heap; returns False where the C library is not glibc (macOS, musl)."""
     # glibc gives each large activation buffer back to the kernel when torch frees it, and every step faults it in
     # again, zeroed, page by page: a step runs slower (docs/benchmarks.md#allocator). jemalloc/tcmalloc via LD_PRELOAD
     # would also fix it, but need a system package; mallopt needs nothing and is the same two settings for every step.
@@ -31,8 +32,10 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    # no mmap for large blocks (they go to the heap, which is reused), and keep up to 1 GiB free at the heap's top
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    # blocks below 32 MiB (activations) stay in the heap, which is reused, up to 1 GiB free at its top; larger ones (a
+    # large model's parameter-sized temporaries, a chunk of logits) are mapped and given back when freed: kept in the
+    # heap, the holes they leave between smaller blocks grew a 360M model's peak by 0.6 GB (docs/memory.md#allocator)
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def release_freed_memory() -> None:
