@@ -34,7 +34,7 @@ def keep_freed_memory() -> bool:
         return False
     # blocks below 32 MiB (activations) stay in the heap, which is reused, up to 1 GiB free at its top; larger ones (a
     # large model's parameter-sized temporaries, a chunk of logits) are mapped and given back when freed: kept in the
-    # heap, the holes they leave between smaller blocks grew a 360M model's peak by 0.6 GB (docs/memory.md#allocator)
+    # heap, the holes they left between smaller blocks raised large models' peaks (docs/benchmarks.md#allocator)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
