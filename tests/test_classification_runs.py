@@ -59,7 +59,7 @@ def test_multi_label_thresholds_travel_from_validation_to_export_pipeline_predic
     (tmp_path / "data").mkdir()
     tagged(480, 0).to_csv(tmp_path / "data" / "train.csv", index=False)
     tagged(60, 1).to_csv(tmp_path / "data" / "test.csv", index=False)
-    steady = [o.replace("learning_rate=1e-2", "learning_rate=3e-3").replace("epochs=4", "epochs=6") for o in TRAIN]
+    steady = [o.replace("learning_rate=1e-2", "learning_rate=3e-3") for o in TRAIN]
     run, metrics = _run(["task=classification", f"model={tiny_bert}", "data=data", "data.label_column=tags", *steady],
                         tmp_path, monkeypatch, capfd)
     assert "problem type: multi_label (labels such as" in (run / "finetune.log").read_text()
@@ -155,7 +155,7 @@ def test_a_new_multi_label_head_starts_at_the_labels_prior_and_a_trained_one_is_
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from finetune.tasks.classification import start_at_prior
+    from finetune.tasks.classification_labels import start_at_prior
 
     odds = np.log(np.array([0.6 / 0.4, 0.05 / 0.95]))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)

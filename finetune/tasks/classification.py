@@ -205,7 +205,7 @@ class ClassificationTask(Task):
             log.info("task.pos_weight=auto: positives weigh %.3g to %.3g (median %.3g)", weights.min(), weights.max(),
                      np.median(weights))
         else:
-            start_at_prior(model, np.log(1 / np.maximum(weights, 1e-6)))
+            shapes.start_at_prior(model, np.log(1 / np.maximum(weights, 1e-6)))
         return features
 
     def items(self, batch: dict[str, Any]) -> Any:
@@ -383,22 +383,6 @@ def at_half(truth: np.ndarray, scores: np.ndarray, labels: list[str]) -> dict[st
     """Macro- and micro-F1 deciding at 0.5 for every label: beside the tuned thresholds' figures."""
     half = decided(truth, scores, 0.5, labels)
     return {"f1_macro_at_0.5": half["f1_macro"], "f1_micro_at_0.5": half["f1_micro"]}
-
-
-def start_at_prior(model, log_odds: np.ndarray) -> None:
-    """A new multi-label head's output bias starts at each label's log prior odds, not at 0 (sigmoid 0.5 for a rare
-    label: the first steps unlearn it, and rare labels never rise again; docs/tasks/classification.md#multi-label)."""
-    import torch
-
-    from finetune.adapters import new_parameters
-
-    new = new_parameters(model)
-    biases = [p for n, p in model.named_parameters() if n in new and n.endswith("bias") and p.shape == log_odds.shape]
-    if biases:  # the last is the output layer's (a head from a fine-tuned checkpoint is not new: left as it is)
-        with torch.no_grad():
-            biases[-1].copy_(torch.as_tensor(log_odds, dtype=biases[-1].dtype))
-        log.info("multi_label: the new head's bias starts at the labels' log prior odds (%.2f to %.2f)",
-                 log_odds.min(), log_odds.max())
 
 
 def decided(truth: np.ndarray, scores: np.ndarray, thresholds: Any, labels: list[str]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The label column of task=classification in the shapes people bring, read for one problem type.
+"""The label column of task=classification in the shapes people bring, read for one problem type; a new head's prior.
 
     single_label   one class a row: names, ids 0..K-1, a ClassLabel, or a list holding one label
     multi_label    several labels a row: lists (json, jsonl, parquet, Hub datasets), strings separated by
@@ -278,3 +278,19 @@ def multi_label_feature(labels: list[str]):
     from datasets import ClassLabel, List
 
     return List(ClassLabel(names=labels))
+
+
+def start_at_prior(model, log_odds) -> None:
+    """A new multi-label head's output bias starts at each label's log prior odds, not at 0 (sigmoid 0.5 for a rare
+    label: the first steps unlearn it, and rare labels never rise again; docs/tasks/classification.md#multi-label)."""
+    import torch
+
+    from finetune.adapters import new_parameters
+
+    new = new_parameters(model)
+    biases = [p for n, p in model.named_parameters() if n in new and n.endswith("bias") and p.shape == log_odds.shape]
+    if biases:  # the last is the output layer's (a head from a fine-tuned checkpoint is not new: left as it is)
+        with torch.no_grad():
+            biases[-1].copy_(torch.as_tensor(log_odds, dtype=biases[-1].dtype))
+        log.info("multi_label: the new head's bias starts at the labels' log prior odds (%.2f to %.2f)",
+                 log_odds.min(), log_odds.max())
