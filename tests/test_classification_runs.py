@@ -102,7 +102,7 @@ def test_regression_on_text_pairs(setup, tiny_bert, tmp_path, monkeypatch, capfd
     scored(200, 0).to_csv(tmp_path / "pairs.csv", index=False)
     run, metrics = _run(["task=classification", f"model={tiny_bert}", "data=pairs.csv", "data.text_column=first",
                          "data.text_pair_column=second", "data.label_column=similarity", "task.regression_loss=huber",
-                         *TRAIN, "trainer.num_train_epochs=6", *setup], tmp_path, monkeypatch, capfd)
+                         *TRAIN, "trainer.num_train_epochs=3", *setup], tmp_path, monkeypatch, capfd)
     for key in ("pearson", "spearman", "mse", "mae"):
         assert metrics[f"test_{key}"] == pytest.approx(metrics[f"pipeline_test_{key}"], abs=1e-5)
     if setup == ["trainer=accelerate"]:  # (LoRA on the tiny model learns more slowly than these 30 steps)
