@@ -139,6 +139,17 @@ def test_refused_pairs_are_counted_and_dropped(tiny_llama, caplog):
     assert "2 of 3 pairs dropped: 2 lose their answers' difference to task.max_seq_length" in caplog.text
 
 
+def test_a_long_prompt_keeps_its_last_tokens(tiny_llama):
+    from transformers import AutoTokenizer
+
+    task, cfg = make_task("task.max_seq_length=8", "task.max_prompt_length=2")
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    long = " ".join(["to"] * 8)
+    _, (row,) = encoded(task, cfg, tok, [{"prompt": f"{long} say", "chosen": "yes", "rejected": "no"}])
+    assert tokens(tok, row["prompt_ids"]) == tokens(tok, tok(f"{long} say")["input_ids"][-2:])
+    assert len(row["prompt_ids"]) == 2 and tokens(tok, row["chosen_ids"])[-1] == "<|im_end|>"
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "say", "chosen": "yes", "rejected": "yes"}] * 20, "of its 20 pairs, 20 have equal answers; check data."),
     ([{"prompt": " ".join(["to"] * 40), "chosen": "yes", "rejected": "no"}] * 20,
@@ -160,6 +171,7 @@ def test_no_pair_left_is_one_line(tmp_path, tiny_llama, monkeypatch, capfd, rows
     (["task.loss=simpo", "task.label_smoothing=0.1"], "task.label_smoothing does not apply to task.loss=simpo"),
     (["task.beta=0"], "task.beta must be above 0"),
     (["task.label_smoothing=0.5"], "task.label_smoothing must be at least 0 and below 0.5"),
+    (["task.max_prompt_length=512"], "task.max_prompt_length must be at least 1 and below task.max_seq_length"),
 ])
 def test_settings_errors(overrides, message):
     from finetune import validate

@@ -43,7 +43,8 @@ REFERENCE_FILE = "preference.json"  # in the export: the reference model, for fi
 
 @dataclass
 class PreferenceTaskConfig(TaskConfig):
-    max_seq_length: int = 512  # prompt + answer tokens; an answer is cut where it reaches this (the prompt is whole)
+    max_seq_length: int = 512  # prompt + answer tokens; an answer is cut where it reaches this
+    max_prompt_length: Optional[int] = None  # a longer prompt keeps its last tokens (the turn answered); None: whole
     loss: str = "dpo"  # dpo | ipo | orpo | simpo
     beta: Optional[float] = None  # the loss's temperature; None: its own default (dpo, ipo: 0.1; simpo: 2.0)
     label_smoothing: float = 0.0  # dpo: cDPO's share of pairs presumed flipped (noisy labels), below 0.5
@@ -125,6 +126,9 @@ class PreferenceTask(Task):
                                     f"(got {cfg[key]})")
         if cfg.max_seq_length < 8:
             raise FinetuneError(f"task.max_seq_length must be >= 8 (got {cfg.max_seq_length})")
+        if cfg.max_prompt_length is not None and not 1 <= cfg.max_prompt_length < cfg.max_seq_length:
+            raise FinetuneError(f"task.max_prompt_length must be at least 1 and below task.max_seq_length "
+                                f"({cfg.max_seq_length}), or null for whole prompts (got {cfg.max_prompt_length})")
         if cfg.eval_prompts < 0:
             raise FinetuneError(f"task.eval_prompts must be at least 0 (got {cfg.eval_prompts})")
 
@@ -147,7 +151,8 @@ class PreferenceTask(Task):
         if counts and not len(kept):
             raise FinetuneError(f"no preference pair is left in the {split} split: of its {len(ds)} pairs, "
                                 f"{pairs.describe(counts)}; check data.chosen_column / data.rejected_column"
-                                + (", or raise task.max_seq_length" if "truncated" in counts else ""))
+                                + (", or raise task.max_seq_length (or cut long prompts: task.max_prompt_length)"
+                                   if "truncated" in counts else ""))
         if counts:
             log.warning("%s split: %d of %d pairs dropped: %s", split, len(ds) - len(kept), len(ds),
                         pairs.describe(counts))
@@ -174,7 +179,8 @@ class PreferenceTask(Task):
         columns = ["prompt", "chosen", "rejected"]
         return DatasetDict({split: self._drop_refused(ds.map(
             pairs.encode, batched=True, remove_columns=columns,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": self.cfg.max_seq_length}), split)
+            fn_kwargs={"tokenizer": tokenizer, "max_length": self.cfg.max_seq_length,
+                       "max_prompt": self.cfg.max_prompt_length}), split)
             for split, ds in raw.items()})
 
     def collator(self, tokenizer=None):

@@ -72,9 +72,10 @@ def text_of(answer: Any) -> str:
     return answer if isinstance(answer, str) else "".join(str(m.get("content") or "") for m in answer)
 
 
-def encode(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
-    """Pairs -> prompt_ids, chosen_ids, rejected_ids (each answer's tokens, cut where prompt + answer reach
-    max_length), `length` (the pair's tokens: both sequences) and why a pair is refused."""
+def encode(batch: dict[str, list], tokenizer, max_length: int, max_prompt: int | None = None) -> dict[str, list]:
+    """Pairs -> prompt_ids (its last max_prompt tokens: TRL's keep_end), chosen_ids, rejected_ids (each answer's
+    tokens, cut where prompt + answer reach max_length), `length` (the pair's tokens: both sequences) and why a pair
+    is refused."""
     out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "length": [], REFUSED: []}
     for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
         if isinstance(prompt, list):
@@ -86,6 +87,7 @@ def encode(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list
             # answer's first token is scored: it is predicted from the position before)
             c, r = ([*tokenizer(a, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
                     for a in (chosen, rejected))
+        p = p[-max_prompt:] if max_prompt else p
         room = max(max_length - len(p), 0)
         c, r = c[:room], r[:room]
         out["prompt_ids"].append(p)
