@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def make(args) -> dict[str, Any]:
     prompts = read_prompts(args)
-    answers, _ = sample(args.model, prompts, args)
+    answers, _ = sample(args.model, prompts, args, scored=False)
     scores = judged(args, prompts, answers)
     rows, positive = [], 0
     for prompt, texts, values in zip(prompts, answers, scores):
@@ -90,7 +90,7 @@ def make(args) -> dict[str, Any]:
 
 def judge(args) -> dict[str, Any]:
     prompts = read_prompts(args)
-    answers, sequences = sample(args.model, prompts, args)
+    answers, sequences = sample(args.model, prompts, args, scored=bool(args.reference))
     flat = [v for values in judged(args, prompts, answers) for v in values]
     result: dict[str, Any] = {"model": args.model, "prompts": len(prompts), "samples": len(flat),
                               "positive_rate": sum(v > 0.5 for v in flat) / len(flat),
@@ -140,9 +140,9 @@ def load_causal_lm(name: str):
     return AutoModelForCausalLM.from_pretrained(location).eval(), tokenizer
 
 
-def sample(name: str, prompts: list[str], args) -> tuple[list[list[str]], dict[str, list]]:
+def sample(name: str, prompts: list[str], args, scored: bool = True) -> tuple[list[list[str]], dict[str, list]]:
     """--samples answers to each prompt, sampled from the model's own distribution: their texts, and the token ids of
-    every (prompt, answer) with the model's log-probability of the answer."""
+    every (prompt, answer) with (`scored`) the model's log-probability of the answer."""
     import torch
 
     model, tokenizer = load_causal_lm(name)
@@ -166,7 +166,8 @@ def sample(name: str, prompts: list[str], args) -> tuple[list[list[str]], dict[s
                 texts.append([])
             texts[-1].append(tokenizer.decode(answer, skip_special_tokens=True))
         log.info("sampled answers to %d of %d prompts", min(start + args.batch_size, len(prompts)), len(prompts))
-    sequences["log_probs"] = log_probs(model, sequences)
+    if scored:  # (a KL estimate needs them; pairs do not)
+        sequences["log_probs"] = log_probs(model, sequences)
     return texts, sequences
 
 
