@@ -23,8 +23,8 @@ TRAIN = ["trainer.num_train_epochs=4", "trainer.learning_rate=5e-3", "trainer.pe
 
 # task=translation trains 4 pairs a micro-batch, 4 accumulated; the settings above were chosen for 16 pairs a step in one
 TRANSLATION = ["task=translation", "trainer.gradient_accumulation_steps=1"]
-DECODER_ONLY = ["trainer.max_steps=200", "trainer.eval_strategy=steps", "trainer.eval_steps=100",
-                "trainer.learning_rate=1e-2"]  # a tiny decoder-only model learns to attend back to the source slower
+# a tiny decoder-only model learns to attend back to the source slower: 200 steps for translation, 120 for summarization
+DECODER_ONLY = ["trainer.eval_strategy=steps", "trainer.learning_rate=1e-2"]
 
 
 def load(*overrides):
@@ -259,8 +259,8 @@ def test_bart_summarization_on_the_accelerate_engine_with_references_and_sentenc
     rows = [{"source": s.split(" on "), "target": [t, t.split()[0]]} for s, t in ROWS]
     data = write_jsonl(tmp_path / "tldr.jsonl", rows)
     metrics, model_dir = train(tmp_path, "task=summarization", f"model={s2s_models['bart']}", f"data={data}",
-                               "trainer=accelerate", "trainer.max_steps=300", "trainer.eval_strategy=steps",
-                               "trainer.eval_steps=100", "trainer.learning_rate=3e-3", "task.max_source_length=64",
+                               "trainer=accelerate", "trainer.max_steps=150", "trainer.eval_strategy=steps",
+                               "trainer.eval_steps=50", "trainer.learning_rate=5e-3", "task.max_source_length=64",
                                "task.generation.num_beams=3")
     check_learned_and_verified(metrics, "rougeL", "rougeL", 0.05)  # beam search in evaluation and in the pipeline
     assert {"test_rouge1", "test_rouge2", "test_rougeLsum"} <= set(metrics) and "test_bleu" not in metrics
@@ -304,7 +304,8 @@ def test_bert2bert_with_lora_exports_merged_weights_and_the_adapter(s2s_models, 
 @pytest.mark.slow
 def test_decoder_only_translation_also_loads_as_text_generation(s2s_models, tmp_path):
     metrics, model_dir = train(tmp_path, *TRANSLATION, f"model={s2s_models['llama']}",
-                               f"data={write_parallel(tmp_path / 'data')}", *DECODER_ONLY)
+                               f"data={write_parallel(tmp_path / 'data')}", *DECODER_ONLY,
+                               "trainer.max_steps=200", "trainer.eval_steps=100")
     check_learned_and_verified(metrics, "bleu", "chrf", 5)
     assert metrics["pipeline_test_text_generation_prompts_matched"] == 4  # pipeline("text-generation") agrees
     config = json.loads((model_dir / "config.json").read_text())
@@ -317,7 +318,8 @@ def test_cli_summarization_decoder_only(s2s_models, tmp_path):
     rows = [{"source": s, "target": t} for s, t in ROWS]
     write_jsonl(tmp_path / "docs.jsonl", rows)
     proc = run_cli("task=summarization", f"model={s2s_models['llama_plain']}", "data=docs.jsonl", "trainer=accelerate",
-                   "task.prompt_template='summarize: {source}'", *TRAIN, *DECODER_ONLY, cwd=tmp_path)
+                   "task.prompt_template='summarize: {source}'", *TRAIN, *DECODER_ONLY, "trainer.max_steps=120",
+                   "trainer.eval_steps=60", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = next((tmp_path / "runs" / "summarization").iterdir())
     metrics = json.loads((run / "metrics.json").read_text())
