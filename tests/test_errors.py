@@ -310,12 +310,22 @@ def test_run_dir_taken_gets_a_suffix(tmp_path, monkeypatch):
 
 _START_TOGETHER = """
 import sys, time
+from datetime import datetime
 from pathlib import Path
+import hydra.core.utils
 from finetune.__main__ import main
 Path(sys.argv.pop(1)).touch()             # imported: ready
 while not Path("go").exists():
     time.sleep(0.01)
-time.sleep(max(0.0, float(Path("go").read_text()) - time.time()))
+start = float(Path("go").read_text())
+time.sleep(max(0.0, start - time.time()))
+
+class Started(datetime):  # ${now:} is the second both started in, however long each takes to compose its config
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.fromtimestamp(start, tz)
+
+hydra.core.utils.datetime = Started
 main()
 """
 
@@ -331,11 +341,13 @@ def test_two_launches_in_the_same_second_get_two_run_dirs(tiny_bert, files, tmp_
     while not ((tmp_path / "ready1").exists() and (tmp_path / "ready2").exists()):
         assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
         time.sleep(0.05)
-    (tmp_path / "go").write_text(str(int(time.time()) + 1.05))  # both start 50 ms into the same second
+    go = int(time.time()) + 1.05
+    (tmp_path / "go").write_text(str(go))  # both start 50 ms into the same second
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
     runs = sorted((tmp_path / "runs" / "sentiment").iterdir())
     assert len(runs) == 2, runs
+    assert runs[0].name == time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(go))  # the second they started in
     assert runs[1].name == f"{runs[0].name}_2"  # the same second: the second launch took <time>_2
     seeds = set()
     for run in runs:
