@@ -13,6 +13,15 @@ import pytest
 # keep the tests' many small datasets out of the user's cache (read by `datasets` at import)
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.mkdtemp(prefix="finetune-tests-"), "datasets"))
 
+import sys  # noqa: E402
+
+import absl.logging  # noqa: E402
+
+# absl (rouge-score's) makes its log handler on the sys.stderr of the moment it is imported -- pytest's captured stream
+# here -- and closes that stream when logging is configured again (Hydra's job logging, in a later in-process run,
+# closes every handler): every test after it would write to a closed file. Its own stderr is never closed.
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
 from helpers import seq2seq_models  # noqa: E402
 from helpers.data import make_sentences, ner_corpus, write_sentiment_csv  # noqa: E402
 from helpers.models import build_tiny_bert, build_tiny_lm  # noqa: E402

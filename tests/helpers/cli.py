@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,32 +38,40 @@ def cli_main(args: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, 
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["finetune", *args])
-    # the CLI re-points sys.stderr: put it back here, while capfd's stream is open (monkeypatch's undo can run after
-    # capfd has closed it, and every later test would write to a closed file)
-    stderr = sys.stderr
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:  # a run's console and log-file handlers (Hydra's job logging) must not outlive the captured streams
-        sys.stderr = stderr
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:], root.level = handlers, level
+    with _streams_put_back():
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     out = capfd.readouterr()
     return code, out.out, out.err
 
 
 def run_main(module, argv: list[str]) -> int:
     """module.main(argv) (finetune.predict, finetune.evaluate, ...) in this process; returns its exit code."""
-    with pytest.raises(SystemExit) as exit_info:
+    with _streams_put_back(), pytest.raises(SystemExit) as exit_info:
         module.main(argv)
         raise SystemExit(0)
     return exit_info.value.code
+
+
+@contextmanager
+def _streams_put_back():
+    """A CLI in this process re-points sys.stderr and adds logging handlers bound to the streams of the moment
+    (Hydra's job logging, predict's and evaluate's basicConfig): put them back while this test's captured streams are
+    open (monkeypatch's undo can run after capfd has closed them, and every later test would write to a closed file)."""
+    stderr = sys.stderr
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:  # a run's console and log-file handlers must not outlive the captured streams
+        sys.stderr = stderr
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
 
 
 def fail(args: list[str], tmp_path: Path, monkeypatch, capfd) -> str:
