@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from finetune import report
+from finetune import disk, report
 from finetune.errors import FinetuneError
 from finetune.interrupt import pid_alive
 
@@ -55,18 +55,19 @@ def push(run_dir: Path, hub_cfg) -> dict[str, str]:
     repo, revision = hub_cfg.repo_id, hub_cfg.revision
     target = f"{repo}" + (f" (branch {revision})" if revision else "")
     sizes = [(name, path.stat().st_size) for name, path in listing]
+    total = disk.size(sum(s for _, s in sizes))
     if hub_cfg.dry_run:
-        log.info("dry run: would push %d files (%s) to %s, %s:", len(sizes), _size(sum(s for _, s in sizes)), target,
+        log.info("dry run: would push %d files (%s) to %s, %s:", len(sizes), total, target,
                  "private" if hub_cfg.private else "public")
         for name, size in sizes:
-            log.info("  %10s  %s", _size(size), name)
+            log.info("  %10s  %s", disk.size(size), name)
         return {}
     message = hub_cfg.commit_message or default_message(run_dir)
     from huggingface_hub import HfApi, constants
 
     api = HfApi()
     _remove_stale_staging(run_dir)
-    log.info("pushing %d files (%s) to %s", len(sizes), _size(sum(s for _, s in sizes)), target)
+    log.info("pushing %d files (%s) to %s", len(sizes), total, target)
     try:
         url = api.create_repo(repo, private=hub_cfg.private, exist_ok=True)
         if revision:
@@ -144,11 +145,3 @@ def _explain(e: Exception, repo: str, run_dir: Path, hub_cfg, endpoint: str) -> 
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         why = f"could not reach the Hub at {endpoint} ({reason}): check the network (and HF_ENDPOINT, proxies)"
     return f"push to {repo} failed: {why}; the run in {run_dir} is intact, retry with {retry}"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

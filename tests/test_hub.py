@@ -115,7 +115,7 @@ def test_push_cli_dry_run_lists_without_network(pushed_run, tmp_path):
     out = proc.stdout + proc.stderr
     assert "dry run: would push" in out and "me/other" in out
     size = (pushed_run.run_dir / "model" / "model.safetensors").stat().st_size
-    assert "model.safetensors" in out and f"{size / 1000:.1f} KB" in out
+    assert "model.safetensors" in out and f"{size / 1000:.1f} kB" in out
 
 
 @pytest.fixture
