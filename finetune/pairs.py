@@ -140,7 +140,7 @@ def load_causal_lm(name: str):
     return AutoModelForCausalLM.from_pretrained(location).eval(), tokenizer
 
 
-def sample(name: str, prompts: list[str], args, scored: bool = True) -> tuple[list[list[str]], dict[str, list]]:
+def sample(name: str, prompts: list[str], args, scored: bool) -> tuple[list[list[str]], dict[str, list]]:
     """--samples answers to each prompt, sampled from the model's own distribution: their texts, and the token ids of
     every (prompt, answer) with (`scored`) the model's log-probability of the answer."""
     import torch

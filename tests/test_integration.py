@@ -26,7 +26,7 @@ def test_smollm2_hamlet_perplexity_falls_and_export_reproduces(tmp_path):
     cfg = compose_cfg("task=generation", "task.block_size=128", "trainer.max_steps=4", "trainer.learning_rate=4e-4",
                       "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
                       "trainer.eval_strategy=steps", "trainer.eval_steps=4", "task.eval_prompts=2",
-                      "task.generation.max_new_tokens=12", "data.max_eval_samples=64", "data.max_test_samples=128",
+                      "task.generation.max_new_tokens=12", "data.max_eval_samples=16", "data.max_test_samples=48",
                       f"runs_dir={tmp_path}")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["test_perplexity"] < 0.95 * metrics["base_test_perplexity"], metrics  # it learned the play
