@@ -126,7 +126,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_mb": peak_mb, "loaded_mb": loaded_mb, "params": params, "dtype": dtype,
         "estimate_mb": estimate.total / 2**20, "estimate_parts_mb": estimate.figures()["memory_estimate_parts_mb"],
-        "estimate_step_mb": estimate.step / 2**20,
+        "estimate_step_mb": estimate.step / 2**20, "estimate_first": estimate.first,
         "metric": task.main_metric,
         "test_" + task.main_metric: metrics.get("test_" + task.main_metric, float("nan")),
         "generation_tokens_per_s": metrics.get("test_generation_new_tokens_per_second"),
@@ -187,7 +187,7 @@ def _mean(values) -> float:
 def _trained_lengths(train, per_step: int, steps: int, seed: int, group_by_length: bool) -> list[int]:
     """Real (non-pad) lengths of the examples the engines trained in steps 2..steps: the engines' own training order
     replayed (length-grouped batches come longest first, so a short run's batches are not the split's average)."""
-    from finetune.engines.batches import train_sampler
+    from finetune.training_order import train_sampler
 
     sampler, batches, epoch = train_sampler(train, per_step, seed, group_by_length), [], 0
     while len(batches) < steps:
@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{rates[SQUARE] / 1e9:.1f} at 2048^3, over {len(rates)} shapes in {result['dtype']}", flush=True)
         print(f"  peak {result['peak_mb']:.0f} MB, estimated {_estimate(result)}: "
               + ", ".join(f"{k} {v:.0f}" for k, v in result["estimate_parts_mb"].items())
-              + f"; training step {result['estimate_step_mb']:.0f}, loaded {result['loaded_mb']:.0f}", flush=True)
+              + f"; training step {result['estimate_step_mb']:.0f}"
+              + (" at the first micro-batch" if result["estimate_first"] else "")
+              + f", loaded {result['loaded_mb']:.0f}", flush=True)
         results.append({**result, "row_seconds": row_seconds, "peak": rates[best]})
 
     _report(results, args.steps, args.batch_size)

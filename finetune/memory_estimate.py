@@ -10,12 +10,14 @@ The estimate (`estimate()`: the model, the config's settings, the largest micro-
   (finetune/memory_probe.py), scaled to the largest micro-batch (micro-batch x the longest example); with gradient
   checkpointing, each layer's input plus one layer's activations;
 - the loss: one chunk of the output layer's logits and their gradients (trainer.lm_loss_chunk_size), or all of them;
-- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (HEAP_SLACK);
+- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (HEAP_SLACK: a part of the
+  activations and bytes a trained parameter);
 - what the process holds besides the model when it is measured (libraries, tokenizer, data): its memory now less the
   weights' resident bytes (on a GPU: torch's allocated bytes less the weights).
 A step peaks at the end of the forward pass (activations, the loss, and the gradients when micro-batches accumulate)
-or of the backward pass (every gradient); the optimizer states are held from the first update on. Evaluation keeps
-no activations and one chunk of logits (docs/memory.md): below a training step.
+or of the backward pass (every gradient); the optimizer states are held from the first update on, so a run within its
+first epoch, whose longest micro-batch comes first (finetune/training_order.py), peaks there or at the largest one
+after. Evaluation keeps no activations and one chunk of logits (docs/memory.md): below a training step.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ MB, GB = 2**20, 2**30
 # bfloat16 weight); adafactor keeps a row and a column a matrix (_optimizer_bytes)
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
 # a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
-# and frees (more as batch shapes vary), this fraction of a forward pass's activations, fitted on the bench rows
-# (docs/benchmarks.md#memory-estimate); more with a frozen base (LoRA), whose backward pass allocates no weight
-# gradients to fill them. A GPU's max_memory_allocated counts live bytes only.
-HEAP_SLACK, HEAP_SLACK_FROZEN = 0.42, 0.76
+# and frees (more as batch shapes vary): this fraction of a forward pass's activations (more with a frozen base, LoRA,
+# whose backward pass allocates no weight gradients to fill them) plus these bytes a trained parameter (its gradient
+# and update blocks), fitted on the bench rows (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated
+# counts live bytes only.
+HEAP_SLACK, HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 0.24, 0.58, 1.7
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ class Settings:
     shards: int = 1  # processes a sharded model (FSDP, DeepSpeed ZeRO-3) is split over
     optim: str = "adamw"  # trainer.optim
     in_backward: bool = False  # trainer.optimizer_in_backward: each gradient is freed as its weight steps
+    # the training order (finetune/training_order.py): which micro-batch comes first, and which follow it
+    seed: int = 42
+    grouped: bool = True  # trainer.group_by_length
+    max_steps: int = -1
+    epochs: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> Settings:
@@ -69,13 +77,13 @@ class Settings:
         return cls(micro_batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
                    checkpointing=t.gradient_checkpointing, loss_chunk=t.lm_loss_chunk_size, autocast=autocast,
                    shards=int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1, optim=t.optim,
-                   in_backward=t.optimizer_in_backward)
+                   in_backward=t.optimizer_in_backward, seed=cfg.seed, grouped=t.group_by_length,
+                   max_steps=t.max_steps, epochs=t.num_train_epochs)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """The largest micro-batch of the training data: length grouping puts the longest examples together (and without
-    it, a batch may hold them)."""
+    """A micro-batch of the training data: its rows and padded length."""
 
     rows: int
     tokens: int  # its length, padded
@@ -84,18 +92,40 @@ class Batch:
 
     @classmethod
     def of(cls, train, micro_batch: int) -> Batch:
-        """From a tokenized split with a `length` column (and `labels`, when the loss covers part of each example)."""
+        """The micro-batch of the longest examples of a tokenized split (a `length` column): length grouping puts
+        them together, and without it a batch may hold them."""
         import numpy as np
 
-        lengths = np.asarray(train["length"])
-        longest = np.argsort(-lengths, kind="stable")[:micro_batch].tolist() if len(lengths) else []
-        top = lengths[longest] if longest else np.asarray([1])
+        return cls.made(train, np.argsort(-np.asarray(train["length"]), kind="stable")[:micro_batch].tolist())
+
+    @classmethod
+    def made(cls, train, rows: list[int]) -> Batch:
+        """The micro-batch of these examples (and of `labels`, when the loss covers part of each example)."""
+        lengths = [train["length"][i] for i in rows] if isinstance(train, dict) else train.select(rows)["length"]
+        lengths = lengths or [1]
         labelled = None
         if "labels" in getattr(train, "column_names", ()):
-            labels = train.select(longest)["labels"]
+            labels = train.select(rows)["labels"]
             if all(isinstance(x, list) for x in labels):  # per token (a classifier's are one per example)
                 labelled = sum(sum(1 for t in x if t != -100) for x in labels)
-        return cls(rows=len(top), tokens=int(top.max()), padded=bool(top.min() != top.max()), labelled=labelled)
+        return cls(rows=len(lengths), tokens=int(max(lengths)), padded=min(lengths) != max(lengths), labelled=labelled)
+
+    @classmethod
+    def phases(cls, train, settings: Settings) -> tuple[Batch, Batch | None]:
+        """(the first micro-batch the run trains, the largest one after it). A run within its first epoch, in one
+        process, trains the order finetune/training_order.py replays, the longest examples first (grouped by length),
+        before the optimizer holds any state; otherwise (None) any step may hold the longest examples."""
+        import numpy as np
+
+        from finetune.training_order import first_epoch
+
+        order = first_epoch(train, settings.micro_batch, settings.accumulation, settings.seed, settings.grouped,
+                            settings.max_steps, settings.epochs)
+        if not order:
+            return cls.of(train, settings.micro_batch), None
+        lengths = np.asarray(train["length"])
+        later = max(order[1:], key=lambda rows: (len(rows) * lengths[rows].max(), lengths[rows].max()), default=None)
+        return cls.made(train, order[0]), cls(0, 0) if later is None else cls.made(train, later)
 
 
 @dataclass
@@ -111,6 +141,7 @@ class Estimate:
     step: float  # the training step's own peak above weights + optimizer states: activations + loss, or gradients
     slack: float = 0.0  # the heap's room beyond its live bytes (HEAP_SLACK)
     tokens: tuple[int, int] = (0, 0)  # the micro-batch it was sized for: rows x tokens
+    first: bool = False  # it peaks at the first micro-batch, before the optimizer holds states (optimizer: 0)
     available: float | None = None  # what the process may use (set by measure() and check())
     settings: Settings | None = None
     train: object = field(default=None, repr=False)  # the training split it was sized for
@@ -136,16 +167,18 @@ class Estimate:
                                                                        ("loss", self.loss),
                                                                        ("gradients", self.gradients)) if value)
         slack = f", heap slack {_gb(self.slack)}" if self.slack else ""
-        return (f"weights {_gb(self.weights)}, optimizer states {_gb(self.optimizer)}, a training step "
-                f"{_gb(self.step)} ({inside}){slack}, libraries and data {_gb(self.overhead)}")
+        states = "no optimizer states yet at the first micro-batch" if self.first else \
+            f"optimizer states {_gb(self.optimizer)}"
+        return (f"weights {_gb(self.weights)}, {states}, a training step {_gb(self.step)} ({inside}){slack}, "
+                f"libraries and data {_gb(self.overhead)}")
 
 
 def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
-             activations: Activations | None = None, heap: bool = True) -> Estimate:
-    """The run's peak in bytes: the model (weights, and what training adds), its largest micro-batch, plus `overhead`
-    (the process's memory besides the model). `activations`: a probe of this model already taken (see probe());
-    `heap`: the memory is a process's heap (a CPU run), which keeps room beyond its live bytes (HEAP_SLACK)."""
-    rows, tokens = batch.rows, batch.tokens
+             activations: Activations | None = None, heap: bool = True, later: Batch | None = None) -> Estimate:
+    """The run's peak in bytes: the model (weights, and what training adds), its micro-batches, plus `overhead` (the
+    process's memory besides the model). `batch`: the first micro-batch; `later`: the largest after it, which meets
+    the optimizer's states (None: `batch` may come at any step). `activations`: a probe of this model already taken
+    (see probe()); `heap`: the memory is a process's heap (a CPU run), which keeps room beyond its live bytes."""
     if activations is None:
         activations = probe(model, padded=batch.padded, autocast=settings.autocast)
     trained = [p for p in unique_tensors(model, parameters=True) if p.requires_grad]
@@ -154,18 +187,28 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     optimizer = _optimizer_bytes(trained, settings.optim, cpu=heap) / settings.shards
     # stepped inside backward, a weight's gradient is freed as soon as it is complete: one is held at a time
     gradients = max((p.nbytes for p in trained), default=0) if settings.in_backward else trainable
-    kept = activations.kept(rows, tokens, settings.checkpointing)
-    recomputed = activations.recomputed(rows, tokens, settings.checkpointing)
-    labelled = rows * tokens if batch.labelled is None else batch.labelled
-    loss, held = _loss_bytes(model, labelled, settings.loss_chunk, settings.autocast)
-    # the forward pass's end (its activations and the loss), the backward pass's start under checkpointing (the
-    # top layer recomputed beside what the loss left for backward), or its end (every gradient; gradients grow as
-    # activations are freed); the earlier micro-batches' gradients are held through each when they accumulate
-    passes = max(kept + loss, kept + recomputed + held)
-    step = gradients + passes if settings.accumulation > 1 else max(passes, gradients)
-    slack = (HEAP_SLACK_FROZEN if trainable < weights / 2 else HEAP_SLACK) * activations.bytes(rows, tokens)
-    slack = slack if heap else 0.0
-    return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, step, slack, (rows, tokens))
+    slack = (HEAP_SLACK_FROZEN if trainable < weights / 2 else HEAP_SLACK) if heap else 0.0
+    held_slack = HEAP_SLACK_PER_PARAMETER * sum(p.numel() for p in trained) / settings.shards if heap else 0.0
+
+    def step(b: Batch, accumulated: bool) -> Estimate:
+        kept = activations.kept(b.rows, b.tokens, settings.checkpointing)
+        recomputed = activations.recomputed(b.rows, b.tokens, settings.checkpointing)
+        labelled = b.rows * b.tokens if b.labelled is None else b.labelled
+        loss, held = _loss_bytes(model, labelled, settings.loss_chunk, settings.autocast)
+        # the forward pass's end (its activations and the loss), the backward pass's start under checkpointing (the
+        # top layer recomputed beside what the loss left for backward), or its end (every gradient; gradients grow
+        # as activations are freed); the earlier micro-batches' gradients are held through each when they accumulate
+        passes = max(kept + loss, kept + recomputed + held)
+        peak = gradients + passes if accumulated else max(passes, gradients)
+        return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, peak,
+                        slack * activations.bytes(b.rows, b.tokens) + held_slack, (b.rows, b.tokens))
+
+    steady = step(later or batch, settings.accumulation > 1)
+    if later is None or settings.in_backward:  # (stepped inside backward, states appear while activations are held)
+        return steady
+    # the first micro-batch: no optimizer state yet, nor gradients of earlier micro-batches
+    first = replace(step(batch, False), optimizer=0.0, first=True)
+    return max(first, steady, key=lambda e: e.total)
 
 
 def _optimizer_bytes(trained, optim: str, cpu: bool = True) -> float:
@@ -176,7 +219,9 @@ def _optimizer_bytes(trained, optim: str, cpu: bool = True) -> float:
     buffers = 8 * max(low) + 4 * min(max(low), 1 << 22) if low else 0
     if optim == "adamw_8bit" and cpu and trained:  # bitsandbytes' CPU step: both moments, the gradient, the
         buffers += 20 * max(p.numel() for p in trained)  # denominator and its root in float32, a tensor at a time
-    if optim == "adafactor":  # factored second moments: a row and a column of each matrix, a vector's own size
+    if optim == "adafactor":  # factored second moments: a row and a column of each matrix, a vector's own size;
+        # its step computes in two float32 temporaries the size of the parameter it steps (transformers' Adafactor)
+        buffers += 8 * max((p.numel() for p in trained), default=0)
         return float(buffers + sum(4 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in trained))
     return float(buffers + STATE_BYTES.get(optim, 8) * sum(p.numel() for p in trained))
 
@@ -257,13 +302,13 @@ def measure(cfg, model, features) -> Estimate:
 
 def _measure(cfg, model, features) -> tuple[Estimate, Activations]:
     settings = Settings.from_config(cfg)
-    batch = Batch.of(features["train"], settings.micro_batch)
-    activations = probe(model, padded=batch.padded, autocast=settings.autocast)
+    batch, later = Batch.phases(features["train"], settings)
+    activations = probe(model, padded=batch.padded or bool(later and later.padded), autocast=settings.autocast)
     used, available = _usage_and_available()
     gpu = _gpu() is not None
     # what the process holds besides the model: on a GPU the engine has not moved the model there yet
     resident = _weights_on_gpu(model) if gpu else resident_weights(model)
-    found = estimate(model, settings, batch, max(0.0, used - resident), activations, heap=not gpu)
+    found = estimate(model, settings, batch, max(0.0, used - resident), activations, heap=not gpu, later=later)
     found.available, found.settings, found.train = used + available, settings, features["train"]
     return found, activations
 
@@ -272,17 +317,17 @@ def refusal(found: Estimate, cfg, model, activations: Activations) -> str:
     """The one line of a run that would not fit: the estimate, what is available, and the settings that lower it
     (with the estimate each gives where this model alone tells it)."""
     settings, gpu = found.settings, _gpu() is not None
-    rows, _ = found.tokens
     options = []
-    if rows > 1:
-        half = replace(settings, micro_batch=rows // 2, accumulation=settings.accumulation * 2)
-        lower = estimate(model, half, Batch.of(found.train, rows // 2), found.overhead, activations, not gpu).total
-        options.append(f"trainer.per_device_train_batch_size={rows // 2} trainer.gradient_accumulation_steps="
-                       f"{half.accumulation} ({_gb(lower)})")
+    def lower(changed: Settings) -> str:
+        first, later = Batch.phases(found.train, changed)
+        return _gb(estimate(model, changed, first, found.overhead, activations, not gpu, later).total)
+
+    if settings.micro_batch > 1:
+        half = replace(settings, micro_batch=settings.micro_batch // 2, accumulation=settings.accumulation * 2)
+        options.append(f"trainer.per_device_train_batch_size={half.micro_batch} trainer.gradient_accumulation_steps="
+                       f"{half.accumulation} ({lower(half)})")
     if not settings.checkpointing and activations.layers:
-        batch = Batch.of(found.train, settings.micro_batch)
-        lower = estimate(model, replace(settings, checkpointing=True), batch, found.overhead, activations, not gpu)
-        options.append(f"trainer.gradient_checkpointing=true ({_gb(lower.total)})")
+        options.append(f"trainer.gradient_checkpointing=true ({lower(replace(settings, checkpointing=True))})")
     if cfg.peft.method == "none":
         options.append("peft=lora (no gradients or optimizer states for the frozen weights)")
     if next(model.parameters()).dtype.itemsize > 2:

@@ -36,9 +36,10 @@ from finetune import adapters, interrupt, optim, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, checkpoint_write,
                               drop_training_state, eval_keys, eval_step, logged_validation, mixed_precision,
                               new_parameters, param_groups, process_scale, step_items)
-from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
+from finetune.engines.batches import eval_order, restore_order, without_length
 from finetune.engines.sharding import CpuFsdp, Replicated
 from finetune.engines.tracking import accelerate_trackers, setup_tracking
+from finetune.training_order import train_sampler
 
 log = logging.getLogger("finetune.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the run's log

@@ -17,9 +17,10 @@ from finetune import adapters, interrupt, optim, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, checkpoint_write, drop_training_state, eval_keys,
                               eval_step, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
                               param_groups, process_scale, step_items)
-from finetune.engines.batches import eval_order, restore_order, train_sampler, without_length
+from finetune.engines.batches import eval_order, restore_order, without_length
 from finetune.engines.tracking import TENSORBOARD, setup_tracking
 from finetune.progress import Meter
+from finetune.training_order import train_sampler
 
 log = logging.getLogger("finetune.train")
 
