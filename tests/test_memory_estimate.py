@@ -235,23 +235,29 @@ def test_a_run_whose_longest_micro_batch_comes_first_peaks_before_the_optimizer_
     from finetune import cpu, lm_loss
 
     cpu.keep_freed_memory()
-    model = tiny_llama()
-    lm_loss.attach(model, 1, 512)
     torch.manual_seed(1)
     long, short = (torch.randint(5, 2000, (4, n)) for n in (256, 32))
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
 
-    def steps():
+    def chunked():
+        model = tiny_llama()
+        lm_loss.attach(model, 1, 512)
+        return model
+
+    def steps(model):
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
         for ids in (long, short, short):
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 
-    peak = live_peak(steps) + sum(t.nbytes for t in mp.unique_tensors(model, None))
+    steps(chunked())  # what a process's first steps allocate once (on its own, this test's peak was 2 MB higher)
+    model = chunked()
+    peak = live_peak(lambda: steps(model)) + sum(t.nbytes for t in mp.unique_tensors(model, None))
     settings = me.Settings(micro_batch=4)
     phased = me.estimate(model, settings, me.Batch(4, 256), heap=False, later=me.Batch(4, 32))
     assert phased.first and phased.optimizer == 0 and phased.total == pytest.approx(peak, rel=0.10)
-    assert me.estimate(model, settings, me.Batch(4, 256), heap=False).total > 1.15 * peak
+    unphased = me.estimate(model, settings, me.Batch(4, 256), heap=False)  # any step may be the longest
+    assert unphased.total == phased.total + unphased.optimizer > peak + unphased.optimizer / 2
 
 
 def test_a_model_the_probe_cannot_run_is_not_checked_and_says_so(caplog):
