@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from finetune.cpu import release_freed_memory
 from finetune.errors import FinetuneError
 from finetune.memory_probe import Activations, probe, unique_tensors
 
@@ -43,6 +44,9 @@ STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
 # and update blocks), fitted on the bench rows (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated
 # counts live bytes only.
 HEAP_SLACK, HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 0.24, 0.58, 1.7
+# a column a task's tokenized data may have: the tokens of each example its loss scores, where they are not `labels`
+# (preference pairs: both answers, not the prompt); the loss's logits are sized by them
+SCORED = "scored"
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,9 @@ class Batch:
         lengths = [train["length"][i] for i in rows] if isinstance(train, dict) else train.select(rows)["length"]
         lengths = lengths or [1]
         labelled = None
-        if "labels" in getattr(train, "column_names", ()):
+        if SCORED in getattr(train, "column_names", ()):
+            labelled = sum(train.select(rows)[SCORED])
+        elif "labels" in getattr(train, "column_names", ()):
             labels = train.select(rows)["labels"]
             if all(isinstance(x, list) for x in labels):  # per token (a classifier's are one per example)
                 labelled = sum(sum(1 for t in x if t != -100) for x in labels)
@@ -304,8 +310,10 @@ def _measure(cfg, model, features) -> tuple[Estimate, Activations]:
     settings = Settings.from_config(cfg)
     batch, later = Batch.phases(features["train"], settings)
     activations = probe(model, padded=batch.padded or bool(later and later.padded), autocast=settings.autocast)
-    used, available = _usage_and_available()
     gpu = _gpu() is not None
+    if not gpu:  # what the heap keeps freed (tokenizing the data) is reused by training: counted once, as the slack
+        release_freed_memory()
+    used, available = _usage_and_available()
     # what the process holds besides the model: on a GPU the engine has not moved the model there yet
     resident = _weights_on_gpu(model) if gpu else resident_weights(model)
     found = estimate(model, settings, batch, max(0.0, used - resident), activations, heap=not gpu, later=later)

@@ -199,6 +199,25 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_lowers_it(mo
     assert available < needed and halved < needed and checkpointed < needed
 
 
+def test_memory_the_heap_keeps_freed_is_not_counted_as_libraries_and_data():
+    """Tokenizing the data leaves freed blocks in the heap (keep_freed_memory), resident until training reuses them:
+    the estimate gives them back before it reads the process's memory, so they are not counted twice."""
+    import psutil
+    from helpers.cli import compose_cfg
+
+    from finetune import cpu
+
+    if not cpu.keep_freed_memory():
+        pytest.fail("this test needs glibc (Linux)")
+    model, cfg = tiny_llama(), compose_cfg("task=generation")
+    features = {"train": {"length": [64] * 8}}
+    blocks = [torch.ones(1 << 18) for _ in range(256)]  # 256 blocks of 1 MiB: from the heap, kept there when freed
+    del blocks
+    kept = psutil.Process().memory_info().rss
+    found = me.measure(cfg, model, features)
+    assert found.overhead + found.weights < kept - 192 * MB, (found.overhead / MB, kept / MB)
+
+
 def test_settings_come_from_the_config():
     from helpers.cli import compose_cfg
 
@@ -215,6 +234,8 @@ def test_settings_come_from_the_config():
     assert me.Batch.of(train, 8) == me.Batch(rows=4, tokens=50, padded=True, labelled=36)
     assert me.Batch.of(train, 2) == me.Batch(rows=2, tokens=50, padded=False, labelled=11)  # the two longest
     assert me.Batch.of({"length": [7, 9]}, 1) == me.Batch(rows=1, tokens=9)  # no labels: every token counts
+    pairs = Dataset.from_dict({"length": [40, 90, 60], me.SCORED: [12, 30, 20]})  # a task's scored tokens
+    assert me.Batch.of(pairs, 2) == me.Batch(rows=2, tokens=90, padded=True, labelled=50)
 
 
 def test_a_run_within_its_first_epoch_meets_its_longest_micro_batch_first_and_then_the_largest_after():

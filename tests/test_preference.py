@@ -71,6 +71,7 @@ def test_text_pairs_score_each_answer_and_its_eos(tiny_llama):
     scored = [tokens(tok, [t for t in r.tolist() if t != -100]) for r in batch["targets"]]
     assert scored == [["hello", "world", "<|im_end|>"], ["no", "<|im_end|>"]]
     assert batch["attention_mask"][1].tolist() == [1] * (len(row["prompt_ids"]) + 2) + [0]
+    assert row["scored"] == 5 == int((batch["targets"] != -100).sum())  # what the memory estimate sizes the loss by
 
 
 @pytest.mark.parametrize("chosen", [[{"role": "assistant", "content": "i am a bot"}], "i am a bot"],

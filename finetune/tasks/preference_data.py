@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.memory_estimate import SCORED
 from finetune.tasks.generation import render
 
 REFUSED = "refused"  # the column saying why a pair is dropped ("" when kept)
@@ -74,9 +75,10 @@ def text_of(answer: Any) -> str:
 
 def encode(batch: dict[str, list], tokenizer, max_length: int, max_prompt: int | None = None) -> dict[str, list]:
     """Pairs -> prompt_ids (its last max_prompt tokens: TRL's keep_end), chosen_ids, rejected_ids (each answer's
-    tokens, cut where prompt + answer reach max_length), `length` (the pair's tokens: both sequences) and why a pair
-    is refused."""
-    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "length": [], REFUSED: []}
+    tokens, cut where prompt + answer reach max_length), `length` (the pair's tokens: both sequences), the answers'
+    tokens (SCORED: the loss scores them, not the prompt's) and why a pair is refused."""
+    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "length": [], SCORED: [],
+                            REFUSED: []}
     for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
         if isinstance(prompt, list):
             p = render(tokenizer, prompt, prompt=True)
@@ -94,6 +96,7 @@ def encode(batch: dict[str, list], tokenizer, max_length: int, max_prompt: int |
         out["chosen_ids"].append(c)
         out["rejected_ids"].append(r)
         out["length"].append(2 * len(p) + len(c) + len(r))
+        out[SCORED].append(len(c) + len(r))
         out[REFUSED].append("truncated" if c == r else "")
     return out
 
