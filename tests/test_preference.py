@@ -74,6 +74,23 @@ def test_text_pairs_score_each_answer_and_its_eos(tiny_llama):
     assert row["scored"] == 5 == int((batch["targets"] != -100).sum())  # what the memory estimate sizes the loss by
 
 
+def test_changed_pair_code_tokenizes_again(tmp_path, monkeypatch):
+    """datasets hashes a module's function by its name only: the pairs' cache key holds the module's source."""
+    from pathlib import Path
+
+    from finetune.tasks import preference_data as pairs
+
+    ds, kwargs = Dataset.from_dict({"prompt": ["a"]}), {"max_length": 8}
+    key = pairs.fingerprint(ds, pairs.encode, kwargs)
+    assert key == pairs.fingerprint(ds, pairs.encode, dict(kwargs))  # a resumed run, a sweep's trials: the cache
+    assert key != pairs.fingerprint(ds, pairs.encode, {"max_length": 9}) != pairs.fingerprint(ds, pairs.normalize,
+                                                                                                 kwargs)
+    changed = tmp_path / "preference_data.py"
+    changed.write_bytes(Path(pairs.__file__).read_bytes() + b"# changed\n")
+    monkeypatch.setattr(pairs, "__file__", str(changed))
+    assert key != pairs.fingerprint(ds, pairs.encode, kwargs)
+
+
 @pytest.mark.parametrize("chosen", [[{"role": "assistant", "content": "i am a bot"}], "i am a bot"],
                          ids=["messages", "text-answer"])
 def test_conversational_pairs_score_the_answer_up_to_its_end_of_turn(tiny_llama, chosen):

@@ -139,8 +139,9 @@ class PreferenceTask(Task):
         with_prompt = "prompt" in next(iter(raw.values())).column_names
         out = {}
         for split, ds in raw.items():
-            ds = ds.map(pairs.normalize, batched=True, fn_kwargs={"with_prompt": with_prompt},
-                        remove_columns=ds.column_names)
+            kwargs = {"with_prompt": with_prompt}
+            ds = ds.map(pairs.normalize, batched=True, fn_kwargs=kwargs, remove_columns=ds.column_names,
+                        new_fingerprint=pairs.fingerprint(ds, pairs.normalize, kwargs))
             out[split] = self._drop_refused(ds, split)
         return DatasetDict(out)
 
@@ -176,12 +177,11 @@ class PreferenceTask(Task):
                                 "model has none; use a chat model (e.g. model=smollm2) or give the pairs as texts")
         self.pad_id = tokenizer.pad_token_id
         self._raw = {split: ds._fingerprint for split, ds in raw.items()}
-        columns = ["prompt", "chosen", "rejected"]
+        kwargs = {"tokenizer": tokenizer, "max_length": self.cfg.max_seq_length,
+                  "max_prompt": self.cfg.max_prompt_length}
         return DatasetDict({split: self._drop_refused(ds.map(
-            pairs.encode, batched=True, remove_columns=columns,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": self.cfg.max_seq_length,
-                       "max_prompt": self.cfg.max_prompt_length}), split)
-            for split, ds in raw.items()})
+            pairs.encode, batched=True, remove_columns=["prompt", "chosen", "rejected"], fn_kwargs=kwargs,
+            new_fingerprint=pairs.fingerprint(ds, pairs.encode, kwargs)), split) for split, ds in raw.items()})
 
     def collator(self, tokenizer=None):
         pad = self.pad_id if tokenizer is None else tokenizer.pad_token_id

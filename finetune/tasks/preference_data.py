@@ -17,6 +17,7 @@ every trial of a sweep, whatever else the trials change.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
@@ -71,6 +72,14 @@ def _as_messages(answer: Any) -> list[dict]:
 
 def text_of(answer: Any) -> str:
     return answer if isinstance(answer, str) else "".join(str(m.get("content") or "") for m in answer)
+
+
+def fingerprint(ds, function, kwargs: dict[str, Any]) -> str:
+    """The cache key of ds.map(function, fn_kwargs=kwargs): datasets hashes a module's function by its name, not its
+    code, so this module's source is part of the key (changed code maps the pairs again, not reading a stale result)."""
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash((ds._fingerprint, function.__name__, Path(__file__).read_bytes(), kwargs))
 
 
 def encode(batch: dict[str, list], tokenizer, max_length: int, max_prompt: int | None = None) -> dict[str, list]:
