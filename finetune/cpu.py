@@ -42,8 +42,36 @@ def release_freed_memory() -> None:
     """Collect what is no longer referenced (cycles too) and give the heap's free pages back to the kernel: the heap
     keeps freed memory (keep_freed_memory), so a large object's memory would otherwise stay resident beside the next."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None).malloc_trim(0)
         except (OSError, AttributeError):  # not glibc
             pass
+
+
+class StepHeap:
+    """Gives the heap's free pages back before a training step at least RISE times the size of the step before it.
+
+    Length-grouped batches shrink through a group (finetune/training_order.py): the short steps' blocks, and what
+    outlives a step, land in the holes the group's longest step left and split them, so the next group's first step
+    no longer fits them and the heap grows beside holes that stay resident (docs/memory.md#allocator). A step only a
+    little larger than the one before fits what the larger steps before it left, and a trim would only make the pages
+    it takes again fault in (docs/benchmarks.md#allocator)."""
+
+    RISE = 2
+
+    def __init__(self):
+        self.previous = 0
+
+    def before(self, size: int) -> bool:
+        """Called with each step's size (its largest micro-batch's tokens) before it runs; True when it trimmed."""
+        rose = 0 < self.previous * self.RISE <= size
+        self.previous = size
+        if rose:
+            trim_heap()
+        return rose

@@ -22,6 +22,27 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+# a length group's steps (n blocks a step, as activations, and one block that outlives it), shrinking, then the next
+# group's first step: prints how far it raised the peak resident memory (MiB), with the engines' StepHeap or without
+_GROUP = """
+import resource, sys, torch
+from finetune import cpu
+assert cpu.keep_freed_memory()
+heap, kept = cpu.StepHeap(), []
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+def step(kib, n=24):
+    if sys.argv[1] == "trim":
+        heap.before(kib * n)
+    blocks = [torch.ones(kib << 8) for _ in range(n)]
+    kept.append(torch.ones(1 << 10))
+for kib in [8192 - 150 * k for k in range(41)]:
+    step(kib)
+before = peak()
+step(7680)
+print(peak() - before)
+"""
+
+
 def _faults(mib: int) -> int:
     out = subprocess.run([sys.executable, "-c", _FAULTS, str(mib)], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
@@ -52,3 +73,27 @@ def test_threads_share_the_cores_and_omp_num_threads_wins(monkeypatch):
         assert cpu.tune() == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_heap_is_trimmed_before_a_step_twice_the_size_of_the_one_before(monkeypatch):
+    from finetune import cpu
+
+    trims = []
+    monkeypatch.setattr(cpu, "trim_heap", lambda: trims.append(True))
+    heap = cpu.StepHeap()
+    # a length group shrinks and the next begins (10 times the last step); smaller rises, as in random order, do not trim
+    sizes = [640, 320, 70, 60, 600, 500, 900, 1000]
+    assert [heap.before(n) for n in sizes] == [False, False, False, False, True, False, False, False]
+    assert len(trims) == 1
+
+
+@pytest.mark.slow
+def test_the_next_length_groups_first_step_does_not_grow_the_heap():
+    def growth(how: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _GROUP, how], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    # without the trim its 7.5 MiB blocks fit none of the holes the shrinking steps' blocks split: 180 MiB of them
+    # are taken beside the resident holes; trimmed first, they are taken where the holes' pages were given back
+    assert growth("keep") > 100
+    assert growth("trim") < 10

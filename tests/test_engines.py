@@ -140,6 +140,24 @@ def test_last_step_is_evaluated_and_eval_strategy_no(engine, tiny_bert, csv, tmp
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_each_step_gives_the_heap_its_size_before_it_runs(engine, tiny_bert, csv, tmp_path, monkeypatch):
+    from finetune import cpu
+    from finetune.training_order import first_epoch
+
+    sizes, before = [], cpu.StepHeap.before
+    monkeypatch.setattr(cpu.StepHeap, "before", lambda heap, size: sizes.append(size) or before(heap, size))
+    args = [f"trainer={engine}", "trainer.max_steps=5", "trainer.per_device_train_batch_size=4",
+            "trainer.gradient_accumulation_steps=2", "trainer.eval_strategy=no"]
+    train(tiny_bert, csv, tmp_path, *args)
+    # each step's largest micro-batch (rows x its longest example), in the order the engines train
+    cfg, _, _, features = prepare(tiny_bert, csv, *args)
+    lengths = features["train"]["length"]
+    order = first_epoch(features["train"], 4, 2, cfg.seed, max_steps=5)
+    steps = [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert sizes == [max(len(rows) * max(lengths[i] for i in rows) for rows in step) for step in steps]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.slow
 def test_same_seed_same_metrics(engine, tiny_bert, csv, tmp_path):
     args = [f"trainer={engine}", *LEARNING, "trainer.num_train_epochs=4"]

@@ -64,6 +64,11 @@ def step_items(task, batches: list[dict], accelerator) -> Any:
     return accelerator.gather(items).sum() if accelerator.num_processes > 1 else items
 
 
+def step_size(batches: list[dict]) -> int:
+    """A step's size for the heap (cpu.StepHeap): its largest micro-batch's largest tensor (rows x padded length)."""
+    return max((v.numel() for batch in batches for v in batch.values() if hasattr(v, "numel")), default=0)
+
+
 def process_scale(loss, processes: int):
     """A micro-batch's share of the step's loss for its process: DDP, FSDP and DeepSpeed average the processes'
     gradients, and the loss already divides by the items of every process (step_items)."""

@@ -32,10 +32,10 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import find_labels
 
-from finetune import adapters, interrupt, optim, progress
+from finetune import adapters, cpu, interrupt, optim, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, STATE_FILE, TrainLogs, bare, checkpoint_write,
                               drop_training_state, eval_keys, eval_step, logged_validation, mixed_precision,
-                              new_parameters, param_groups, process_scale, step_items)
+                              new_parameters, param_groups, process_scale, step_items, step_size)
 from finetune.engines.batches import eval_order, restore_order, without_length
 from finetune.engines.sharding import CpuFsdp, Replicated
 from finetune.engines.tracking import accelerate_trackers, setup_tracking
@@ -111,6 +111,7 @@ class AccelerateEngine:
         self.tracking = False  # trackers are open (while training)
         self.meter = progress.Meter(t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes)
         self.step_times: list[float] = []
+        self.heap = cpu.StepHeap()
         self.best_step: int | None = None  # the step of the checkpoint restored after training
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
         self.train_logs = TrainLogs()
@@ -179,6 +180,7 @@ class AccelerateEngine:
     def _step(self, batches: list[dict]) -> tuple[torch.Tensor | None, float]:
         """One optimizer step over its micro-batches: (the gradient norm before clipping, the learning rate used)."""
         acc, t, model = self.accelerator, self.args, self._model
+        self.heap.before(step_size(batches))
         start = time.perf_counter()
         items = step_items(self.task, batches, acc)
         losses = []

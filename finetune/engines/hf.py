@@ -13,10 +13,10 @@ from transformers import (EarlyStoppingCallback, PrinterCallback, ProgressCallba
 from transformers.integrations import MLflowCallback, TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from finetune import adapters, interrupt, optim, progress
+from finetune import adapters, cpu, interrupt, optim, progress
 from finetune.engines import (CHECKPOINTING, CHECKPOINTS, TrainLogs, checkpoint_write, drop_training_state, eval_keys,
                               eval_step, gathered_state_dict, logged_validation, mixed_precision, new_parameters,
-                              param_groups, process_scale, step_items)
+                              param_groups, process_scale, step_items, step_size)
 from finetune.engines.batches import eval_order, restore_order, without_length
 from finetune.engines.tracking import TENSORBOARD, setup_tracking
 from finetune.progress import Meter
@@ -33,7 +33,7 @@ class _Trainer(Trainer):
                  **kwargs):
         self.epoch_sampler, self.meter, self.trainer_cfg = sampler, meter, trainer_cfg
         self.new_parameters, self.new_lr = new_parameters
-        self.task, self.train_logs = task, TrainLogs()
+        self.task, self.train_logs, self.heap = task, TrainLogs(), cpu.StepHeap()
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # the task's loss divides by the items of the whole step
         self.eval_ignore = eval_keys(self.model)
@@ -41,6 +41,7 @@ class _Trainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """A step's micro-batches, and the items its loss averages over (engines.step_items)."""
         batches = list(itertools.islice(epoch_iterator, num_batches))
+        self.heap.before(step_size(batches))
         return batches, step_items(self.task, batches, self.accelerator) if batches else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
