@@ -24,12 +24,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 # a length group's steps (n blocks a step, as activations, and one block that outlives it), shrinking, then the next
 # group's first step: prints how far it raised the peak resident memory (MiB), with the engines' StepHeap or without
-_GROUP = """
-import resource, sys, torch
+_GROUP = r"""
+import re, sys, torch
 from finetune import cpu
 assert cpu.keep_freed_memory()
 heap, kept = cpu.StepHeap(), []
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+# this process's own high-water mark (ru_maxrss keeps the parent's, when it was started by vfork and exec)
+peak = lambda: int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) >> 10
 def step(kib, n=24):
     if sys.argv[1] == "trim":
         heap.before(kib * n)
@@ -93,7 +94,8 @@ def test_the_next_length_groups_first_step_does_not_grow_the_heap():
         out = subprocess.run([sys.executable, "-c", _GROUP, how], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
-    # without the trim its 7.5 MiB blocks fit none of the holes the shrinking steps' blocks split: 180 MiB of them
-    # are taken beside the resident holes; trimmed first, they are taken where the holes' pages were given back
-    assert growth("keep") > 100
+    # without the trim many of its 7.5 MiB blocks fit none of the holes the shrinking steps' blocks split, and are
+    # taken beside the resident holes (65-128 of its 180 MiB, as the process's own start-up lays out the heap);
+    # trimmed first, they are taken where the holes' pages were given back
+    assert growth("keep") > 30
     assert growth("trim") < 10
