@@ -41,8 +41,10 @@ class _Trainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """A step's micro-batches, and the items its loss averages over (engines.step_items)."""
         batches = list(itertools.islice(epoch_iterator, num_batches))
+        if not batches:  # an epoch's end: the next epoch's first step is compared with this epoch's last
+            return batches, None
         self.heap.before(step_size(batches))
-        return batches, step_items(self.task, batches, self.accelerator) if batches else None
+        return batches, step_items(self.task, batches, self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = self.task.loss(model, inputs, num_items_in_batch)
