@@ -105,13 +105,13 @@ class Batch:
     @classmethod
     def made(cls, train, rows: list[int]) -> Batch:
         """The micro-batch of these examples (and of `labels`, when the loss covers part of each example)."""
-        lengths = [train["length"][i] for i in rows] if isinstance(train, dict) else train.select(rows)["length"]
-        lengths = lengths or [1]
+        picked = {"length": [train["length"][i] for i in rows]} if isinstance(train, dict) else train.select(rows)
+        lengths, columns = picked["length"] or [1], getattr(picked, "column_names", ())
         labelled = None
-        if SCORED in getattr(train, "column_names", ()):
-            labelled = sum(train.select(rows)[SCORED])
-        elif "labels" in getattr(train, "column_names", ()):
-            labels = train.select(rows)["labels"]
+        if SCORED in columns:
+            labelled = sum(picked[SCORED])
+        elif "labels" in columns:
+            labels = picked["labels"]
             if all(isinstance(x, list) for x in labels):  # per token (a classifier's are one per example)
                 labelled = sum(sum(1 for t in x if t != -100) for x in labels)
         return cls(rows=len(lengths), tokens=int(max(lengths)), padded=min(lengths) != max(lengths), labelled=labelled)
