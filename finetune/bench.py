@@ -60,7 +60,6 @@ import argparse
 import importlib
 import os
 import pickle
-import resource
 import sys
 import tempfile
 import time
@@ -123,7 +122,7 @@ def run_row(name: str, steps: int, batch_size: int, extra: list[str]) -> dict:
         "flops_per_token": dense_flops + attention_flops / tokens,  # dense (6N-style) + attention's share
         "model_flops_per_s": (dense_flops * tokens + attention_flops) / seconds,
         "matmul_shapes": matmul_shapes(model, round(per_step / t.gradient_accumulation_steps * tokens / samples)),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": memory.rss_peak_mb(),
         "peak_mb": peak_mb, "loaded_mb": loaded_mb, "params": params, "dtype": dtype,
         "estimate_mb": estimate.total / 2**20, "estimate_parts_mb": estimate.figures()["memory_estimate_parts_mb"],
         "estimate_step_mb": estimate.step / 2**20, "estimate_first": estimate.first,

@@ -5,15 +5,16 @@
     peaks = memory.gather_peaks()            # every process's peak so far (a collective: all processes call it)
     metrics.update(memory.figures(loaded, peaks, total_params))
 
-On a CPU the figures are resident set sizes (the peak is the process's high-water mark, ru_maxrss); on a GPU they
+On a CPU the figures are resident set sizes (the peak is the process's own high-water mark, VmHWM); on a GPU they
 are torch.cuda's allocated bytes (max_memory_allocated): `memory_measure` says which.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import resource
-
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,23 @@ def usage_mb() -> float:
 
 
 def peak_mb() -> float:
-    """This process's peak so far: its resident high-water mark (KiB on Linux), or torch's GPU peak."""
+    """This process's peak so far: its resident high-water mark, or torch's GPU peak."""
     if _on_gpu():
         import torch
 
         return torch.cuda.max_memory_allocated() / MB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss_peak_mb()
+
+
+def rss_peak_mb() -> float:
+    """This process's own resident high-water mark: Linux's VmHWM, not ru_maxrss, which a process started by vfork and
+    exec (subprocess, a launcher) keeps from its parent when the parent's was the higher."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", status.read())[1]) / 1024
+    except (OSError, TypeError):  # no procfs (macOS: ru_maxrss in bytes, not KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (MB if sys.platform == "darwin" else 1024)
 
 
 def gather_peaks() -> list[float]:

@@ -25,12 +25,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # a length group's steps (n blocks a step, as activations, and one block that outlives it), shrinking, then the next
 # group's first step: prints how far it raised the peak resident memory (MiB), with the engines' StepHeap or without
 _GROUP = r"""
-import re, sys, torch
-from finetune import cpu
+import sys, torch
+from finetune import cpu, memory
 assert cpu.keep_freed_memory()
 heap, kept = cpu.StepHeap(), []
-# this process's own high-water mark (ru_maxrss keeps the parent's, when it was started by vfork and exec)
-peak = lambda: int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) >> 10
+peak = memory.rss_peak_mb  # this process's own high-water mark, not its parent's
 def step(kib, n=24):
     if sys.argv[1] == "trim":
         heap.before(kib * n)
@@ -40,7 +39,7 @@ for kib in [8192 - 150 * k for k in range(41)]:
     step(kib)
 before = peak()
 step(7680)
-print(peak() - before)
+print(round(peak() - before))
 """
 
 

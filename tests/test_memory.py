@@ -5,6 +5,8 @@ and without LoRA; both engines wire it) and the memory figures a run writes to m
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,3 +156,13 @@ def test_checkpointing_a_model_without_support_is_an_error(tiny_llama, tmp_path)
     with pytest.raises(FinetuneError, match="LlamaForCausalLM does not support gradient checkpointing; set "
                                             "trainer.gradient_checkpointing=false"):
         validate.training(cfg, model, None)
+
+
+def test_a_cpu_peak_is_the_process_own_not_its_parents():
+    # a run started by a larger process (pytest, a launcher, a sweep) keeps the parent's ru_maxrss across vfork and exec
+    held = b"x" * (768 << 20)  # noqa: F841 (resident while the child runs)
+    child = ("import resource; from finetune import memory; "
+             "print(memory.rss_peak_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert inherited > 768 > 200 > own > 0
