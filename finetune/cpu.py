@@ -8,7 +8,7 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_FROM = 32 << 20  # the largest threshold glibc takes on 64 bits (DEFAULT_MMAP_THRESHOLD_MAX)
+MMAP_FROM = 4 << 20  # blocks from this size are mapped when the heap has no free block for them
 
 
 def tune(processes_here: int = 1) -> int:
@@ -22,7 +22,7 @@ def tune(processes_here: int = 1) -> int:
 
 
 def keep_freed_memory() -> bool:
-    """Keep freed blocks below 32 MiB in the heap; returns False where the C library is not glibc (macOS, musl)."""
+    """Keep freed blocks below 4 MiB in the heap; returns False where the C library is not glibc (macOS, musl)."""
     # glibc gives each large activation buffer back to the kernel when torch frees it, and every step faults it in
     # again, zeroed, page by page: a step runs slower (docs/benchmarks.md#allocator). jemalloc/tcmalloc via LD_PRELOAD
     # would also fix it, but need a system package; mallopt needs nothing and is the same two settings for every step.
@@ -32,9 +32,10 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    # blocks below 32 MiB (activations) stay in the heap, which is reused, up to 1 GiB free at its top; larger ones (a
-    # large model's parameter-sized temporaries, a chunk of logits) are mapped and given back when freed: kept in the
-    # heap, the holes they left between smaller blocks raised large models' peaks (docs/benchmarks.md#allocator)
+    # blocks below 4 MiB (a small model's activations) stay in the heap, which is reused, up to 1 GiB free at its top;
+    # larger ones (a 135M model's activations, parameter-sized temporaries, a chunk of logits) are mapped when no free
+    # block fits and given back when freed: kept in the heap, the holes they left between smaller blocks raised peaks
+    # by up to a quarter, by chance from one run to the next (docs/benchmarks.md#allocator)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 

@@ -150,7 +150,7 @@ def test_the_probe_scales_to_the_real_micro_batch():
 def test_the_estimate_is_within_10_percent_of_the_live_peak(name, rows, tokens, settings, one_thread):
     from finetune import cpu, lm_loss
 
-    cpu.keep_freed_memory()  # as a run does: blocks below 32 MiB (all of these) from the heap, which mallinfo2 counts
+    cpu.keep_freed_memory()  # as a run does (mallinfo2 counts the heap's blocks and the mapped ones)
     bert = name.startswith("bert")
     model = tiny_bert_classifier() if bert else tiny_llama()
     if settings.pop("lora", False):
