@@ -10,8 +10,8 @@ The estimate (`estimate()`: the model, the config's settings, the largest micro-
   (finetune/memory_probe.py), scaled to the largest micro-batch (micro-batch x the longest example); with gradient
   checkpointing, each layer's input plus one layer's activations;
 - the loss: one chunk of the output layer's logits and their gradients (trainer.lm_loss_chunk_size), or all of them;
-- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (HEAP_SLACK: a part of the
-  activations and bytes a trained parameter);
+- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (a part of the activations
+  with a frozen base, and bytes a trained parameter);
 - what the process holds besides the model when it is measured (libraries, tokenizer, data): its memory now less the
   weights' resident bytes (on a GPU: torch's allocated bytes less the weights).
 A step peaks at the end of the forward pass (activations, the loss, and the gradients when micro-batches accumulate)
@@ -39,11 +39,10 @@ MB, GB = 2**20, 2**30
 # bfloat16 weight); adafactor keeps a row and a column a matrix (_optimizer_bytes)
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
 # a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
-# and frees (more as batch shapes vary): this fraction of a forward pass's activations (more with a frozen base, LoRA,
-# whose backward pass allocates no weight gradients to fill them) plus these bytes a trained parameter (its gradient
-# and update blocks), fitted on the bench rows (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated
-# counts live bytes only.
-HEAP_SLACK, HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 0.24, 0.58, 1.7
+# and frees: with a frozen base (LoRA, whose backward pass allocates no weight gradients to fill them) this fraction of
+# a forward pass's activations, plus these bytes a trained parameter (its gradient and update blocks), fitted on the
+# bench rows (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated counts live bytes only.
+HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 0.30, 1.9
 # a column a task's tokenized data may have: the tokens of each example its loss scores, where they are not `labels`
 # (preference pairs: both answers, not the prompt); the loss's logits are sized by them
 SCORED = "scored"
@@ -145,7 +144,7 @@ class Estimate:
     loss: float
     overhead: float
     step: float  # the training step's own peak above weights + optimizer states: activations + loss, or gradients
-    slack: float = 0.0  # the heap's room beyond its live bytes (HEAP_SLACK)
+    slack: float = 0.0  # the heap's room beyond its live bytes (HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER)
     tokens: tuple[int, int] = (0, 0)  # the micro-batch it was sized for: rows x tokens
     first: bool = False  # it peaks at the first micro-batch, before the optimizer holds states (optimizer: 0)
     available: float | None = None  # what the process may use (set by measure() and check())
@@ -193,7 +192,7 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     optimizer = _optimizer_bytes(trained, settings.optim, cpu=heap) / settings.shards
     # stepped inside backward, a weight's gradient is freed as soon as it is complete: one is held at a time
     gradients = max((p.nbytes for p in trained), default=0) if settings.in_backward else trainable
-    slack = (HEAP_SLACK_FROZEN if trainable < weights / 2 else HEAP_SLACK) if heap else 0.0
+    slack = HEAP_SLACK_FROZEN if heap and trainable < weights / 2 else 0.0
     held_slack = HEAP_SLACK_PER_PARAMETER * sum(p.numel() for p in trained) / settings.shards if heap else 0.0
 
     def step(b: Batch, accumulated: bool) -> Estimate:
