@@ -10,8 +10,8 @@ The estimate (`estimate()`: the model, the config's settings, the largest micro-
   (finetune/memory_probe.py), scaled to the largest micro-batch (micro-batch x the longest example); with gradient
   checkpointing, each layer's input plus one layer's activations;
 - the loss: one chunk of the output layer's logits and their gradients (trainer.lm_loss_chunk_size), or all of them;
-- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (a part of the activations
-  with a frozen base, and bytes a trained parameter);
+- on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (with a frozen base, a part
+  of the activations held in blocks the heap serves, below cpu.MMAP_FROM; and bytes a trained parameter);
 - what the process holds besides the model when it is measured (libraries, tokenizer, data): its memory now less the
   weights' resident bytes (on a GPU: torch's allocated bytes less the weights).
 A step peaks at the end of the forward pass (activations, the loss, and the gradients when micro-batches accumulate)
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetune.cpu import release_freed_memory
+from finetune.cpu import MMAP_FROM, release_freed_memory
 from finetune.errors import FinetuneError
 from finetune.memory_probe import Activations, probe, unique_tensors
 
@@ -39,10 +39,11 @@ MB, GB = 2**20, 2**30
 # bfloat16 weight); adafactor keeps a row and a column a matrix (_optimizer_bytes)
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
 # a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
-# and frees: with a frozen base (LoRA, whose backward pass allocates no weight gradients to fill them) this fraction of
-# a forward pass's activations, plus these bytes a trained parameter (its gradient and update blocks), fitted on the
-# bench rows (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated counts live bytes only.
-HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 0.30, 1.9
+# and frees: with a frozen base (LoRA, whose backward pass allocates no weight gradients to fill them) this many times
+# the activations held in blocks below cpu.MMAP_FROM (larger ones are mapped, and unmapped when freed), plus these
+# bytes a trained parameter (its gradient and update blocks), fitted on the bench rows
+# (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated counts live bytes only.
+HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 1.2, 1.9
 # a column a task's tokenized data may have: the tokens of each example its loss scores, where they are not `labels`
 # (preference pairs: both answers, not the prompt); the loss's logits are sized by them
 SCORED = "scored"
@@ -206,7 +207,7 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
         passes = max(kept + loss, kept + recomputed + held)
         peak = gradients + passes if accumulated else max(passes, gradients)
         return Estimate(weights, gradients, optimizer, kept + recomputed, loss, overhead, peak,
-                        slack * activations.bytes(b.rows, b.tokens) + held_slack, (b.rows, b.tokens))
+                        slack * activations.heaped(b.rows, b.tokens, MMAP_FROM) + held_slack, (b.rows, b.tokens))
 
     steady = step(later or batch, settings.accumulation > 1)
     if later is None or settings.in_backward:  # (stepped inside backward, states appear while activations are held)

@@ -27,6 +27,7 @@ class Activations:
     layers: list[tuple[float, float]]
     inputs: list[float]
     other: tuple[float, float]
+    blocks: tuple[tuple[float, float], ...] = ()  # each kept storage, as a layer is
 
     def bytes(self, rows: int, tokens: int, checkpointing: bool = False) -> float:
         """Kept through the forward pass, plus (with checkpointing) one layer's recomputed in backward."""
@@ -41,6 +42,11 @@ class Activations:
     def recomputed(self, rows: int, tokens: int, checkpointing: bool = False) -> float:
         """With checkpointing, the largest layer's activations, recomputed in backward one layer at a time."""
         return max(_at(c, rows, tokens) for c in self.layers) if checkpointing and self.layers else 0.0
+
+    def heaped(self, rows: int, tokens: int, below: int) -> float:
+        """The forward pass's activations in blocks smaller than `below` bytes at this micro-batch (on a CPU, glibc
+        serves them from its heap; larger ones it maps, and unmaps when freed)."""
+        return sum(size for size in (_at(c, rows, tokens) for c in self.blocks) if size < below)
 
 
 def _at(coef: tuple[float, float], rows: int, tokens: int) -> float:
@@ -60,9 +66,12 @@ def probe(model, padded: bool = True, autocast: str | None = None) -> Activation
         b = (per2 - per1) / (t2 - t1)
         return (max(per1, per2), 0.0) if b < 0 else (per1 - b * t1, b)
 
+    blocks = [c["blocks"] for c in counts]  # the same storages in the same order at both lengths, as a rule
     return Activations(layers=[fit(a, b) for a, b in zip(counts[0]["layers"], counts[1]["layers"])],
                        inputs=[x / rows / t2 for x in counts[1]["inputs"]],
-                       other=fit(counts[0]["other"], counts[1]["other"]))
+                       other=fit(counts[0]["other"], counts[1]["other"]),
+                       blocks=tuple(map(fit, *blocks)) if len(blocks[0]) == len(blocks[1]) else
+                       tuple((b / rows / t2, 0.0) for b in blocks[1]))
 
 
 def checkpoint_layers(model) -> list:
@@ -137,7 +146,7 @@ def _saved_bytes(model, layers: list, tokens: int, padded: bool, autocast: str |
             other += size
         else:
             per_layer[layer] += size
-    return {"layers": per_layer, "inputs": inputs, "other": other}
+    return {"layers": per_layer, "inputs": inputs, "other": other, "blocks": [size for size, _ in seen.values()]}
 
 
 class _HeadReached(Exception):

@@ -121,7 +121,7 @@ def test_weights_gradients_and_optimizer_states_by_dtype_and_by_what_lora_trains
 
 def test_the_probe_scales_to_the_real_micro_batch():
     """What autograd keeps, counted at 2 x 16 and 2 x 32 tokens, scaled to 4 x 256 (padded) and 1 x 512: the same as
-    counted on those batches themselves."""
+    counted on those batches themselves, in all and in blocks below a size."""
     for model in (tiny_llama(), tiny_bert_classifier()):
         layers = mp.checkpoint_layers(model)
         assert len(layers) == 3
@@ -133,6 +133,14 @@ def test_the_probe_scales_to_the_real_micro_batch():
             finally:
                 mp.PROBE_ROWS = rows_before
             assert probe.bytes(rows, tokens) == pytest.approx(sum(direct["layers"]) + direct["other"], rel=0.01)
+            # the part in blocks below a size (a CPU heap's, under its mapping threshold): all but the largest (BERT's
+            # attention matrices, a term per token squared)
+            sizes = sorted(set(direct["blocks"]))
+            below = (sizes[-2] + sizes[-1]) / 2
+            small = sum(b for b in direct["blocks"] if b < below)
+            assert 0 < small < sum(direct["blocks"])
+            assert probe.heaped(rows, tokens, below) == pytest.approx(small, rel=0.02)
+            assert probe.heaped(rows, tokens, 1 << 40) == pytest.approx(probe.bytes(rows, tokens))
         with_ckpt = probe.bytes(4, 256, checkpointing=True)
         assert with_ckpt < probe.bytes(4, 256) / 2
 
