@@ -236,17 +236,20 @@ class PerParameter(torch.optim.Optimizer):
         states, groups = state_dict["state"], state_dict["param_groups"]
         if len(groups) != len(self.optimizers):
             raise ValueError(f"the saved optimizer has {len(groups)} parameters, this one {len(self.optimizers)}")
-        low = [g["params"][0] for g in self.param_groups if g["params"][0].dtype == torch.bfloat16]
-        for p in low:  # loading casts states to their parameter's dtype: a bfloat16 parameter's are float32
-            p.data = p.data.float()
-        try:
-            for optimizer, group in zip(self.optimizers, groups):
-                (index,) = group["params"]
+        for optimizer, group in zip(self.optimizers, groups):
+            (index,) = group["params"]
+            p = optimizer.param_groups[0]["params"][0]
+            # loading casts states to their parameter's dtype: a bfloat16 parameter's are float32, so it is float32
+            # while its own load, one at a time (the whole model in float32 at once: 4 bytes a parameter more)
+            low = p.dtype == torch.bfloat16 and index in states
+            if low:
+                p.data = p.data.float()
+            try:
                 optimizer.load_state_dict({"state": {0: states[index]} if index in states else {},
                                            "param_groups": [{**group, "params": [0]}]})
-        finally:
-            for p in low:
-                p.data = p.data.to(torch.bfloat16)  # (exact: these values came from bfloat16)
+            finally:
+                if low:
+                    p.data = p.data.to(torch.bfloat16)  # (exact: these values came from bfloat16)
         state = defaultdict(dict)
         for optimizer in self.optimizers:
             state.update(optimizer.state)

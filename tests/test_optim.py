@@ -108,6 +108,20 @@ def test_8bit_states_stay_8_bit_through_saving_and_loading(dtype):
         [(torch.uint8, torch.uint8, torch.float32)] * 2
 
 
+def test_loading_no_states_leaves_bfloat16_weights_as_they_are():
+    """accelerate's prepare() reloads a new optimizer's empty state: no weight is cast (the whole model in float32
+    at once was a 1.7B model's peak), and a weight with states is cast back to bfloat16 after its own load."""
+    model = _model(torch.bfloat16)
+    optimizer, scheduler = _build(model, "adamw")
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert [p.untyped_storage().data_ptr() for p in model.parameters()] == storages
+    _train(model, optimizer, scheduler, range(1), torch.bfloat16)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+
+
 def test_stochastic_rounding_keeps_updates_below_bfloat16_precision():
     # 1e-4 a step is below half of bfloat16's spacing at 1.0 (2^-8): rounded to nearest, every step is lost
     def weight():
