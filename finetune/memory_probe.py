@@ -3,6 +3,7 @@ of finetune/memory_estimate.py's estimate).
 
     activations = memory_probe.probe(model, padded=True)    # two short training-mode forward passes, counted
     activations.bytes(rows, tokens, checkpointing=False)    # scaled to a micro-batch
+    activations.heaped(rows, tokens, below=4 << 20)         # the part in blocks smaller than `below` bytes
 
 The probe runs PROBE_ROWS rows of each length in PROBE_LENGTHS and records the storage of every tensor autograd saves
 (saved_tensors_hooks), layer by layer (the blocks gradient checkpointing recomputes, and the rest): two lengths fit a
