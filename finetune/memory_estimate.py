@@ -11,7 +11,8 @@ The estimate (`estimate()`: the model, the config's settings, the largest micro-
   checkpointing, each layer's input plus one layer's activations;
 - the loss: one chunk of the output layer's logits and their gradients (trainer.lm_loss_chunk_size), or all of them;
 - on a CPU, the heap's slack: glibc keeps holes between what a step allocates and frees (with a frozen base, a part
-  of the activations held in blocks the heap serves, below cpu.MMAP_FROM; and bytes a trained float32 parameter);
+  of the activations held in blocks the heap serves, below cpu.MMAP_FROM; and bytes a trained parameter not in
+  bfloat16);
 - what the process holds besides the model when it is measured (libraries, tokenizer, data): its memory now less the
   weights' resident bytes (on a GPU: torch's allocated bytes less the weights).
 A step peaks at the end of the forward pass (activations, the loss, and the gradients when micro-batches accumulate)
@@ -41,7 +42,7 @@ STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 4}
 # a CPU run's peak resident memory exceeds its live bytes: glibc's heap keeps holes between the blocks a step allocates
 # and frees: with a frozen base (LoRA, whose backward pass allocates no weight gradients to fill them) this many times
 # the activations held in blocks below cpu.MMAP_FROM (larger ones are mapped, and unmapped when freed), plus these
-# bytes a trained float32 parameter (its gradient and update blocks), fitted on the bench rows
+# bytes a trained parameter not in bfloat16 (its gradient and update blocks), fitted on the bench rows
 # (docs/benchmarks.md#memory-estimate). A GPU's max_memory_allocated counts live bytes only.
 HEAP_SLACK_FROZEN, HEAP_SLACK_PER_PARAMETER = 1.2, 1.9
 # a column a task's tokenized data may have: the tokens of each example its loss scores, where they are not `labels`
@@ -185,6 +186,8 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     process's memory besides the model). `batch`: the first micro-batch; `later`: the largest after it, which meets
     the optimizer's states (None: `batch` may come at any step). `activations`: a probe of this model already taken
     (see probe()); `heap`: the memory is a process's heap (a CPU run), which keeps room beyond its live bytes."""
+    import torch
+
     if activations is None:
         activations = probe(model, padded=batch.padded, autocast=settings.autocast)
     trained = [p for p in unique_tensors(model, parameters=True) if p.requires_grad]
@@ -195,8 +198,8 @@ def estimate(model, settings: Settings, batch: Batch, overhead: float = 0.0,
     gradients = max((p.nbytes for p in trained), default=0) if settings.in_backward else trainable
     slack = HEAP_SLACK_FROZEN if heap and trainable < weights / 2 else 0.0
     # (a bfloat16 parameter steps in float32 buffers reused for every parameter, finetune/optim.py: no new blocks)
-    wide = sum(p.numel() for p in trained if p.dtype.itemsize >= 4)
-    held_slack = HEAP_SLACK_PER_PARAMETER * wide / settings.shards if heap else 0.0
+    new_blocks = sum(p.numel() for p in trained if p.dtype != torch.bfloat16)
+    held_slack = HEAP_SLACK_PER_PARAMETER * new_blocks / settings.shards if heap else 0.0
 
     def step(b: Batch, accumulated: bool) -> Estimate:
         kept = activations.kept(b.rows, b.tokens, settings.checkpointing)
